@@ -1,0 +1,10 @@
+"""score_sde: score-based generative modeling through SDEs, in JAX/Flax.
+
+Modules (see DESIGN.md): `sde` (forward SDEs), `losses` (denoising score matching),
+`sampling` (PC, ODE, DDPM, DDIM, Heun, DPM-Solver++), `likelihood` (bits/dim),
+`models` (NCSN++ / DDPM++ / DDPM), `datasets`, `train`, `evaluate`, `checkpoints`, `main`.
+Submodules are imported explicitly (`from score_sde import sampling`); importing the package
+itself loads nothing heavy.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,419 @@
+"""Forward SDEs of score-based generative modeling (Song et al., ICLR 2021).
+
+Every SDE here has a Gaussian transition kernel from data:
+
+    p_0t(x_t | x_0) = N(x_t; alpha(t) x_0, sigma(t)^2 I),
+
+so the samplers and likelihoods only need a few scalar functions of time, which are methods
+of the SDE: `alpha` (signal scale), `sigma` (noise std), `log_snr` (half log signal-to-noise
+ratio, lambda = log(alpha / sigma)) and its inverse `t_from_log_snr`. Nothing outside this
+module branches on the type of SDE.
+
+Shapes: `x` is `[B, *D]`; `t` is `[B]` (a scalar is broadcast); per-example scalars such as
+`diffusion` and `std` are `[B]`. All classes are frozen dataclasses: immutable, hashable, and
+usable as static arguments of `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+# Cosine schedule (Nichol & Dhariwal 2021): its beta(t) diverges at t = 1, so SDE time t in
+# [0, 1] is mapped to schedule time u = COSINE_T_MAX * t, where alpha(1)^2 ~ 7e-5 (the same
+# end point as DPM-Solver's cosine schedule).
+COSINE_T_MAX = 0.9946
+
+
+def batch_scalar(v: jax.Array, x: jax.Array) -> jax.Array:
+  """Reshapes a per-example scalar `[B]` (or a scalar) to broadcast against `x: [B, *D]`."""
+  v = jnp.asarray(v)
+  if v.ndim == 0:
+    return v
+  return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+
+
+def _batch_t(t, x: jax.Array) -> jax.Array:
+  """Returns `t` as a `[B]` float array of x's dtype."""
+  t = jnp.asarray(t, dtype=x.dtype)
+  return jnp.broadcast_to(t, x.shape[:1]) if t.ndim == 0 else t
+
+
+def _sum_except_batch(v: jax.Array) -> jax.Array:
+  return jnp.sum(v.reshape(v.shape[0], -1), axis=-1)
+
+
+def _standard_normal_logp(z: jax.Array, scale: float) -> jax.Array:
+  """log N(z; 0, scale^2 I) summed over all but the batch axis, in nats. Returns `[B]`."""
+  d = np.prod(z.shape[1:])
+  return (-0.5 * d * math.log(2 * math.pi * scale**2)
+          - 0.5 * _sum_except_batch(z**2) / scale**2)
+
+
+@dataclasses.dataclass(frozen=True)
+class SDE(abc.ABC):
+  """A forward SDE dx = f(x, t) dt + g(t) dw on t in [0, T] with a Gaussian kernel.
+
+  Subclasses are dataclasses with a field `N` (number of discretization steps) and define
+  `sde`, `log_alpha`, `sigma`, `t_from_log_snr`, `prior_sampling` and `prior_logp`;
+  everything else follows.
+  """
+
+
+  @property
+  def T(self) -> float:
+    """The end time (prior side)."""
+    return 1.0
+
+  # --- the forward process -------------------------------------------------------------
+
+  @abc.abstractmethod
+  def sde(self, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Drift `[B, *D]` and diffusion coefficient g(t) `[B]` of the forward SDE."""
+
+  @abc.abstractmethod
+  def log_alpha(self, t: jax.Array) -> jax.Array:
+    """log alpha(t), the log signal scale of the kernel. Elementwise in t."""
+
+  @abc.abstractmethod
+  def sigma(self, t: jax.Array) -> jax.Array:
+    """sigma(t), the noise std of the kernel p_0t. Elementwise in t."""
+
+  @abc.abstractmethod
+  def t_from_log_snr(self, log_snr: jax.Array) -> jax.Array:
+    """Inverse of `log_snr`: the time at which log(alpha / sigma) equals `log_snr`."""
+
+  @abc.abstractmethod
+  def prior_sampling(self, key: jax.Array, shape) -> jax.Array:
+    """Draws x_T from the prior p_T, shape `shape = (B, *D)`."""
+
+  @abc.abstractmethod
+  def prior_logp(self, z: jax.Array) -> jax.Array:
+    """log p_T(z) in nats, summed over dimensions. `z: [B, *D]` -> `[B]`."""
+
+  def discretize(self, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One step of the forward chain x_{i+1} = x_i + f_i + G_i z, with step 1/N.
+
+    This default is Euler-Maruyama; VP and VE override it with the DDPM and SMLD chains.
+    Returns `(f [B, *D], G [B])`.
+    """
+    dt = self.T / self.N
+    drift, diffusion = self.sde(x, t)
+    return drift * dt, diffusion * math.sqrt(dt)
+
+  # --- derived quantities --------------------------------------------------------------
+
+  def alpha(self, t: jax.Array) -> jax.Array:
+    """alpha(t), the signal scale: E[x_t | x_0] = alpha(t) x_0."""
+    return jnp.exp(self.log_alpha(t))
+
+  def log_snr(self, t: jax.Array) -> jax.Array:
+    """Half log signal-to-noise ratio lambda(t) = log(alpha(t) / sigma(t)); decreasing in t."""
+    return self.log_alpha(t) - jnp.log(self.sigma(t))
+
+  def marginal_prob(self, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean `[B, *D]` and std `[B]` of p_0t(x_t | x_0 = x)."""
+    t = _batch_t(t, x)
+    return batch_scalar(self.alpha(t), x) * x, self.sigma(t)
+
+  def prior_std(self) -> float:
+    """Std of the (Gaussian, zero-mean) prior p_T."""
+    return 1.0
+
+  def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> "ReverseSDE":
+    """The reverse-time SDE (or probability-flow ODE) driven by `score_fn(x, t)`."""
+    return ReverseSDE(self, score_fn, probability_flow)
+
+  # --- the network's parameterization -----------------------------------------------------
+
+  def noise_labels(self, t: jax.Array, continuous: bool = True) -> jax.Array:
+    """What a score network is conditioned on at time t, as in the reference codebase.
+
+    VP-type SDEs feed `999 t` (continuous) or the discrete step index; VE feeds sigma(t)
+    (continuous) or the index of the discrete noise level.
+    """
+    if continuous:
+      return t * 999.0
+    return jnp.round(t * (self.N - 1) / self.T)
+
+  def score_from_output(self, output: jax.Array, t: jax.Array, continuous: bool = True
+                        ) -> jax.Array:
+    """Turns a network output into a score. VP-type networks predict the noise epsilon,
+    so score = -output / sigma(t)."""
+    del continuous
+    return -output / batch_scalar(self.sigma(t), output)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReverseSDE:
+  """Reverse-time SDE dx = [f - g^2 score] dt + g dw-bar, or with `probability_flow` the ODE
+  dx = [f - g^2 score / 2] dt, for a forward `SDE` and a score function."""
+
+  forward: SDE
+  score_fn: ScoreFn
+  probability_flow: bool = False
+
+  @property
+  def T(self) -> float:
+    return self.forward.T
+
+  @property
+  def N(self) -> int:
+    return self.forward.N
+
+  def _scale(self) -> float:
+    return 0.5 if self.probability_flow else 1.0
+
+  def sde(self, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Drift `[B, *D]` and diffusion `[B]` of the reverse SDE (diffusion 0 for the ODE)."""
+    t = _batch_t(t, x)
+    drift, diffusion = self.forward.sde(x, t)
+    score = self.score_fn(x, t)
+    drift = drift - batch_scalar(diffusion**2, x) * score * self._scale()
+    diffusion = jnp.zeros_like(diffusion) if self.probability_flow else diffusion
+    return drift, diffusion
+
+  def discretize(self, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The discretized reverse chain: `(rev_f [B, *D], rev_G [B])`."""
+    t = _batch_t(t, x)
+    f, G = self.forward.discretize(x, t)
+    rev_f = f - batch_scalar(G**2, x) * self.score_fn(x, t) * self._scale()
+    rev_G = jnp.zeros_like(G) if self.probability_flow else G
+    return rev_f, rev_G
+
+
+@dataclasses.dataclass(frozen=True)
+class _BetaSchedule(SDE):
+  """A noise rate beta(t), shared by the VP and sub-VP SDEs.
+
+  `schedule='linear'`: beta(t) = beta_min + t (beta_max - beta_min) (Song et al.).
+  `schedule='cosine'`: alpha(t)^2 = cos^2((u + s) / (1 + s) pi / 2) / cos^2(s / (1 + s) pi / 2),
+  u = COSINE_T_MAX t, s = 0.008 (Nichol & Dhariwal), beta = -d log alpha^2 / dt.
+  """
+
+  beta_min: float = 0.1
+  beta_max: float = 20.0
+  N: int = 1000
+  schedule: str = "linear"
+  cosine_s: float = 0.008
+
+  SCHEDULES = ("linear", "cosine")
+
+  def __post_init__(self):
+    if self.schedule not in self.SCHEDULES:
+      raise ValueError(f"Unknown beta schedule {self.schedule!r}; valid: {self.SCHEDULES}")
+    if not 0 < self.beta_min < self.beta_max:
+      raise ValueError(f"Need 0 < beta_min < beta_max, got {self.beta_min}, {self.beta_max}")
+    if self.N < 1:
+      raise ValueError(f"N must be a positive number of steps, got {self.N}")
+
+  def _cos_arg(self, t):
+    s = self.cosine_s
+    return (COSINE_T_MAX * t + s) / (1.0 + s) * (math.pi / 2)
+
+  def beta(self, t: jax.Array) -> jax.Array:
+    """The noise rate beta(t) = -2 d log alpha / dt."""
+    if self.schedule == "linear":
+      return self.beta_min + t * (self.beta_max - self.beta_min)
+    return COSINE_T_MAX * math.pi / (1.0 + self.cosine_s) * jnp.tan(self._cos_arg(t))
+
+  def log_mean_coeff(self, t: jax.Array) -> jax.Array:
+    """log alpha(t) = -1/2 int_0^t beta(s) ds."""
+    if self.schedule == "linear":
+      return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+    return (jnp.log(jnp.cos(self._cos_arg(t)))
+            - math.log(math.cos(self.cosine_s / (1 + self.cosine_s) * math.pi / 2)))
+
+  def log_alpha(self, t):
+    return self.log_mean_coeff(t)
+
+  def _t_from_log_alpha(self, log_alpha: jax.Array) -> jax.Array:
+    """Inverse of `log_mean_coeff`."""
+    if self.schedule == "linear":
+      # 1/2 t^2 (b1 - b0) + t b0 = L, solved without cancellation.
+      L = -2.0 * log_alpha
+      delta = self.beta_max - self.beta_min
+      return 2.0 * L / (self.beta_min + jnp.sqrt(self.beta_min**2 + 2.0 * delta * L))
+    s = self.cosine_s
+    log_cos0 = math.log(math.cos(s / (1 + s) * math.pi / 2))
+    u = jnp.arccos(jnp.exp(log_alpha + log_cos0)) * 2.0 * (1.0 + s) / math.pi - s
+    return u / COSINE_T_MAX
+
+  def prior_sampling(self, key, shape):
+    return jax.random.normal(key, shape)
+
+  def prior_logp(self, z):
+    return _standard_normal_logp(z, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class VPSDE(_BetaSchedule):
+  """Variance-preserving SDE dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw (the DDPM limit).
+
+  alpha(t) = exp(-1/2 int beta), sigma(t) = sqrt(1 - alpha^2). `discretize` is the DDPM chain
+  with betas beta_i = beta(t) / N on the N-step grid.
+  """
+
+  def sde(self, x, t):
+    t = _batch_t(t, x)
+    beta = self.beta(t)
+    return -0.5 * batch_scalar(beta, x) * x, jnp.sqrt(beta)
+
+  def sigma(self, t):
+    return jnp.sqrt(-jnp.expm1(2.0 * self.log_mean_coeff(t)))
+
+  def log_snr(self, t):
+    lmc = self.log_mean_coeff(t)
+    return lmc - 0.5 * jnp.log(-jnp.expm1(2.0 * lmc))
+
+  def t_from_log_snr(self, log_snr):
+    # alpha^2 = sigmoid(2 lambda)  =>  log alpha = -1/2 softplus(-2 lambda).
+    return self._t_from_log_alpha(-0.5 * jax.nn.softplus(-2.0 * log_snr))
+
+  def discrete_betas(self) -> jax.Array:
+    """The N betas of the DDPM chain, `[N]`."""
+    if self.schedule == "linear":
+      return jnp.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N)
+    # 1 - alpha_bar(t_i) / alpha_bar(t_{i-1}) on the grid t_i = (i + 1) / N, capped as in
+    # Nichol & Dhariwal.
+    grid = jnp.arange(self.N + 1) / self.N
+    log_ab = 2.0 * self.log_mean_coeff(grid)
+    return jnp.minimum(-jnp.expm1(log_ab[1:] - log_ab[:-1]), 0.999)
+
+  def score_from_output(self, output, t, continuous=True):
+    if continuous:
+      return super().score_from_output(output, t)
+    # Discrete DDPM: the std of step i is sqrt(1 - prod_{j<=i} (1 - beta_j)).
+    timestep = jnp.round(t * (self.N - 1) / self.T).astype(jnp.int32)
+    log_ab = jnp.cumsum(jnp.log1p(-self.discrete_betas()))
+    std = jnp.sqrt(-jnp.expm1(log_ab))[timestep]
+    return -output / batch_scalar(std, output)
+
+  def discretize(self, x, t):
+    t = _batch_t(t, x)
+    timestep = (t * (self.N - 1) / self.T).astype(jnp.int32)
+    beta = self.discrete_betas()[timestep]
+    f = batch_scalar(jnp.sqrt(1.0 - beta), x) * x - x
+    return f, jnp.sqrt(beta)
+
+
+@dataclasses.dataclass(frozen=True)
+class SubVPSDE(_BetaSchedule):
+  """Sub-VP SDE dx = -1/2 beta x dt + sqrt(beta (1 - exp(-2 int_0^t beta))) dw.
+
+  alpha(t) as for VP, sigma(t) = 1 - alpha(t)^2 (always below the VP std).
+  """
+
+  def sde(self, x, t):
+    t = _batch_t(t, x)
+    beta = self.beta(t)
+    # 1 - exp(-2 int beta) = 1 - alpha^4, computed with expm1 so it stays accurate at t -> 0.
+    discount = -jnp.expm1(4.0 * self.log_mean_coeff(t))
+    return -0.5 * batch_scalar(beta, x) * x, jnp.sqrt(beta * discount)
+
+  def sigma(self, t):
+    return -jnp.expm1(2.0 * self.log_mean_coeff(t))
+
+  def log_snr(self, t):
+    lmc = self.log_mean_coeff(t)
+    return lmc - jnp.log(-jnp.expm1(2.0 * lmc))
+
+  def t_from_log_snr(self, log_snr):
+    # alpha / sigma = e^lambda with sigma = 1 - alpha^2 gives
+    # sigma = 2 / (1 + sqrt(1 + 4 e^{2 lambda})) and alpha = sigma e^lambda.
+    sigma = 2.0 / (1.0 + jnp.sqrt(1.0 + 4.0 * jnp.exp(2.0 * log_snr)))
+    # Where sigma is small (alpha ~ 1), log alpha = log(1 - sigma) / 2 keeps its precision.
+    log_alpha = jnp.where(log_snr > 0, 0.5 * jnp.log1p(-sigma), jnp.log(sigma) + log_snr)
+    return self._t_from_log_alpha(log_alpha)
+
+
+@dataclasses.dataclass(frozen=True)
+class VESDE(SDE):
+  """Variance-exploding SDE dx = sqrt(d sigma^2 / dt) dw, sigma(t) = sigma_min (sigma_max /
+  sigma_min)^t (the SMLD / NCSN limit).
+
+  As in the reference codebase the kernel std is sigma(t) itself (the exact value,
+  sqrt(sigma(t)^2 - sigma_min^2), differs by O(sigma_min^2)). `discretize` is the SMLD chain
+  on N geometrically spaced noise levels.
+  """
+
+  sigma_min: float = 0.01
+  sigma_max: float = 50.0
+  N: int = 1000
+
+  def __post_init__(self):
+    if not 0 < self.sigma_min < self.sigma_max:
+      raise ValueError(f"Need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+    if self.N < 1:
+      raise ValueError(f"N must be a positive number of steps, got {self.N}")
+
+  @property
+  def _log_ratio(self) -> float:
+    return math.log(self.sigma_max / self.sigma_min)
+
+  def sde(self, x, t):
+    t = _batch_t(t, x)
+    drift = jnp.zeros_like(x)
+    return drift, self.sigma(t) * math.sqrt(2.0 * self._log_ratio)
+
+  def log_alpha(self, t):
+    return jnp.zeros_like(jnp.asarray(t, dtype=jnp.result_type(t, jnp.float32)))
+
+  def sigma(self, t):
+    return self.sigma_min * jnp.exp(t * self._log_ratio)
+
+  def log_snr(self, t):
+    return -(math.log(self.sigma_min) + t * self._log_ratio)
+
+  def t_from_log_snr(self, log_snr):
+    return (-log_snr - math.log(self.sigma_min)) / self._log_ratio
+
+  def prior_std(self):
+    return self.sigma_max
+
+  def prior_sampling(self, key, shape):
+    return jax.random.normal(key, shape) * self.sigma_max
+
+  def prior_logp(self, z):
+    return _standard_normal_logp(z, self.sigma_max)
+
+  def discrete_sigmas(self) -> jax.Array:
+    """The N noise levels of the SMLD chain, increasing, `[N]`."""
+    return jnp.exp(jnp.linspace(math.log(self.sigma_min), math.log(self.sigma_max), self.N))
+
+  def discretize(self, x, t):
+    t = _batch_t(t, x)
+    timestep = (t * (self.N - 1) / self.T).astype(jnp.int32)
+    sigmas = self.discrete_sigmas()
+    sigma = sigmas[timestep]
+    adjacent = jnp.where(timestep == 0, jnp.zeros_like(sigma), sigmas[jnp.maximum(timestep - 1, 0)])
+    return jnp.zeros_like(x), jnp.sqrt(sigma**2 - adjacent**2)
+
+  def noise_labels(self, t, continuous=True):
+    if continuous:
+      return self.sigma(t)
+    # Discrete NCSN networks index their noise levels from the largest, as the reference does.
+    return jnp.round((self.T - t) * (self.N - 1) / self.T)
+
+  def score_from_output(self, output, t, continuous=True):
+    # NCSN / NCSN++ predict the score directly (divided by sigma inside when scale_by_sigma).
+    del t, continuous
+    return output
+
+
+SDES: dict[str, type[SDE]] = {"vpsde": VPSDE, "subvpsde": SubVPSDE, "vesde": VESDE}
+
+
+def get_sde(name: str, **kwargs) -> SDE:
+  """Builds an SDE from its name in `SDES` ('vpsde', 'subvpsde', 'vesde') and its parameters."""
+  if name not in SDES:
+    raise ValueError(f"Unknown SDE {name!r}; valid: {sorted(SDES)}")
+  return SDES[name](**kwargs)
