@@ -109,6 +109,12 @@ class SDE(abc.ABC):
     drift, diffusion = self.sde(x, t)
     return drift * dt, diffusion * math.sqrt(dt)
 
+  def discrete_marginal(self, x: jax.Array, timestep: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean `[B, *D]` and std `[B]` of step `timestep` (int `[B]`, 0..N-1) of the SDE's
+    discrete chain (DDPM for VP, SMLD for VE), the noise levels of the discrete losses."""
+    raise ValueError(f"{type(self).__name__} has no discrete chain (only VPSDE, the DDPM "
+                     "chain, and VESDE, the SMLD chain, do); use a continuous loss weighting")
+
   # --- derived quantities --------------------------------------------------------------
 
   def alpha(self, t: jax.Array) -> jax.Array:
@@ -229,8 +235,14 @@ class _BetaSchedule(SDE):
     """log alpha(t) = -1/2 int_0^t beta(s) ds."""
     if self.schedule == "linear":
       return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
-    return (jnp.log(jnp.cos(self._cos_arg(t)))
-            - math.log(math.cos(self.cosine_s / (1 + self.cosine_s) * math.pi / 2)))
+    # log(cos(a0 + d) / cos(a0)) with a0 = the angle at t = 0. Near t = 0 the ratio is
+    # 1 - 2 sin^2(d/2) - tan(a0) sin(d), whose log1p keeps float32 precision; further out
+    # the plain difference of logs is accurate.
+    a0 = self.cosine_s / (1.0 + self.cosine_s) * (math.pi / 2)
+    d = COSINE_T_MAX * t / (1.0 + self.cosine_s) * (math.pi / 2)
+    near = jnp.log1p(-2.0 * jnp.sin(0.5 * d) ** 2 - math.tan(a0) * jnp.sin(d))
+    far = jnp.log(jnp.cos(self._cos_arg(t))) - math.log(math.cos(a0))
+    return jnp.where(d < 0.5, near, far)
 
   def log_alpha(self, t):
     return self.log_mean_coeff(t)
@@ -245,7 +257,12 @@ class _BetaSchedule(SDE):
     s = self.cosine_s
     log_cos0 = math.log(math.cos(s / (1 + s) * math.pi / 2))
     u = jnp.arccos(jnp.exp(log_alpha + log_cos0)) * 2.0 * (1.0 + s) / math.pi - s
-    return u / COSINE_T_MAX
+    t = jnp.maximum(u / COSINE_T_MAX, 0.0)
+    # arccos near 1 loses precision for small t: polish with Newton steps on
+    # log_mean_coeff(t) = log_alpha, whose derivative is -beta(t) / 2.
+    for _ in range(2):
+      t = t + (self.log_mean_coeff(t) - log_alpha) / (0.5 * self.beta(t))
+    return t
 
   def prior_sampling(self, key, shape):
     return jax.random.normal(key, shape)
@@ -288,13 +305,16 @@ class VPSDE(_BetaSchedule):
     log_ab = 2.0 * self.log_mean_coeff(grid)
     return jnp.minimum(-jnp.expm1(log_ab[1:] - log_ab[:-1]), 0.999)
 
+  def discrete_marginal(self, x, timestep):
+    # alpha_bar_i = prod_{j <= i} (1 - beta_j); x_i = sqrt(alpha_bar_i) x_0 + sqrt(1 - alpha_bar_i) z.
+    log_ab = jnp.cumsum(jnp.log1p(-self.discrete_betas()))[timestep]
+    return batch_scalar(jnp.exp(0.5 * log_ab), x) * x, jnp.sqrt(-jnp.expm1(log_ab))
+
   def score_from_output(self, output, t, continuous=True):
     if continuous:
       return super().score_from_output(output, t)
-    # Discrete DDPM: the std of step i is sqrt(1 - prod_{j<=i} (1 - beta_j)).
     timestep = jnp.round(t * (self.N - 1) / self.T).astype(jnp.int32)
-    log_ab = jnp.cumsum(jnp.log1p(-self.discrete_betas()))
-    std = jnp.sqrt(-jnp.expm1(log_ab))[timestep]
+    _, std = self.discrete_marginal(output, timestep)
     return -output / batch_scalar(std, output)
 
   def discretize(self, x, t):
@@ -396,6 +416,9 @@ class VESDE(SDE):
     sigma = sigmas[timestep]
     adjacent = jnp.where(timestep == 0, jnp.zeros_like(sigma), sigmas[jnp.maximum(timestep - 1, 0)])
     return jnp.zeros_like(x), jnp.sqrt(sigma**2 - adjacent**2)
+
+  def discrete_marginal(self, x, timestep):
+    return x, self.discrete_sigmas()[timestep]
 
   def noise_labels(self, t, continuous=True):
     if continuous:
