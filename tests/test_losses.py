@@ -1,0 +1,137 @@
+"""Denoising score matching: closed forms for Gaussian data, and training recovers the score."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy import integrate
+
+from score_sde import losses
+from score_sde import sde as sde_lib
+
+MU = np.array([1.0, -0.5])
+S = 0.5  # data ~ N(MU, S^2 I) in 2 dimensions
+
+
+def gaussian_score(sde):
+  """Score of the diffused Gaussian with mean m and variance exp(log_v): a model linear in x
+  whose optimum (m, log_v) = (MU, log S^2) is the exact score at every t."""
+  def score_fn(params, x, t):
+    alpha, sigma = sde.alpha(t)[:, None], sde.sigma(t)[:, None]
+    var = alpha**2 * jnp.exp(params["log_v"]) + sigma**2
+    return -(x - alpha * params["m"]) / var
+  return score_fn
+
+
+TRUE_PARAMS = {"m": jnp.asarray(MU, jnp.float32), "log_v": jnp.asarray(math.log(S**2))}
+
+
+def _data(key, n):
+  return jnp.asarray(MU, jnp.float32) + S * jax.random.normal(key, (n, 2))
+
+
+def _expected_loss_at_optimum(sde, weighting, eps):
+  """1/(T-eps) int w(t) E||sigma s* + z||^2 / D dt, where for Gaussian data the inner
+  expectation is alpha^2 S^2 / (alpha^2 S^2 + sigma^2) per dimension (closed form), and
+  w = 1 for sigma2, g^2 / sigma^2 for the likelihood weighting."""
+  def integrand(t):
+    tt = jnp.asarray([t], jnp.float64)
+    a, s = float(sde.alpha(tt)[0]), float(sde.sigma(tt)[0])
+    g = float(sde.sde(jnp.zeros((1, 1)), tt)[1][0])
+    w = 1.0 if weighting == "sigma2" else g**2 / s**2
+    return w * a**2 * S**2 / (a**2 * S**2 + s**2)
+  # Integrate in log t (the likelihood weight grows like 1/t near 0), in float64.
+  with jax.enable_x64(True):
+    val, _ = integrate.quad(lambda u: integrand(math.exp(u)) * math.exp(u), math.log(eps),
+                            0.0, limit=200)
+  return val / (sde.T - eps)
+
+
+def _loss_draws(loss_fn, score_fn, n_keys, batch):
+  @jax.jit
+  def per_example(key):
+    k_x, k_l = jax.random.split(key)
+    return loss_fn(k_l, score_fn, TRUE_PARAMS, _data(k_x, batch))[1]["per_example_loss"]
+  keys = jax.random.split(jax.random.key(0), n_keys)
+  return np.concatenate([np.asarray(per_example(k)) for k in keys])
+
+
+@pytest.mark.parametrize("weighting,importance_sampling", [
+    ("sigma2", False), ("likelihood", False), ("likelihood", True)])
+def test_loss_at_exact_score_matches_closed_form(weighting, importance_sampling):
+  sde, eps = sde_lib.VPSDE(), 1e-3
+  loss_fn = losses.get_loss_fn(sde, weighting=weighting, eps=eps,
+                               importance_sampling=importance_sampling)
+  draws = _loss_draws(loss_fn, gaussian_score(sde), n_keys=8, batch=8192)
+  expected = _expected_loss_at_optimum(sde, weighting, eps)
+  se = draws.std() / math.sqrt(draws.size)
+  assert abs(draws.mean() - expected) < 4 * se + 1e-3 * expected, (draws.mean(), expected, se)
+
+
+def test_importance_sampling_reduces_variance():
+  sde, eps = sde_lib.VPSDE(), 1e-3
+  score_fn = gaussian_score(sde)
+  plain = _loss_draws(losses.get_loss_fn(sde, weighting="likelihood", eps=eps), score_fn, 2,
+                      8192)
+  weighted = _loss_draws(losses.get_loss_fn(sde, weighting="likelihood", eps=eps,
+                                            importance_sampling=True), score_fn, 2, 8192)
+  assert weighted.std() < 0.5 * plain.std()
+
+
+def test_importance_sampler_density():
+  """The sampled t follow q(t) ~ g^2/sigma^2: compare the CDF at a few points to quadrature."""
+  sde, eps = sde_lib.SubVPSDE(), 1e-3
+  sampler = losses.ImportanceSampler(sde, eps)
+  t = np.asarray(sampler.sample(jax.random.key(3), 200_000))
+  q = lambda u: float(sde.sde(jnp.zeros((1, 1)), jnp.array([u], jnp.float64))[1][0] ** 2
+                      / sde.sigma(jnp.array([u], jnp.float64))[0] ** 2)
+  with jax.enable_x64(True):
+    z = integrate.quad(q, eps, 1.0, points=[0.01, 0.1], limit=200)[0]
+    cdfs = [integrate.quad(q, eps, c, limit=200)[0] / z for c in (0.01, 0.1, 0.5)]
+  assert sampler.normalizer == pytest.approx(z, rel=1e-3)
+  for c, cdf in zip((0.01, 0.1, 0.5), cdfs):
+    assert abs(np.mean(t < c) - cdf) < 0.005
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sde_name,weighting,importance_sampling", [
+    ("vpsde", "sigma2", False), ("vpsde", "likelihood", False), ("vpsde", "likelihood", True),
+    ("subvpsde", "sigma2", False), ("vesde", "sigma2", False), ("vpsde", "ddpm", False),
+    ("vesde", "smld", False)])
+def test_training_recovers_the_gaussian_score(sde_name, weighting, importance_sampling):
+  sde = sde_lib.get_sde(sde_name)
+  loss_fn = losses.get_loss_fn(sde, weighting=weighting, eps=1e-3,
+                               importance_sampling=importance_sampling)
+  score_fn = gaussian_score(sde)
+  opt = optax.adam(optax.cosine_decay_schedule(0.05, 800, alpha=0.01))
+  params = {"m": jnp.zeros(2), "log_v": jnp.asarray(0.0)}
+
+  @jax.jit
+  def train(params, key):
+    def step(carry, key):
+      params, opt_state = carry
+      k_x, k_l = jax.random.split(key)
+      loss, grads = jax.value_and_grad(
+          lambda p: loss_fn(k_l, score_fn, p, _data(k_x, 1024))[0])(params)
+      updates, opt_state = opt.update(grads, opt_state)
+      return (optax.apply_updates(params, updates), opt_state), loss
+    (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), jax.random.split(key, 800))
+    return params
+
+  params = train(params, jax.random.key(1))
+  np.testing.assert_allclose(np.asarray(params["m"]), MU, atol=0.04)
+  assert float(jnp.exp(params["log_v"])) == pytest.approx(S**2, rel=0.1)
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="sigma2"):
+    losses.get_loss_fn(sde_lib.VPSDE(), weighting="l2")
+  with pytest.raises(ValueError, match="importance_sampling"):
+    losses.get_loss_fn(sde_lib.VPSDE(), weighting="sigma2", importance_sampling=True)
+  with pytest.raises(ValueError, match="no discrete chain"):
+    losses.get_loss_fn(sde_lib.SubVPSDE(), weighting="ddpm")
+  with pytest.raises(ValueError, match="eps"):
+    losses.get_loss_fn(sde_lib.VPSDE(), eps=0.0)
