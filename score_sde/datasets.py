@@ -426,22 +426,23 @@ def open_tfds(name: str, split: str, *, data_dir: str | None, image_size: int
         f"TFDS dataset {name!r} is not prepared under {root!r} (looked for "
         f"{variant_dir}/dataset_info.json); this code never downloads. "
         + _tfds_fix(name, root))
-  formats = builder.info.available_file_formats()
-  if not formats & set(tfds.core.file_adapters.FileFormat.with_random_access()):
-    raise FileNotFoundError(
-        f"TFDS dataset {name!r} in {variant_dir!r} is stored as "
-        f"{sorted(f.value for f in formats)}, which has no random access; need array_record "
-        "(or parquet). " + _tfds_fix(name, root))
   family = name.split("/")[0].split(":")[0]
   eval_split, crop, resample = _TFDS_LAYOUT.get(family, _TFDS_DEFAULT_LAYOUT)
   split_name = "train" if split == "train" else eval_split
-  if split_name not in builder.info.splits:
+  if builder.info.splits and split_name not in builder.info.splits:
     raise ValueError(f"TFDS dataset {name!r} has no split {split_name!r}; it has "
                      f"{sorted(builder.info.splits)}")
   features = builder.info.features
   has_label = "label" in features
+  try:
+    data_source = builder.as_data_source(split=split_name)
+  except NotImplementedError:  # prepared, but as tfrecord: no random access without TF
+    raise FileNotFoundError(
+        f"TFDS dataset {name!r} in {variant_dir!r} is stored in the "
+        f"{builder.info.file_format.value} format, which has no random access; need "
+        "array_record (or parquet). " + _tfds_fix(name, root)) from None
   return TFDSSource(
-      data_source=builder.as_data_source(split=split_name),
+      data_source=data_source,
       image_size=image_size,
       channels=int(features["image"].shape[-1]),
       num_classes=int(features["label"].num_classes) if has_label else 0,
