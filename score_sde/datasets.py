@@ -495,8 +495,9 @@ def _load_synthetic_source(config, split: str) -> ArraySource:
 
 
 def _load_tfds_source(config, split: str) -> TFDSSource:
-  return open_tfds(config.data.dataset, split, data_dir=config.data.get("tfds_data_dir", None)
-                   or None, image_size=config.data.image_size)
+  data_dir = config.data.get("tfds_data_dir", None) or None  # "" means TFDS's default
+  return open_tfds(config.data.dataset, split, data_dir=data_dir,
+                   image_size=config.data.image_size)
 
 
 # Local sources by name; any other name is looked up in TFDS.
@@ -575,12 +576,17 @@ class Dataset:
             f"seed={self.seed})")
 
   def _permutation(self, epoch: int) -> np.ndarray:
-    if epoch not in self._permutations:
+    """The order of `epoch`, `[N]`; the last two are cached (safe under the prefetch thread)."""
+    permutation = self._permutations.get(epoch)
+    if permutation is None:
       rng = np.random.default_rng([self.seed, _STREAM_ORDER, epoch])
-      self._permutations[epoch] = rng.permutation(self.num_examples)
+      permutation = self._permutations[epoch] = rng.permutation(self.num_examples)
       while len(self._permutations) > 2:
-        self._permutations.popitem(last=False)
-    return self._permutations[epoch]
+        try:
+          self._permutations.popitem(last=False)
+        except KeyError:  # emptied by another thread meanwhile
+          break
+    return permutation
 
   def indices(self, step: int) -> np.ndarray:
     """Example indices `[local_batch_size]` of this host's part of batch `step`."""
