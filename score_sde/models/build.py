@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -94,8 +95,7 @@ def init_model(key: jax.Array, config: ml_collections.ConfigDict,
 
 def count_params(variables: Variables) -> int:
   """Number of scalars in all collections of `variables` (arrays or ShapeDtypeStructs)."""
-  return sum(int(jnp.size(v)) if hasattr(v, "size") else 0
-             for v in jax.tree_util.tree_leaves(variables))
+  return sum(math.prod(v.shape) for v in jax.tree_util.tree_leaves(variables))
 
 
 def get_score_fn(sde: sde_lib.SDE, model: nn.Module, variables: Variables, train: bool = False,

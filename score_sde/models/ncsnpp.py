@@ -37,7 +37,8 @@ def label_embedding(class_labels: jax.Array | None, batch: int, num_classes: int
   """
   if class_labels is None:
     class_labels = jnp.full((batch,), num_classes, dtype=jnp.int32)
-  return nn.Embed(num_classes + 1, features, name="class_embed")(class_labels.astype(jnp.int32))
+  return nn.Embed(num_classes + 1, features, embedding_init=layers.embedding_init,
+                  name="class_embed")(class_labels.astype(jnp.int32))
 
 
 class NCSNpp(nn.Module):
