@@ -127,7 +127,7 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None
                   ) -> ml_collections.ConfigDict:
   """Applies a named variant to a finished experiment config.
 
-  `None` / '': unchanged. 'tiny': the same experiment with a small network (nf=16, one
+  `None` / '': unchanged. 'tiny': the same experiment with a small network (nf <= 16, one
   residual block per resolution, no dropout) and short, small-batch training and sampling,
   for tests and smoke runs; the architecture options (block type, FIR, pyramids,
   embeddings) stay as they are.
@@ -138,7 +138,7 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None
   if arg not in VARIANTS:
     raise ValueError(f"Unknown config variant {arg!r}; valid: {VARIANTS}")
   if arg == "tiny":
-    config.model.nf = 16
+    config.model.nf = min(16, config.model.nf // 2)
     config.model.num_res_blocks = 1
     config.model.dropout = 0.0
     config.training.batch_size = 8
