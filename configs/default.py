@@ -1,0 +1,156 @@
+"""Every config field and its default (Song et al.'s CIFAR-10 set-up, DDPM++ network).
+
+Experiment files call `get_config()` here and override only what differs. Field names follow
+yang-song/score_sde so its users feel at home; additions: `training.weighting`,
+`training.importance_sampling`, `training.eps`, `sampling.{steps, rtol, atol, solver, eta,
+order, rho, s_churn, eps, batch_size}`, `model.{schedule, num_classes}`, `data.data_dir`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+VARIANTS = (None, "", "tiny")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The default config; `arg='tiny'` shrinks it (see `apply_variant`)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 42
+
+  # Training.
+  config.training = training = ml_collections.ConfigDict()
+  training.sde = "vpsde"  # 'vpsde' | 'subvpsde' | 'vesde'
+  training.batch_size = 128
+  training.n_iters = 1_300_001
+  training.snapshot_freq = 50_000
+  training.log_freq = 50
+  training.eval_freq = 100
+  training.snapshot_freq_for_preemption = 10_000  # extra checkpoints to resume after preemption
+  training.snapshot_sampling = True  # draw samples at every snapshot
+  training.continuous = True  # continuous-time t (vs. the N discrete steps)
+  training.reduce_mean = False  # mean (vs. sum) of the loss over dimensions
+  training.weighting = "sigma2"  # lambda(t): 'sigma2' | 'likelihood' | 'ddpm' | 'smld'
+  training.importance_sampling = False  # importance-sampled t for 'likelihood' weighting
+  training.n_jitted_steps = 5  # train steps per compiled call
+  training.eps = 1e-5  # smallest training time
+
+  # Sampling.
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.method = "pc"  # 'pc' | 'ode' | 'ddpm' | 'ddim' | 'heun' | 'dpm_solver'
+  sampling.predictor = "euler_maruyama"
+  sampling.corrector = "none"
+  sampling.snr = 0.16
+  sampling.n_steps_each = 1
+  sampling.noise_removal = True
+  sampling.probability_flow = False
+  sampling.steps = config_dict.placeholder(int)  # None: sde.N
+  sampling.rtol = 1e-5
+  sampling.atol = 1e-5
+  sampling.solver = "dopri5"
+  sampling.eta = 0.0
+  sampling.order = 2
+  sampling.rho = 7.0
+  sampling.s_churn = 0.0
+  sampling.eps = 1e-3
+  sampling.batch_size = 64
+
+  # Evaluation.
+  config.eval = evaluate = ml_collections.ConfigDict()
+  evaluate.begin_ckpt = 9
+  evaluate.end_ckpt = 26
+  evaluate.batch_size = 1024
+  evaluate.enable_sampling = False
+  evaluate.num_samples = 50_000
+  evaluate.enable_loss = True
+  evaluate.enable_bpd = False
+  evaluate.bpd_dataset = "test"
+
+  # Data.
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = "cifar10"
+  data.image_size = 32
+  data.num_channels = 3
+  data.random_flip = True
+  data.centered = False  # False: data in [0, 1]; True: in [-1, 1]
+  data.uniform_dequantization = False
+  data.tfds_data_dir = config_dict.placeholder(str)
+  data.data_dir = config_dict.placeholder(str)
+
+  # Model.
+  config.model = model = ml_collections.ConfigDict()
+  model.name = "ncsnpp"  # 'ncsnpp' | 'ddpmpp' (alias) | 'ddpm'
+  model.sigma_min = 0.01
+  model.sigma_max = 50.0
+  model.num_scales = 1000
+  model.beta_min = 0.1
+  model.beta_max = 20.0
+  model.schedule = "linear"  # VP / sub-VP beta schedule: 'linear' | 'cosine'
+  model.dropout = 0.1
+  model.embedding_type = "fourier"  # 'fourier' | 'positional'
+  model.fourier_scale = 16.0
+  model.ema_rate = 0.9999
+  model.scale_by_sigma = False
+  model.conditional = True
+  model.nf = 128
+  model.ch_mult = (1, 2, 2, 2)
+  model.num_res_blocks = 4
+  model.attn_resolutions = (16,)
+  model.resamp_with_conv = True
+  model.fir = False
+  model.fir_kernel = (1, 3, 3, 1)
+  model.skip_rescale = True
+  model.resblock_type = "biggan"  # 'ddpm' | 'biggan'
+  model.progressive = "none"  # 'none' | 'output_skip' | 'residual'
+  model.progressive_input = "none"  # 'none' | 'input_skip' | 'residual'
+  model.progressive_combine = "sum"  # 'sum' | 'cat'
+  model.attention_type = "ddpm"
+  model.init_scale = 0.0
+  model.conv_size = 3
+  model.num_classes = 0  # > 0: class-conditional, label num_classes = null label
+
+  # Optimization.
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.optimizer = "Adam"  # 'Adam' | 'AdamW'
+  optim.lr = 2e-4
+  optim.beta1 = 0.9
+  optim.eps = 1e-8
+  optim.warmup = 5000
+  optim.grad_clip = 1.0
+  optim.weight_decay = 0.0
+
+  return apply_variant(config, arg)
+
+
+def apply_variant(config: ml_collections.ConfigDict, arg: str | None
+                  ) -> ml_collections.ConfigDict:
+  """Applies a named variant to a finished experiment config.
+
+  `None` / '': unchanged. 'tiny': the same experiment with a small network (nf <= 16, one
+  residual block per resolution, no dropout) and short, small-batch training and sampling,
+  for tests and smoke runs; the architecture options (block type, FIR, pyramids,
+  embeddings) stay as they are.
+
+  Raises:
+    ValueError: unknown variant.
+  """
+  if arg not in VARIANTS:
+    raise ValueError(f"Unknown config variant {arg!r}; valid: {VARIANTS}")
+  if arg == "tiny":
+    config.model.nf = min(16, config.model.nf // 2)
+    config.model.num_res_blocks = 1
+    config.model.dropout = 0.0
+    config.training.batch_size = 8
+    config.training.n_iters = 10
+    config.training.snapshot_freq = 5
+    config.training.snapshot_freq_for_preemption = 5
+    config.training.log_freq = 1
+    config.training.eval_freq = 5
+    config.training.n_jitted_steps = 1
+    config.sampling.steps = 10
+    config.sampling.batch_size = 4
+    config.eval.batch_size = 8
+    config.eval.num_samples = 8
+    config.optim.warmup = 2
+  return config

@@ -1,0 +1,131 @@
+"""The config edge of the models: config -> network, variables and score function.
+
+`get_model` is the only place that reads `config.model`; the networks take plain fields.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from score_sde import sde as sde_lib
+from score_sde.models.ddpm import DDPM
+from score_sde.models.ncsnpp import NCSNpp
+
+# 'ddpmpp' is NCSN++ with DDPM++ options (set by the config); the name is an alias.
+MODELS: dict[str, type[nn.Module]] = {"ncsnpp": NCSNpp, "ddpmpp": NCSNpp, "ddpm": DDPM}
+
+Variables = dict[str, Any]
+
+
+def _common_fields(m: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> dict:
+  return dict(
+      nf=int(m.nf), ch_mult=tuple(int(c) for c in m.ch_mult),
+      num_res_blocks=int(m.num_res_blocks),
+      attn_resolutions=tuple(int(r) for r in m.attn_resolutions),
+      dropout=float(m.dropout), resamp_with_conv=bool(m.resamp_with_conv),
+      conditional=bool(m.conditional), scale_by_sigma=bool(m.scale_by_sigma),
+      centered=bool(config.data.centered), sigma_min=float(m.sigma_min),
+      sigma_max=float(m.sigma_max), num_scales=int(m.num_scales),
+      num_classes=int(m.get("num_classes", 0)))
+
+
+def get_model(config: ml_collections.ConfigDict) -> nn.Module:
+  """Builds the network named by `config.model.name` from `config.model` / `config.data`.
+
+  Raises:
+    ValueError: unknown model name or option, or an option combination the networks do not
+      support (Fourier embeddings need continuous labels, attention_type must be 'ddpm',
+      conv_size 3).
+  """
+  m = config.model
+  if m.name not in MODELS:
+    raise ValueError(f"Unknown model {m.name!r}; valid: {sorted(MODELS)}")
+  if m.get("attention_type", "ddpm") != "ddpm":
+    raise ValueError(f"Unknown attention_type {m.attention_type!r}; valid: ('ddpm',)")
+  if m.get("conv_size", 3) != 3:
+    raise ValueError(f"Unsupported conv_size {m.conv_size!r}; valid: (3,)")
+  fields = _common_fields(m, config)
+  if MODELS[m.name] is DDPM:
+    return DDPM(**fields)
+  if m.embedding_type == "fourier" and not config.training.continuous:
+    raise ValueError("embedding_type='fourier' embeds log sigma and needs continuous "
+                     "training (training.continuous=True); use 'positional' for discrete")
+  return NCSNpp(
+      **fields, fir=bool(m.fir), fir_kernel=tuple(int(k) for k in m.fir_kernel),
+      skip_rescale=bool(m.skip_rescale), resblock_type=m.resblock_type.lower(),
+      progressive=m.progressive.lower(), progressive_input=m.progressive_input.lower(),
+      progressive_combine=m.progressive_combine.lower(), init_scale=float(m.init_scale),
+      embedding_type=m.embedding_type.lower(), fourier_scale=float(m.fourier_scale))
+
+
+def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """`(H, W, C)` of the config's images."""
+  return (config.data.image_size, config.data.image_size, config.data.num_channels)
+
+
+def init_model(key: jax.Array, config: ml_collections.ConfigDict,
+               model: nn.Module | None = None) -> Variables:
+  """Initializes the config's network for a batch of one image of the config's shape.
+
+  Usable under `jax.eval_shape` to get shapes (e.g. to count parameters) without memory.
+
+  Args:
+    key: PRNG key for the parameters (and the frozen Fourier features).
+    config: the experiment config.
+    model: the network, if already built by `get_model(config)`.
+
+  Returns:
+    The variables: `{'params': ...}` plus, for Fourier embeddings, `{'constants': ...}`
+    (frozen arrays that belong with the model but are not trained). Pass the whole dict to
+    `model.apply`; give only `variables['params']` to the optimizer.
+  """
+  model = get_model(config) if model is None else model
+  x = jnp.zeros((1, *image_shape(config)), jnp.float32)
+  labels = jnp.ones((1,), jnp.float32)  # positive: Fourier features embed log(label)
+  params_key, dropout_key = jax.random.split(key)
+  return dict(model.init({"params": params_key, "dropout": dropout_key}, x, labels,
+                         train=False))
+
+
+def count_params(variables: Variables) -> int:
+  """Number of scalars in all collections of `variables` (arrays or ShapeDtypeStructs)."""
+  return sum(math.prod(v.shape) for v in jax.tree_util.tree_leaves(variables))
+
+
+def get_score_fn(sde: sde_lib.SDE, model: nn.Module, variables: Variables, train: bool = False,
+                 continuous: bool = True, rng: jax.Array | None = None,
+                 class_labels: jax.Array | None = None
+                 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """Wraps a network into a score function by the SDE's parameterization.
+
+  `labels = sde.noise_labels(t, continuous)`, `output = model.apply(variables, x, labels)`,
+  `score = sde.score_from_output(output, t, continuous)` (VP / sub-VP: -output / std; VE:
+  the output itself, divided by sigma inside the network when `scale_by_sigma`).
+
+  Args:
+    sde: the forward SDE.
+    model: the network.
+    variables: its variables (all collections).
+    train: run in training mode (dropout on).
+    continuous: continuous-time labels (vs. discrete step indices).
+    rng: dropout key, used when `train=True`.
+    class_labels: `[B]` class labels (num_classes = null label) for class-conditional nets.
+
+  Returns:
+    `score_fn(x [B, *D], t [B]) -> [B, *D]`.
+  """
+  rngs = {"dropout": rng} if rng is not None else None
+
+  def score_fn(x: jax.Array, t: jax.Array) -> jax.Array:
+    labels = sde.noise_labels(t, continuous)
+    output = model.apply(variables, x, labels, train=train, class_labels=class_labels,
+                         rngs=rngs)
+    return sde.score_from_output(output, t, continuous)
+
+  return score_fn

@@ -1,0 +1,167 @@
+"""Throughput and memory of a config's score network: forward pass and train step.
+
+    python scripts/benchmark.py --config=configs/cifar10_vp.py --batch_size=8
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
+        python scripts/benchmark.py --config=configs/fashion_mnist_vp.py --devices=2
+
+Prints one JSON line per measurement: images/s from the median of `--runs` timed calls after
+compilation, the compile time separately, and the peak memory (device `memory_stats()` where
+the backend has them, else the process's max RSS). The train step is forward + backward +
+Adam update of a denoising score-matching loss (lambda = sigma^2, the score_sde default),
+data-parallel over a `batch` mesh axis with `--devices > 1` (gradients `lax.pmean`-ed inside
+`jax.shard_map`). A config path may end in `:tiny` for its tiny variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import resource
+import statistics
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))  # so config files can `from configs import default`
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import Mesh, PartitionSpec as P  # noqa: E402
+
+from score_sde import models  # noqa: E402
+from score_sde import sde as sde_lib  # noqa: E402
+
+
+def load_config(spec: str):
+  """Loads `path/to/config.py[:arg]` and returns `get_config(arg)`."""
+  path, _, arg = spec.partition(":")
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"No config file {str(path)!r}")
+  module_spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def sde_from_config(config) -> sde_lib.SDE:
+  m = config.model
+  if config.training.sde == "vesde":
+    return sde_lib.get_sde("vesde", sigma_min=m.sigma_min, sigma_max=m.sigma_max,
+                           N=m.num_scales)
+  return sde_lib.get_sde(config.training.sde, beta_min=m.beta_min, beta_max=m.beta_max,
+                         N=m.num_scales, schedule=m.schedule)
+
+
+def dsm_loss(params, constants, key, x, *, model, sde, continuous, eps=1e-5):
+  """Denoising score matching with lambda(t) = sigma(t)^2, mean over the batch."""
+  t_key, z_key, dropout_key = jax.random.split(key, 3)
+  t = jax.random.uniform(t_key, (x.shape[0],), minval=eps, maxval=sde.T)
+  z = jax.random.normal(z_key, (x.size,)).reshape(x.shape)  # flat: fast CPU compile
+  mean, std = sde.marginal_prob(x, t)
+  std = sde_lib.batch_scalar(std, x)
+  variables = {"params": params, **constants}
+  score_fn = models.get_score_fn(sde, model, variables, train=True, continuous=continuous,
+                                 rng=dropout_key)
+  score = score_fn(mean + std * z, t)
+  return jnp.mean(jnp.sum(((score * std + z) ** 2).reshape(x.shape[0], -1), axis=-1))
+
+
+def peak_memory() -> dict:
+  stats = jax.devices()[0].memory_stats()
+  if stats and "peak_bytes_in_use" in stats:
+    return {"peak_memory_bytes": int(stats["peak_bytes_in_use"]), "memory_source": "device"}
+  # ru_maxrss is in KiB on Linux.
+  return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+          "memory_source": "process_max_rss"}
+
+
+def time_compiled(fn, args, runs: int) -> tuple[float, float]:
+  """(compile seconds, median run seconds) of `jax.jit`-ed `fn` on `args`."""
+  start = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  jax.block_until_ready(compiled(*args))  # warm-up
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return compile_s, statistics.median(times)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", required=True, help="config file, optionally ':tiny'")
+  parser.add_argument("--batch_size", type=int, default=8)
+  parser.add_argument("--devices", type=int, default=1, help="data-parallel devices (train)")
+  parser.add_argument("--runs", type=int, default=5)
+  parser.add_argument("--mode", choices=("forward", "train", "both"), default="both")
+  args = parser.parse_args(argv)
+
+  config = load_config(args.config)
+  available = jax.devices()
+  if not 1 <= args.devices <= len(available):
+    raise ValueError(f"--devices={args.devices}, but {len(available)} devices are visible "
+                     "(on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+  if args.batch_size % args.devices:
+    raise ValueError(f"--batch_size={args.batch_size} is not divisible by "
+                     f"--devices={args.devices}")
+
+  model = models.get_model(config)
+  sde = sde_from_config(config)
+  continuous = bool(config.training.continuous)
+  key = jax.random.key(config.seed)
+  variables = jax.jit(lambda k: models.init_model(k, config, model))(key)
+  params = variables["params"]
+  constants = {k: v for k, v in variables.items() if k != "params"}
+  x = jax.random.normal(jax.random.key(1), (args.batch_size, *models.image_shape(config)))
+  t = jnp.linspace(0.1, 0.9, args.batch_size)
+  base = {"config": args.config, "model": config.model.name,
+          "n_params": models.count_params(variables), "batch_size": args.batch_size,
+          "platform": available[0].platform, "device_kind": available[0].device_kind}
+
+  if args.mode in ("forward", "both"):
+    labels = sde.noise_labels(t, continuous)
+    forward = jax.jit(lambda v, x, labels: model.apply(v, x, labels, train=False))
+    compile_s, run_s = time_compiled(forward, (variables, x, labels), args.runs)
+    print(json.dumps({**base, "mode": "forward", "devices": 1, "compile_s": round(compile_s, 3),
+                      "median_s": round(run_s, 5),
+                      "images_per_s": round(args.batch_size / run_s, 2), **peak_memory()}),
+          flush=True)
+
+  if args.mode in ("train", "both"):
+    optimizer = optax.adam(config.optim.lr, b1=config.optim.beta1, eps=config.optim.eps)
+    opt_state = optimizer.init(params)
+    loss_fn = lambda p, k, xb: dsm_loss(p, constants, k, xb, model=model, sde=sde,  # noqa: E731
+                                        continuous=continuous, eps=config.training.eps)
+
+    def local_step(params, opt_state, key, xb):
+      if args.devices > 1:
+        key = jax.random.fold_in(key, jax.lax.axis_index("batch"))
+      loss, grads = jax.value_and_grad(loss_fn)(params, key, xb)
+      if args.devices > 1:
+        loss, grads = jax.lax.pmean((loss, grads), "batch")
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    if args.devices > 1:
+      mesh = Mesh(available[:args.devices], ("batch",))
+      step = jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(), P(), P("batch")),
+                           out_specs=(P(), P(), P()))
+    else:
+      step = local_step
+    train_step = jax.jit(step)
+    compile_s, run_s = time_compiled(train_step, (params, opt_state, key, x), args.runs)
+    print(json.dumps({**base, "mode": "train_step", "devices": args.devices,
+                      "compile_s": round(compile_s, 3), "median_s": round(run_s, 5),
+                      "images_per_s": round(args.batch_size / run_s, 2), **peak_memory()}),
+          flush=True)
+
+
+if __name__ == "__main__":
+  main()

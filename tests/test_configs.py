@@ -1,0 +1,106 @@
+"""Tests of the experiment configs: each builds, keeps exactly the default fields with their
+types, sets what its reference experiment sets, and has a tiny variant."""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+
+import pytest
+
+from configs import default
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+EXPERIMENTS = sorted(p.stem for p in CONFIG_DIR.glob("*.py")
+                     if p.stem not in ("__init__", "default"))
+
+
+def flatten(config):
+  """{'training.sde': 'vpsde', ...} for a ConfigDict."""
+  return _flatten(config.to_dict())
+
+
+def _flatten(d, prefix=""):
+  out = {}
+  for key, value in d.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def load(name, arg=None):
+  return importlib.import_module(f"configs.{name}").get_config(arg)
+
+
+def test_all_experiments_present():
+  assert set(EXPERIMENTS) >= {"cifar10_vp", "cifar10_subvp", "cifar10_ve", "cifar10_vp_deep",
+                              "cifar10_ve_deep", "cifar10_ddpm", "fashion_mnist_vp"}
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_has_exactly_the_default_fields(name):
+  base = flatten(default.get_config())
+  config = flatten(load(name))
+  assert set(config) == set(base)  # nothing added, nothing lost
+  for key, value in config.items():
+    if value is not None and base[key] is not None:
+      assert type(value) is type(base[key]), key
+
+
+# What each experiment changes relative to the defaults (the reference config's choices).
+EXPECTED_DIFFS = {
+    "cifar10_vp": {"training.reduce_mean": True, "data.centered": True,
+                   "model.embedding_type": "positional"},
+    "cifar10_ve": {"training.sde": "vesde", "sampling.predictor": "reverse_diffusion",
+                   "sampling.corrector": "langevin", "sampling.eps": 1e-5,
+                   "model.scale_by_sigma": True, "model.ema_rate": 0.999, "model.fir": True,
+                   "model.progressive_input": "residual"},
+    "cifar10_ddpm": {"training.continuous": False, "training.reduce_mean": True,
+                     "training.weighting": "ddpm", "sampling.predictor": "ancestral_sampling",
+                     "data.centered": True, "model.name": "ddpm",
+                     "model.embedding_type": "positional", "model.num_res_blocks": 2},
+}
+EXPECTED_DIFFS["cifar10_subvp"] = {**EXPECTED_DIFFS["cifar10_vp"], "training.sde": "subvpsde"}
+EXPECTED_DIFFS["cifar10_vp_deep"] = {**EXPECTED_DIFFS["cifar10_vp"],
+                                     "training.n_iters": 950_001, "model.num_res_blocks": 8}
+EXPECTED_DIFFS["cifar10_ve_deep"] = {**EXPECTED_DIFFS["cifar10_ve"],
+                                     "training.n_iters": 950_001, "model.num_res_blocks": 8}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_DIFFS))
+def test_cifar10_experiments_differ_from_default_only_where_reference_does(name):
+  base = flatten(default.get_config())
+  config = flatten(load(name))
+  diff = {k: v for k, v in config.items() if v != base[k]}
+  assert diff == EXPECTED_DIFFS[name]
+
+
+def test_fashion_mnist_is_small_and_unpadded():
+  config = load("fashion_mnist_vp")
+  assert (config.data.dataset, config.data.image_size, config.data.num_channels) == (
+      "fashion_mnist", 28, 1)
+  # Every resolution must halve exactly: 28 -> 14 -> 7.
+  size = config.data.image_size
+  for _ in config.model.ch_mult[1:]:
+    assert size % 2 == 0
+    size //= 2
+  assert set(config.model.attn_resolutions) <= {size}
+  assert config.model.nf <= 32
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_tiny_variant_keeps_architecture_options(name):
+  full, tiny = flatten(load(name)), flatten(load(name, "tiny"))
+  assert set(full) == set(tiny)
+  assert tiny["model.nf"] < full["model.nf"]
+  for key in ("model.name", "model.resblock_type", "model.fir", "model.progressive",
+              "model.progressive_input", "model.embedding_type", "model.ch_mult",
+              "training.sde", "data.image_size"):
+    assert tiny[key] == full[key], key
+
+
+def test_unknown_variant_raises():
+  with pytest.raises(ValueError, match="tiny"):
+    load("cifar10_vp", "huge")
