@@ -1,0 +1,791 @@
+"""Samplers for score-based models: reverse-SDE, probability-flow ODE and the diffusion family.
+
+One entry point and one public function per method:
+
+    x, nfe = sample(key, score_fn, sde, shape, method="pc", **options)
+
+| method       | function            | what                                                        |
+|--------------|---------------------|-------------------------------------------------------------|
+| `pc`         | `pc_sample`         | predictor-corrector on the reverse SDE (Song et al. 2021)   |
+| `ode`        | `ode_sample`        | probability-flow ODE with diffrax (adaptive Tsit5 default)  |
+| `ddpm`       | `ddpm_sample`       | ancestral sampling of the (respaced) DDPM chain (Ho 2020)   |
+| `ddim`       | `ddim_sample`       | DDIM, eta = 0 deterministic (Song, Meng & Ermon 2021)       |
+| `heun`       | `heun_sample`       | EDM Heun sampler in sigma, optional churn (Karras 2022)     |
+| `dpm_solver` | `dpm_solver_sample` | DPM-Solver++ multistep, orders 1-3 (Lu et al. 2022)         |
+
+Every sampler takes a `jax.random` key first, a score function `score_fn(x [B, *D], t [B])`, an
+SDE from `score_sde.sde` and the batch shape `(B, *D)`; all else is keyword-only. It returns
+`(x, nfe)`: samples `[B, *D]` at the data end (not inverse-scaled) and the exact number of
+score evaluations (a Python int, or an int32 array for the adaptive ODE solver). Everything
+here is written with the SDE's scalar functions `alpha(t)`, `sigma(t)`, `log_snr(t)` and
+`t_from_log_snr`, so every method works for VP, sub-VP and VE SDEs alike.
+
+Common options:
+  x_T: the starting noise `[B, *D]` at t = T (default: drawn from `sde.prior_sampling`), so
+    different samplers can be compared on the same draws; its dtype sets the working dtype.
+  eps: the smallest time (data end). Default `default_eps(sde)`: 1e-5 when alpha(t) is
+    constantly 1 (VE), else 1e-3 (VP, sub-VP).
+  steps: number of steps (default `sde.N`); what one step is follows each method's paper:
+    - `pc`, `ddpm`: `steps` times on a grid from T down to eps; the step taken from each of
+      them (for the last, from eps to the clean data) is one predictor evaluation, as in the
+      reference codebase and Ho et al.'s Algorithm 2. `denoise=True` returns the mean of the
+      last step (no noise added), i.e. the Tweedie estimate of the clean data.
+    - `ddim`, `dpm_solver`, `ode`: integration from T to eps in `steps` steps; `denoise=True`
+      then adds one Tweedie step x0 = (x + sigma^2 score) / alpha at eps (+1 NFE).
+    - `heun`: EDM's `steps` noise levels from sigma(T) to sigma(eps) and a last Euler step to
+      sigma = 0 when `denoise=True` (which is the Tweedie estimate): NFE 2 steps - 1.
+  denoise: default True everywhere (the reference's `noise_removal`).
+
+Each sampler is a pure function; its loop is one `lax.scan` / `fori_loop` / diffrax solve, so
+`jax.jit(functools.partial(sample, score_fn=..., sde=..., shape=..., method=...))` compiles
+the whole sampler into one program with the score function traced a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from typing import Callable, NamedTuple
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from score_sde.sde import SDE, ScoreFn, batch_scalar
+
+Array = jax.Array
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------
+
+
+def default_eps(sde: SDE) -> float:
+  """The default end time: 1e-5 for SDEs with constant alpha(t) = 1 (VE), else 1e-3."""
+  with jax.ensure_compile_time_eval():
+    constant_alpha = float(sde.log_alpha(jnp.asarray(sde.T, jnp.float32))) == 0.0
+  return 1e-5 if constant_alpha else 1e-3
+
+
+def _check_name(kind: str, name: str, valid) -> None:
+  if name not in valid:
+    raise ValueError(f"Unknown {kind} {name!r}; valid: {sorted(valid)}")
+
+
+def _check_eps(eps: float | None, sde: SDE) -> float:
+  eps = default_eps(sde) if eps is None else float(eps)
+  if not 0.0 < eps < sde.T:
+    raise ValueError(f"eps must lie in (0, T = {sde.T}), got {eps}")
+  return eps
+
+
+def _check_steps(steps: int | None, sde: SDE, minimum: int = 1) -> int:
+  steps = sde.N if steps is None else steps
+  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < minimum:
+    raise ValueError(f"steps must be an integer >= {minimum}, got {steps!r}")
+  return int(steps)
+
+
+def _initial_x(key: Array, sde: SDE, shape, x_T: Array | None) -> Array:
+  """x_T: the given starting noise (checked against `shape`) or a draw from the prior."""
+  shape = tuple(int(s) for s in shape)
+  if len(shape) < 2:
+    raise ValueError(f"shape must be (B, *D) with at least one event axis, got {shape}")
+  if x_T is None:
+    return sde.prior_sampling(key, shape)
+  x_T = jnp.asarray(x_T)
+  if x_T.shape != shape:
+    raise ValueError(f"x_T has shape {x_T.shape}, but shape is {shape}")
+  if not jnp.issubdtype(x_T.dtype, jnp.floating):
+    raise ValueError(f"x_T must be a float array, got dtype {x_T.dtype}")
+  return x_T
+
+
+def _full_t(t: Array, x: Array) -> Array:
+  """A scalar time as a `[B]` vector of x's dtype."""
+  return jnp.full(x.shape[:1], t, dtype=x.dtype)
+
+
+def _flat_norm(v: Array) -> Array:
+  return jnp.linalg.norm(v.reshape(v.shape[0], -1), axis=-1)
+
+
+def _time_grid(sde: SDE, eps: float, n: int, spacing: str = "uniform") -> np.ndarray:
+  """`n` decreasing times from T to eps (float64 numpy): uniform or quadratic near eps."""
+  u = np.linspace(1.0, 0.0, n)
+  if spacing == "quadratic":
+    u = u**2
+  ts = eps + (sde.T - eps) * u
+  ts[0], ts[-1] = sde.T, eps
+  return ts
+
+
+def _tweedie(score_fn: ScoreFn, sde: SDE, x: Array, t) -> Array:
+  """E[x_0 | x_t] = (x + sigma(t)^2 score(x, t)) / alpha(t): one score evaluation."""
+  t = _full_t(t, x)
+  sigma = batch_scalar(sde.sigma(t), x)
+  alpha = batch_scalar(sde.alpha(t), x)
+  return (x + sigma**2 * score_fn(x, t)) / alpha
+
+
+def _data_end(values: Array, end) -> Array:
+  """Appends one value (the clean-data end point: alpha = 1, sigma = 0, log-SNR = inf)."""
+  return jnp.concatenate([values, jnp.full((1,), end, values.dtype)])
+
+
+class _Step(NamedTuple):
+  """Scalars of one step t -> s of a grid sampler (s may be the clean-data end point)."""
+
+  index: Array
+  t: Array
+  alpha: Array
+  sigma: Array
+  log_snr: Array
+  t_next: Array
+  alpha_next: Array
+  sigma_next: Array
+  log_snr_next: Array
+  langevin_alpha: Array  # the step-size factor of the Langevin correctors
+  noise_scale: Array  # 1, or 0 on the last step of a denoised chain
+
+
+def _grid_steps(sde: SDE, ts: np.ndarray, dtype, *, to_data: bool, denoise: bool = False
+                ) -> _Step:
+  """The stacked `_Step`s from each time in `ts` to the next: len(ts) - 1 of them, or with
+  `to_data` len(ts), the last from ts[-1] to the clean data (with `denoise` noise-free)."""
+  t = jnp.asarray(ts, dtype)
+  alpha, sigma, log_snr = sde.alpha(t), sde.sigma(t), sde.log_snr(t)
+  # The reference's Langevin step size is scaled by 1 - beta_i = alpha_bar_i / alpha_bar_{i-1}
+  # of the N-step DDPM chain (VP); written with alpha(t), that is 1 for VE and works for sub-VP.
+  t_prev = jnp.maximum(t - sde.T / sde.N, 0.0)
+  langevin_alpha = jnp.exp(2.0 * (sde.log_alpha(t) - sde.log_alpha(t_prev))).astype(dtype)
+  noise_scale = np.ones(len(ts))
+  if to_data and denoise:
+    noise_scale[-1] = 0.0
+  steps = _Step(
+      index=jnp.arange(len(ts)), t=t, alpha=alpha, sigma=sigma, log_snr=log_snr,
+      t_next=_data_end(t[1:], 0.0), alpha_next=_data_end(alpha[1:], 1.0),
+      sigma_next=_data_end(sigma[1:], 0.0), log_snr_next=_data_end(log_snr[1:], jnp.inf),
+      langevin_alpha=langevin_alpha, noise_scale=jnp.asarray(noise_scale, dtype))
+  if to_data:
+    return steps
+  return jax.tree.map(lambda v: v[:-1], steps)
+
+
+def _transition_var(step: _Step) -> Array:
+  """Variance G^2 of the forward transition x_t = r x_s + G z, r = alpha_t / alpha_s:
+  G^2 = sigma_t^2 - r^2 sigma_s^2 = -sigma_t^2 expm1(2 (lambda_t - lambda_s))."""
+  return -step.sigma**2 * jnp.expm1(2.0 * (step.log_snr - step.log_snr_next))
+
+
+def _posterior_var(step: _Step) -> Array:
+  """Variance of q(x_s | x_t, x_0): G^2 sigma_s^2 / sigma_t^2 (0 towards the clean data)."""
+  return -step.sigma_next**2 * jnp.expm1(2.0 * (step.log_snr - step.log_snr_next))
+
+
+# --------------------------------------------------------------------------------------------
+# Predictor-corrector (Song et al. 2021)
+# --------------------------------------------------------------------------------------------
+# A predictor maps (key, score_fn, sde, x, step, probability_flow) -> (x, x_mean) for one step
+# t -> s of the reverse SDE, with one score evaluation. A corrector maps
+# (key, score_fn, sde, x, step, snr, n_steps) -> (x, x_mean) with n_steps evaluations at t.
+
+
+def _euler_maruyama(key, score_fn, sde, x, step: _Step, probability_flow: bool):
+  """Euler-Maruyama step of the reverse SDE (Euler of the ODE) from t to s: dt = s - t < 0."""
+  rsde = sde.reverse(score_fn, probability_flow)
+  drift, diffusion = rsde.sde(x, _full_t(step.t, x))
+  dt = step.t_next - step.t
+  x_mean = x + drift * dt
+  if probability_flow:
+    return x_mean, x_mean
+  noise = jax.random.normal(key, x.shape, x.dtype)
+  return x_mean + batch_scalar(diffusion, x) * jnp.sqrt(-dt) * noise, x_mean
+
+
+def _reverse_diffusion(key, score_fn, sde, x, step: _Step, probability_flow: bool):
+  """The reverse of the forward transition x_t = r x_s + G z (Song et al. eq. 45):
+  x_s = x_t - (r - 1) x_t + G^2 score + G z. For VP on the N-step grid this is the DDPM
+  discretization of the reference, for VE the SMLD one."""
+  r = step.alpha / step.alpha_next
+  g2 = _transition_var(step)
+  score = score_fn(x, _full_t(step.t, x))
+  x_mean = (2.0 - r) * x + g2 * (0.5 if probability_flow else 1.0) * score
+  if probability_flow:
+    return x_mean, x_mean
+  noise = jax.random.normal(key, x.shape, x.dtype)
+  return x_mean + jnp.sqrt(g2) * noise, x_mean
+
+
+def _ancestral_update(key, score, x, step: _Step, variance: str):
+  """One draw from q(x_s | x_t, x0_hat): mean E[x_s | x_t] = (x_t + G^2 score) / r (exact
+  for any SDE here); variance G^2 ('beta', Ho et al.'s sigma^2 = beta) or the posterior
+  G^2 sigma_s^2 / sigma_t^2 ('posterior', sigma^2 = beta-tilde)."""
+  r = step.alpha / step.alpha_next
+  g2 = _transition_var(step)
+  x_mean = (x + g2 * score) / r
+  var = g2 if variance == "beta" else _posterior_var(step)
+  noise = jax.random.normal(key, x.shape, x.dtype)
+  return x_mean + jnp.sqrt(var) * step.noise_scale * noise, x_mean
+
+
+def _ancestral_sampling(key, score_fn, sde, x, step: _Step, probability_flow: bool):
+  """Ancestral sampling with the posterior variance: for VE exactly the reference's SMLD
+  ancestral step; for VP, DDPM ancestral sampling with sigma^2 = beta-tilde (use
+  method='ddpm' for sigma^2 = beta); for sub-VP the same formulas with its alpha and sigma."""
+  if probability_flow:
+    raise ValueError("The ancestral_sampling predictor has no probability-flow version; "
+                     "use euler_maruyama or reverse_diffusion")
+  score = score_fn(x, _full_t(step.t, x))
+  return _ancestral_update(key, score, x, step, "posterior")
+
+
+def _langevin(key, score_fn, sde, x, step: _Step, snr: float, n_steps: int):
+  """Langevin corrector: step size 2 alpha (snr ||z|| / ||score||)^2, norms averaged over the
+  batch, as in the reference codebase."""
+  t = _full_t(step.t, x)
+
+  def body(j, carry):
+    x, _ = carry
+    grad = score_fn(x, t)
+    noise = jax.random.normal(jax.random.fold_in(key, j), x.shape, x.dtype)
+    grad_norm = jnp.mean(_flat_norm(grad))
+    noise_norm = jnp.mean(_flat_norm(noise))
+    step_size = (snr * noise_norm / grad_norm) ** 2 * 2.0 * step.langevin_alpha
+    x_mean = x + step_size * grad
+    return x_mean + jnp.sqrt(2.0 * step_size) * noise, x_mean
+
+  return jax.lax.fori_loop(0, n_steps, body, (x, x))
+
+
+def _annealed_langevin(key, score_fn, sde, x, step: _Step, snr: float, n_steps: int):
+  """Annealed Langevin dynamics (Song & Ermon 2019): step size 2 alpha (snr sigma(t))^2."""
+  t = _full_t(step.t, x)
+  step_size = (snr * step.sigma) ** 2 * 2.0 * step.langevin_alpha
+
+  def body(j, carry):
+    x, _ = carry
+    grad = score_fn(x, t)
+    noise = jax.random.normal(jax.random.fold_in(key, j), x.shape, x.dtype)
+    x_mean = x + step_size * grad
+    return x_mean + jnp.sqrt(2.0 * step_size) * noise, x_mean
+
+  return jax.lax.fori_loop(0, n_steps, body, (x, x))
+
+
+PREDICTORS: dict[str, Callable | None] = {
+    "euler_maruyama": _euler_maruyama,
+    "reverse_diffusion": _reverse_diffusion,
+    "ancestral_sampling": _ancestral_sampling,
+    "none": None,
+}
+CORRECTORS: dict[str, Callable | None] = {
+    "langevin": _langevin,
+    "ald": _annealed_langevin,
+    "none": None,
+}
+
+
+def pc_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *,
+              predictor: str = "euler_maruyama", corrector: str = "none", snr: float = 0.16,
+              n_steps: int = 1, steps: int | None = None, probability_flow: bool = False,
+              denoise: bool = True, eps: float | None = None, x_T: Array | None = None
+              ) -> tuple[Array, int]:
+  """Predictor-corrector sampling of the reverse SDE (Song et al. 2021, Algorithm 1).
+
+  On the grid t_i = linspace(T, eps, steps), each iteration runs the corrector at t_i, then
+  the predictor from t_i to t_{i+1}; the last predictor step goes from eps to the clean data.
+
+  Args:
+    key: a `jax.random` key.
+    score_fn: `score_fn(x [B, *D], t [B]) -> [B, *D]`.
+    sde: the forward SDE.
+    shape: `(B, *D)`.
+    predictor: one of `PREDICTORS`: 'euler_maruyama', 'reverse_diffusion',
+      'ancestral_sampling' or 'none'.
+    corrector: one of `CORRECTORS`: 'langevin', 'ald' (annealed Langevin) or 'none'.
+    snr: the correctors' signal-to-noise ratio (> 0).
+    n_steps: corrector steps per iteration (>= 1).
+    steps: grid size (default `sde.N`).
+    probability_flow: predict with the probability-flow ODE instead of the reverse SDE
+      (euler_maruyama and reverse_diffusion only).
+    denoise: return the mean of the last step (no noise), i.e. the denoised sample.
+    eps: the last grid time (default `default_eps(sde)`).
+    x_T: optional starting noise `[B, *D]`.
+
+  Returns:
+    `(x [B, *D], nfe)` with nfe = steps * ([predictor != 'none'] + n_steps [corrector !=
+    'none']).
+
+  Raises:
+    ValueError: unknown predictor/corrector, both 'none', or invalid option values.
+  """
+  _check_name("predictor", predictor, PREDICTORS)
+  _check_name("corrector", corrector, CORRECTORS)
+  if predictor == "none" and corrector == "none":
+    raise ValueError("predictor and corrector are both 'none': nothing would be sampled")
+  if corrector != "none":
+    if not snr > 0:
+      raise ValueError(f"snr must be positive, got {snr}")
+    if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
+      raise ValueError(f"n_steps must be an integer >= 1, got {n_steps!r}")
+  if probability_flow and predictor == "ancestral_sampling":
+    raise ValueError("The ancestral_sampling predictor has no probability-flow version; "
+                     "use euler_maruyama or reverse_diffusion")
+  steps = _check_steps(steps, sde)
+  eps = _check_eps(eps, sde)
+  predictor_fn, corrector_fn = PREDICTORS[predictor], CORRECTORS[corrector]
+
+  key, prior_key = jax.random.split(key)
+  x = _initial_x(prior_key, sde, shape, x_T)
+  grid = _grid_steps(sde, _time_grid(sde, eps, steps), x.dtype, to_data=True)
+
+  def body(carry, step):
+    x, x_mean = carry
+    corrector_key, predictor_key = jax.random.split(jax.random.fold_in(key, step.index))
+    if corrector_fn is not None:
+      x, x_mean = corrector_fn(corrector_key, score_fn, sde, x, step, snr, n_steps)
+    if predictor_fn is not None:
+      x, x_mean = predictor_fn(predictor_key, score_fn, sde, x, step, probability_flow)
+    return (x, x_mean), None
+
+  (x, x_mean), _ = jax.lax.scan(body, (x, x), grid)
+  nfe = steps * (int(predictor_fn is not None) + (n_steps if corrector_fn is not None else 0))
+  return (x_mean if denoise else x), nfe
+
+
+# --------------------------------------------------------------------------------------------
+# DDPM (Ho et al. 2020) and DDIM (Song, Meng & Ermon 2021)
+# --------------------------------------------------------------------------------------------
+
+DDPM_VARIANCES = ("beta", "posterior")
+
+
+def ddpm_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | None = None,
+                variance: str = "beta", denoise: bool = True, eps: float | None = None,
+                x_T: Array | None = None) -> tuple[Array, int]:
+  """Ancestral sampling of the DDPM chain (Ho et al. 2020, Algorithm 2), respaced.
+
+  The chain has N = sde.N levels at t = linspace(T, eps, N) (for VP with eps = 1/N these are
+  the reference's DDPM levels, alpha_bar_i = alpha(t_i)^2); `steps` <= N of them are kept,
+  evenly spaced, and the betas are recomputed from ratios, beta = 1 - alpha_bar_t /
+  alpha_bar_s (in general the transition variance G^2 = sigma_t^2 - (alpha_t / alpha_s)^2
+  sigma_s^2, so sub-VP and VE work too). From each kept level, with eps_hat = -sigma score:
+  x_s = (x_t - G^2 / sigma_t eps_hat) / (alpha_t / alpha_s) + sqrt(var) z; the step from the
+  lowest level goes to the clean data.
+
+  Args:
+    key, score_fn, sde, shape: as for `pc_sample`.
+    steps: number of kept levels, 1 <= steps <= sde.N (default N); NFE = steps.
+    variance: 'beta' (sigma^2 = beta, as the reference) or 'posterior' (beta-tilde).
+    denoise: no noise on the last step (Ho et al.'s z = 0 at t = 1).
+    eps: the lowest level's time (default `default_eps(sde)`).
+    x_T: optional starting noise.
+
+  Returns:
+    `(x [B, *D], nfe = steps)`.
+  """
+  _check_name("variance", variance, DDPM_VARIANCES)
+  steps = _check_steps(steps, sde)
+  if steps > sde.N:
+    raise ValueError(f"ddpm steps must be <= sde.N = {sde.N} (a subsequence of the chain), "
+                     f"got {steps}")
+  eps = _check_eps(eps, sde)
+  key, prior_key = jax.random.split(key)
+  x = _initial_x(prior_key, sde, shape, x_T)
+  levels = _time_grid(sde, eps, sde.N)
+  kept = np.round(np.linspace(0, sde.N - 1, steps)).astype(int)
+  grid = _grid_steps(sde, levels[kept], x.dtype, to_data=True, denoise=denoise)
+
+  def body(x, step):
+    score = score_fn(x, _full_t(step.t, x))
+    x, x_mean = _ancestral_update(jax.random.fold_in(key, step.index), score, x, step, variance)
+    return x, None
+
+  x, _ = jax.lax.scan(body, x, grid)
+  return x, steps
+
+
+DDIM_SPACINGS = ("uniform", "quadratic")
+
+
+def ddim_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | None = None,
+                eta: float = 0.0, spacing: str = "uniform", denoise: bool = True,
+                eps: float | None = None, x_T: Array | None = None) -> tuple[Array, int]:
+  """DDIM (Song, Meng & Ermon 2021, eq. 12) in continuous time, from T to eps in `steps` steps.
+
+  With eps_hat = -sigma_t score and x0_hat = (x - sigma_t eps_hat) / alpha_t, each step t -> s
+  sets x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z with
+  c^2 = eta^2 sigma_s^2 / sigma_t^2 (sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2)
+  (eta = 0: deterministic, the first-order solver of the probability-flow ODE; eta = 1: DDPM
+  with the posterior variance). VE works too (alpha = 1).
+
+  Args:
+    key, score_fn, sde, shape: as for `pc_sample`.
+    steps: number of steps (default `sde.N`).
+    eta: stochasticity, >= 0.
+    spacing: 'uniform' in t, or 'quadratic' (denser near eps, as DDIM's CIFAR-10 setting).
+    denoise: end with a Tweedie step at eps (+1 NFE).
+    eps: the end time (default `default_eps(sde)`).
+    x_T: optional starting noise.
+
+  Returns:
+    `(x [B, *D], nfe = steps + denoise)`.
+  """
+  _check_name("spacing", spacing, DDIM_SPACINGS)
+  if not eta >= 0:
+    raise ValueError(f"eta must be >= 0, got {eta}")
+  steps = _check_steps(steps, sde)
+  eps = _check_eps(eps, sde)
+  key, prior_key = jax.random.split(key)
+  x = _initial_x(prior_key, sde, shape, x_T)
+  grid = _grid_steps(sde, _time_grid(sde, eps, steps + 1, spacing), x.dtype, to_data=False)
+
+  def body(x, step):
+    score = score_fn(x, _full_t(step.t, x))
+    eps_hat = -step.sigma * score
+    x0 = (x - step.sigma * eps_hat) / step.alpha
+    if eta == 0:
+      return step.alpha_next * x0 + step.sigma_next * eps_hat, None
+    var = eta**2 * _posterior_var(step)
+    noise = jax.random.normal(jax.random.fold_in(key, step.index), x.shape, x.dtype)
+    direction = jnp.sqrt(jnp.maximum(step.sigma_next**2 - var, 0.0))
+    return step.alpha_next * x0 + direction * eps_hat + jnp.sqrt(var) * noise, None
+
+  x, _ = jax.lax.scan(body, x, grid)
+  if denoise:
+    x = _tweedie(score_fn, sde, x, eps)
+  return x, steps + int(denoise)
+
+
+# --------------------------------------------------------------------------------------------
+# EDM Heun sampler (Karras et al. 2022, Algorithms 1 and 2)
+# --------------------------------------------------------------------------------------------
+
+
+def heun_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | None = None,
+                rho: float = 7.0, s_churn: float = 0.0, s_tmin: float = 0.0,
+                s_tmax: float = math.inf, s_noise: float = 1.0, denoise: bool = True,
+                eps: float | None = None, x_T: Array | None = None) -> tuple[Array, int]:
+  """Heun's 2nd-order method on the probability-flow ODE in EDM's form.
+
+  Works with x_hat = x / alpha(t) and sigma_hat = sigma(t) / alpha(t) = exp(-log_snr(t)), in
+  which every SDE's probability-flow ODE reads dx_hat / dsigma_hat = -sigma(t) score(x, t)
+  = (x_hat - D(x_hat; sigma_hat)) / sigma_hat with the denoiser D = Tweedie estimate.
+  The `steps` noise levels follow Karras et al.'s schedule
+  sigma_i = (sigma_max^(1/rho) + i / (steps - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
+  from sigma_hat(T) to sigma_hat(eps); time is recovered by `sde.t_from_log_snr`. With
+  `s_churn` > 0 each step first raises the noise level by a factor 1 + gamma,
+  gamma = min(s_churn / steps, sqrt(2) - 1) for sigma_i in [s_tmin, s_tmax] (Algorithm 2).
+
+  Args:
+    key, score_fn, sde, shape: as for `pc_sample`.
+    steps: number of noise levels, >= 2 (default `sde.N`).
+    rho: schedule exponent (> 0).
+    s_churn, s_tmin, s_tmax, s_noise: EDM's stochasticity parameters (in sigma_hat units).
+    denoise: end with the Euler step from sigma_hat(eps) to 0, which returns D(x; sigma_min).
+    eps: the smallest time (default `default_eps(sde)`).
+    x_T: optional starting noise.
+
+  Returns:
+    `(x [B, *D], nfe)`, nfe = 2 (steps - 1) + denoise (= 2 steps - 1 with denoising); x is in
+    the SDE's space at eps (x = alpha x_hat) or the denoised data.
+  """
+  steps = _check_steps(steps, sde, minimum=2)
+  if not rho > 0:
+    raise ValueError(f"rho must be positive, got {rho}")
+  if not (s_churn >= 0 and s_noise >= 0):
+    raise ValueError(f"s_churn and s_noise must be >= 0, got {s_churn}, {s_noise}")
+  eps = _check_eps(eps, sde)
+  key, prior_key = jax.random.split(key)
+  x = _initial_x(prior_key, sde, shape, x_T)
+  dtype = x.dtype
+
+  t_ends = jnp.asarray([sde.T, eps], dtype)
+  log_sigma_max, log_sigma_min = -sde.log_snr(t_ends)
+  ramp = jnp.linspace(0.0, 1.0, steps, dtype=dtype)
+  inv_rho = 1.0 / rho
+  sigmas = (jnp.exp(log_sigma_max * inv_rho)
+            + ramp * (jnp.exp(log_sigma_min * inv_rho) - jnp.exp(log_sigma_max * inv_rho))) ** rho
+  ts = sde.t_from_log_snr(-jnp.log(sigmas)).astype(dtype)
+  ts = ts.at[0].set(sde.T).at[-1].set(eps)
+  gamma_max = min(s_churn / steps, math.sqrt(2.0) - 1.0)
+
+  def derivative(x_hat, sigma_hat, t):
+    """dx_hat / dsigma_hat = -sigma(t) score(alpha(t) x_hat, t)."""
+    tb = _full_t(t, x_hat)
+    alpha = sde.alpha(t)
+    return -alpha * sigma_hat * score_fn(alpha * x_hat, tb)
+
+  def churn(x_hat, sigma, t, index):
+    """Algorithm 2, lines 4-6: raise the noise level from sigma to sigma (1 + gamma)."""
+    if gamma_max == 0:
+      return x_hat, sigma, t
+    gamma = jnp.where((sigma >= s_tmin) & (sigma <= s_tmax), gamma_max, 0.0).astype(dtype)
+    sigma_up = sigma * (1.0 + gamma)
+    noise = jax.random.normal(jax.random.fold_in(key, index), x_hat.shape, dtype)
+    x_hat = x_hat + jnp.sqrt(sigma_up**2 - sigma**2) * s_noise * noise
+    t_up = jnp.where(gamma > 0, sde.t_from_log_snr(-jnp.log(sigma_up)), t).astype(dtype)
+    return x_hat, sigma_up, t_up
+
+  def body(x_hat, inputs):
+    index, sigma, t, sigma_next, t_next = inputs
+    x_hat, sigma, t = churn(x_hat, sigma, t, index)
+    d = derivative(x_hat, sigma, t)
+    x_euler = x_hat + (sigma_next - sigma) * d
+    d_next = derivative(x_euler, sigma_next, t_next)
+    return x_hat + (sigma_next - sigma) * 0.5 * (d + d_next), None
+
+  x_hat = x / sde.alpha(jnp.asarray(sde.T, dtype))
+  inputs = (jnp.arange(steps - 1), sigmas[:-1], ts[:-1], sigmas[1:], ts[1:])
+  x_hat, _ = jax.lax.scan(body, x_hat, inputs)
+  if not denoise:
+    return sde.alpha(ts[-1]) * x_hat, 2 * (steps - 1)
+  # Last step: Euler from sigma_min to 0, x_hat - sigma d = D(x_hat; sigma_min).
+  x_hat, sigma, t = churn(x_hat, sigmas[-1], ts[-1], steps - 1)
+  return x_hat - sigma * derivative(x_hat, sigma, t), 2 * steps - 1
+
+
+# --------------------------------------------------------------------------------------------
+# DPM-Solver++ multistep (Lu et al. 2022, "DPM-Solver++", Algorithm 2 and its 3rd order)
+# --------------------------------------------------------------------------------------------
+
+DPM_SOLVER_SKIPS = ("logSNR", "time")
+
+
+def _dpm_orders(steps: int, order: int, lower_order_final: bool) -> np.ndarray:
+  """Per-step orders: warm-up min(order, k + 1); with `lower_order_final` and fewer than 10
+  steps, also at most steps - k (as the DPM-Solver reference implementation)."""
+  k = np.arange(steps)
+  orders = np.minimum(order, k + 1)
+  if lower_order_final and steps < 10:
+    orders = np.minimum(orders, steps - k)
+  return orders
+
+
+def dpm_solver_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *,
+                      steps: int | None = None, order: int = 2, skip: str = "logSNR",
+                      lower_order_final: bool = True, denoise: bool = True,
+                      eps: float | None = None, x_T: Array | None = None
+                      ) -> tuple[Array, int]:
+  """DPM-Solver++ multistep in data prediction, x0_hat = (x + sigma^2 score) / alpha.
+
+  With lambda = log_snr and h = lambda_s - lambda_t, the order-1 step t -> s is
+  x_s = (sigma_s / sigma_t) x_t - alpha_s expm1(-h) x0_hat(t) (exactly DDIM with eta = 0);
+  orders 2 and 3 add finite differences of the previous x0_hat's (multistep, one score
+  evaluation per step), with lower orders for the first steps.
+
+  Args:
+    key, score_fn, sde, shape: as for `pc_sample`.
+    steps: number of steps (default `sde.N`).
+    order: 1, 2 or 3.
+    skip: 'logSNR' (steps uniform in log-SNR) or 'time' (uniform in t).
+    lower_order_final: with fewer than 10 steps, lower the order of the last steps.
+    denoise: end with a Tweedie step at eps (+1 NFE).
+    eps: the end time (default `default_eps(sde)`).
+    x_T: optional starting noise.
+
+  Returns:
+    `(x [B, *D], nfe = steps + denoise)`.
+  """
+  if order not in (1, 2, 3) or isinstance(order, bool):
+    raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+  _check_name("skip", skip, DPM_SOLVER_SKIPS)
+  steps = _check_steps(steps, sde)
+  eps = _check_eps(eps, sde)
+  key, prior_key = jax.random.split(key)
+  x = _initial_x(prior_key, sde, shape, x_T)
+  dtype = x.dtype
+
+  if skip == "time":
+    ts = jnp.asarray(_time_grid(sde, eps, steps + 1), dtype)
+    lambdas = sde.log_snr(ts)
+  else:
+    lambda_ends = sde.log_snr(jnp.asarray([sde.T, eps], dtype))
+    lambdas = jnp.linspace(lambda_ends[0], lambda_ends[1], steps + 1).astype(dtype)
+    ts = sde.t_from_log_snr(lambdas).astype(dtype).at[0].set(sde.T).at[-1].set(eps)
+  alphas, sigmas = sde.alpha(ts), sde.sigma(ts)
+  hs = lambdas[1:] - lambdas[:-1]  # [steps], positive
+  # h of the previous two steps (replaced by h itself where there is none; unused there).
+  h_prev1 = jnp.concatenate([hs[:1], hs[:-1]])
+  h_prev2 = jnp.concatenate([hs[:2], hs[:-2]])[:steps]
+  orders = jnp.asarray(_dpm_orders(steps, order, lower_order_final) - 1)
+
+  def update(operands, branch):
+    x, x0, x0_1, x0_2, h, h1, h2, alpha_s, ratio = operands
+    phi1 = jnp.expm1(-h)
+    first = ratio * x - alpha_s * phi1 * x0
+    if branch == 1:
+      return first
+    r0 = h1 / h
+    d1_0 = (x0 - x0_1) / r0
+    if branch == 2:
+      return first - 0.5 * alpha_s * phi1 * d1_0
+    r1 = h2 / h
+    d1_1 = (x0_1 - x0_2) / r1
+    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    phi2 = phi1 / h + 1.0
+    phi3 = phi2 / h - 0.5
+    return first + alpha_s * phi2 * d1 - 2.0 * alpha_s * phi3 * d2
+
+  branches = [functools.partial(update, branch=b) for b in (1, 2, 3)][:order]
+
+  def body(carry, inputs):
+    x, x0_1, x0_2 = carry
+    t, alpha, sigma, alpha_s, sigma_s, h, h1, h2, step_order = inputs
+    score = score_fn(x, _full_t(t, x))
+    x0 = (x + sigma**2 * score) / alpha
+    operands = (x, x0, x0_1, x0_2, h, h1, h2, alpha_s, sigma_s / sigma)
+    x = branches[0](operands) if order == 1 else jax.lax.switch(step_order, branches, operands)
+    return (x, x0, x0_1), None
+
+  inputs = (ts[:-1], alphas[:-1], sigmas[:-1], alphas[1:], sigmas[1:], hs, h_prev1, h_prev2,
+            orders)
+  (x, _, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x), jnp.zeros_like(x)), inputs)
+  if denoise:
+    x = _tweedie(score_fn, sde, x, eps)
+  return x, steps + int(denoise)
+
+
+# --------------------------------------------------------------------------------------------
+# Probability-flow ODE with diffrax
+# --------------------------------------------------------------------------------------------
+
+ODE_SOLVERS: dict[str, type] = {
+    "tsit5": diffrax.Tsit5,
+    "dopri5": diffrax.Dopri5,
+    "dopri8": diffrax.Dopri8,
+    "bosh3": diffrax.Bosh3,
+    "heun": diffrax.Heun,
+    "euler": diffrax.Euler,
+}
+
+
+def _evals_per_step(solver) -> tuple[int, bool]:
+  """(vector-field evaluations per step attempt, first-same-as-last) of a diffrax solver."""
+  tableau = getattr(solver, "tableau", None)
+  if tableau is None:  # Euler
+    return 1, False
+  return tableau.num_stages - int(tableau.fsal), bool(tableau.fsal)
+
+
+def ode_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, solver: str = "tsit5",
+               rtol: float = 1e-5, atol: float = 1e-5, steps: int | None = None,
+               max_steps: int | None = None, denoise: bool = True, eps: float | None = None,
+               x_T: Array | None = None) -> tuple[Array, Array]:
+  """Solves the probability-flow ODE dx/dt = f(x, t) - g(t)^2 score(x, t) / 2 from T to eps.
+
+  One diffrax solve (a compiled while loop). Adaptive (PID step-size control in the batch's
+  RMS norm, rtol/atol) unless `steps` is given, then fixed steps of (T - eps) / steps.
+
+  Args:
+    key, score_fn, sde, shape: as for `pc_sample`.
+    solver: one of `ODE_SOLVERS`: 'tsit5' (default), 'dopri5', 'dopri8', 'bosh3', 'heun'
+      (adaptive or fixed) or 'euler' (fixed steps only).
+    rtol, atol: tolerances of the adaptive step-size controller.
+    steps: fixed number of steps (None: adaptive).
+    max_steps: cap on step attempts (default 4096 adaptive, `steps` fixed); diffrax raises
+      at run time when it is hit.
+    denoise: end with a Tweedie step at eps (+1 NFE).
+    eps: the end time (default `default_eps(sde)`).
+    x_T: optional starting noise.
+
+  Returns:
+    `(x [B, *D], nfe)` with nfe an int32 array: per step attempt (accepted or rejected) the
+    solver's new stages (6 for Tsit5/Dopri5, which reuse the last stage; 2 for Heun; 1 for
+    Euler), plus one evaluation at x_T for first-same-as-last solvers, plus `denoise`.
+  """
+  _check_name("solver", solver, ODE_SOLVERS)
+  eps = _check_eps(eps, sde)
+  if steps is not None:
+    steps = _check_steps(steps, sde)
+  elif solver == "euler":
+    raise ValueError("solver 'euler' has no error estimate: give a fixed number of steps")
+  if not (rtol > 0 and atol > 0):
+    raise ValueError(f"rtol and atol must be positive, got {rtol}, {atol}")
+  if max_steps is None:
+    max_steps = 4096 if steps is None else steps
+  elif steps is not None and max_steps < steps:
+    raise ValueError(f"max_steps = {max_steps} < steps = {steps}")
+  key, prior_key = jax.random.split(key)
+  x = _initial_x(prior_key, sde, shape, x_T)
+  dtype = x.dtype
+  rsde = sde.reverse(score_fn, probability_flow=True)
+
+  # Integrate in s = -t from -T to -eps, so that the solver moves forward in its own time.
+  def vector_field(s, y, args):
+    del args
+    return -rsde.sde(y, _full_t(-s, y))[0]
+
+  term = diffrax.ODETerm(vector_field)
+  ode_solver = ODE_SOLVERS[solver]()
+  per_step, fsal = _evals_per_step(ode_solver)
+  s0, s1 = jnp.asarray(-sde.T, dtype), jnp.asarray(-eps, dtype)
+  if steps is None:
+    controller = diffrax.PIDController(rtol=rtol, atol=atol)
+    # An explicit first step (1% of the interval; the controller adapts it from there) rather
+    # than diffrax's initial-step heuristic, whose cost in evaluations varies by version.
+    dt0 = 0.01 * (s1 - s0)
+  else:
+    controller = diffrax.ConstantStepSize()
+    dt0 = (s1 - s0) / steps
+  # A first-same-as-last solver re-evaluates its first stage on the first step and again
+  # after any rejection of that step; seeding its state with f(x_T) makes the count exact.
+  solver_state = (jnp.asarray(False), vector_field(s0, x, None)) if fsal else None
+  solution = diffrax.diffeqsolve(
+      term, ode_solver, s0, s1, dt0, x, stepsize_controller=controller, max_steps=max_steps,
+      saveat=diffrax.SaveAt(t1=True), solver_state=solver_state)
+  x = solution.ys[0]
+  nfe = per_step * solution.stats["num_steps"] + int(fsal) + int(denoise)
+  if denoise:
+    x = _tweedie(score_fn, sde, x, eps)
+  return x, jnp.asarray(nfe, jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# The entry point
+# --------------------------------------------------------------------------------------------
+
+SAMPLERS: dict[str, Callable] = {
+    "pc": pc_sample,
+    "ode": ode_sample,
+    "ddpm": ddpm_sample,
+    "ddim": ddim_sample,
+    "heun": heun_sample,
+    "dpm_solver": dpm_solver_sample,
+}
+
+
+def sampler_options(method: str) -> tuple[str, ...]:
+  """The keyword options a method accepts (e.g. to pick them out of a config)."""
+  _check_name("sampling method", method, SAMPLERS)
+  parameters = inspect.signature(SAMPLERS[method]).parameters.values()
+  return tuple(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, method: str = "pc", **options
+           ) -> tuple[Array, Array | int]:
+  """Draws samples `[B, *D]` with `SAMPLERS[method]`; returns `(x, nfe)`.
+
+  Args:
+    key: a `jax.random` key.
+    score_fn: `score_fn(x [B, *D], t [B]) -> [B, *D]`.
+    sde: the forward SDE.
+    shape: `(B, *D)`.
+    method: 'pc', 'ode', 'ddpm', 'ddim', 'heun' or 'dpm_solver'.
+    **options: that method's keyword options (see `sampler_options(method)`).
+
+  Raises:
+    ValueError: unknown method (or bad option values, from the method).
+    TypeError: an option the method does not take.
+  """
+  valid = sampler_options(method)
+  unknown = sorted(set(options) - set(valid))
+  if unknown:
+    raise TypeError(f"Sampling method {method!r} takes no option(s) {unknown}; "
+                    f"valid: {sorted(valid)}")
+  return SAMPLERS[method](key, score_fn, sde, shape, **options)
