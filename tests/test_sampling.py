@@ -138,7 +138,6 @@ NFE_CASES = [
     ("ode", {}, None),
     ("ode", dict(solver="heun", rtol=1e-3, atol=1e-3, denoise=False), None),
     ("ode", dict(solver="euler", steps=7), 8),
-    ("ode", dict(solver="dopri5", steps=7, denoise=False), 1 + 6 * 7),
     ("ddpm", dict(steps=9), 9),
     ("ddim", dict(steps=9, eta=0.5), 10),
     ("heun", dict(steps=5), 9),
@@ -278,9 +277,9 @@ def _reference(sde_name):
 
 CONVERGENCE = [
     ("ddim", {}, 1.0, ("vp",)),
-    ("heun", {}, 2.0, ("vp", "ve")),
+    ("heun", {}, 2.0, ("ve",)),
     ("dpm_solver", dict(order=2), 2.0, ("subvp",)),
-    ("dpm_solver", dict(order=3), 3.0, ("vp", "ve")),
+    ("dpm_solver", dict(order=3), 3.0, ("vp",)),
 ]
 
 
@@ -375,8 +374,6 @@ def _pc_cases():
             ("image", "vp", dict(corrector_only, corrector="langevin")),
             ("flat", "ve", dict(corrector_only, corrector="ald"))]
   cases += [("flat", "vp", dict(predictor="reverse_diffusion", probability_flow=True,
-                                steps=500)),
-            ("flat", "ve", dict(predictor="euler_maruyama", probability_flow=True,
                                 steps=500))]
   return cases
 
@@ -406,13 +403,15 @@ METHOD_CASES = {
 
 
 def _method_cases():
-  """Each method case once on flat and once on image-shaped data, the SDE rotated so that
-  each method meets two SDEs and each SDE every shape; the ODE sampler on every SDE."""
+  """Each method case on flat data and each method (not every variant) on image-shaped data,
+  the SDE rotated so that each meets two SDEs and each SDE both shapes; the ODE sampler on
+  every SDE."""
   cases = [("flat", sde_name, "ode") for sde_name in SDE_NAMES]
   for i, name in enumerate(METHOD_CASES):
     if name != "ode":
-      cases.append(("flat", SDE_NAMES[i % 3], name))
-    cases.append(("image", SDE_NAMES[(i + 1) % 3], name))
+      cases.append(("flat", SDE_NAMES[(i + 2) % 3], name))
+    if name not in ("ddpm_posterior", "ddim_eta1", "heun_churn"):
+      cases.append(("image", SDE_NAMES[i % 3], name))
   return cases
 
 
