@@ -1,0 +1,443 @@
+"""Tests of score_sde.sampling against exact Gaussian-mixture scores and float64 references.
+
+Fast tests: closed forms (a point mass, for which every deterministic sampler is exact),
+DPM-Solver++ order 1 = DDIM, exact NFE (counted by a callback in the score function), one
+compiled program per sampler, errors. Slow tests (`-m slow`): convergence orders against a
+float64 probability-flow ODE solution, and each sampler reproducing a Gaussian mixture.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from score_sde import mixtures
+from score_sde import sampling
+from score_sde import sde as sde_lib
+
+SDES = {"vp": sde_lib.VPSDE(), "subvp": sde_lib.SubVPSDE(), "ve": sde_lib.VESDE()}
+FLAT = mixtures.two_moons_mixture()  # [B, 2], 3 modes
+IMAGE = mixtures.image_mixture((4, 4, 1))  # [B, 4, 4, 1], 2 modes
+KEY = jax.random.key(0)
+
+
+def _point_mass(event_shape):
+  """A one-component 'mixture' with zero width: its denoiser is the constant mu."""
+  d = int(np.prod(event_shape))
+  mu = tuple(float(v) for v in np.linspace(-0.7, 0.9, d))
+  return mixtures.GaussianMixture(weights=(1.0,), means=(mu,), stds=(0.0,),
+                                  event_shape=tuple(event_shape))
+
+
+def _counting(score_fn):
+  """Wraps a score function; returns (wrapped, calls, traces): `calls` grows by one per
+  evaluation on device (a debug callback), `traces` by one per Python trace."""
+  calls, traces = [], []
+
+  def wrapped(x, t):
+    traces.append(1)
+    jax.debug.callback(lambda: calls.append(1))
+    return score_fn(x, t)
+
+  return wrapped, calls, traces
+
+
+# --------------------------------------------------------------------------------------------
+# Fast tests
+# --------------------------------------------------------------------------------------------
+
+
+def test_default_eps_follows_the_sde():
+  assert sampling.default_eps(SDES["vp"]) == 1e-3
+  assert sampling.default_eps(SDES["subvp"]) == 1e-3
+  assert sampling.default_eps(SDES["ve"]) == 1e-5
+  # Also inside a trace (the decision is made from constants, not traced values).
+  assert jax.jit(lambda: jnp.asarray(sampling.default_eps(SDES["ve"])))() == np.float32(1e-5)
+
+
+def test_sampler_table_and_options():
+  assert set(sampling.SAMPLERS) == {"pc", "ode", "ddpm", "ddim", "heun", "dpm_solver"}
+  for name, fn in sampling.SAMPLERS.items():
+    options = sampling.sampler_options(name)
+    assert {"x_T", "eps", "denoise"} <= set(options), name
+    assert fn is getattr(sampling, f"{name}_sample")
+
+
+def _jitted(method, score_fn, sde, shape, **options):
+  """The sampler as one compiled function of the key."""
+  return jax.jit(functools.partial(sampling.sample, score_fn=score_fn, sde=sde, shape=shape,
+                                   method=method, **options))
+
+
+POINT_MASS_CASES = [("vp", (2,)), ("subvp", (3, 3, 2)), ("ve", (2,))]
+
+
+@pytest.mark.parametrize("sde_name,event_shape", POINT_MASS_CASES,
+                         ids=[f"{n}-{len(s)}d" for n, s in POINT_MASS_CASES])
+def test_samplers_are_exact_for_a_point_mass(sde_name, event_shape):
+  """For data at one point mu the probability-flow ODE is x_t = alpha_t mu + sigma_t z with z
+  constant, and the data prediction is mu at all t: DDIM, DPM-Solver++ (any order) and EDM's
+  Heun integrate it exactly, on any grid, whatever the key; a denoised chain (Heun's last
+  Euler step, DDPM, ancestral PC) ends exactly at mu."""
+  sde = SDES[sde_name]
+  mix = _point_mass(event_shape)
+  score_fn = mix.score_fn(sde)
+  shape = (8,) + event_shape
+  eps = sampling.default_eps(sde)
+  x_T = sde.prior_sampling(jax.random.key(1), shape)
+  mu = jnp.asarray(mix.means[0]).reshape(event_shape)
+  t_T, t_eps = jnp.asarray(sde.T), jnp.asarray(eps)
+  z = (x_T - sde.alpha(t_T) * mu) / sde.sigma(t_T)
+  expected = sde.alpha(t_eps) * mu + sde.sigma(t_eps) * z
+  atol = 3e-6 * float(jnp.max(jnp.abs(x_T))) + 1e-5
+  # (DPM-Solver++ of order 3 with 7 steps runs orders 1, 2, 3, 3, 3, 2, 1.)
+  for method, options in [("ddim", {}), ("dpm_solver", dict(order=3)), ("heun", {})]:
+    sampler = _jitted(method, score_fn, sde, shape, steps=7, x_T=x_T, denoise=False, **options)
+    x, _ = sampler(KEY)
+    np.testing.assert_allclose(x, expected, atol=atol, err_msg=method)
+    np.testing.assert_array_equal(x, sampler(jax.random.key(9))[0])  # the key is unused
+  for method, options in [("heun", {}), ("ddpm", {}),
+                          ("pc", dict(predictor="ancestral_sampling"))]:
+    x, _ = _jitted(method, score_fn, sde, shape, steps=7, x_T=x_T, **options)(KEY)
+    np.testing.assert_allclose(x, jnp.broadcast_to(mu, shape), atol=2e-5, err_msg=method)
+
+
+def test_ode_sampler_is_accurate_for_a_point_mass():
+  sde = SDES["vp"]
+  mix = _point_mass((2,))
+  x_T = sde.prior_sampling(jax.random.key(1), (16, 2))
+  mu = jnp.asarray(mix.means[0])
+  z = (x_T - sde.alpha(jnp.asarray(1.0)) * mu) / sde.sigma(jnp.asarray(1.0))
+  t_eps = jnp.asarray(1e-3)
+  expected = sde.alpha(t_eps) * mu + sde.sigma(t_eps) * z
+  x, _ = sampling.ode_sample(KEY, mix.score_fn(sde), sde, (16, 2), x_T=x_T, denoise=False)
+  np.testing.assert_allclose(x, expected, atol=2e-4)
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+def test_dpm_solver_order_1_is_ddim(sde_name):
+  sde = SDES[sde_name]
+  score_fn = FLAT.score_fn(sde)
+  x_T = sde.prior_sampling(jax.random.key(3), (256, 2))
+  dpm_x, _ = _jitted("dpm_solver", score_fn, sde, (256, 2), steps=20, order=1, skip="time",
+                     x_T=x_T)(KEY)
+  ddim_x, _ = _jitted("ddim", score_fn, sde, (256, 2), steps=20, x_T=x_T)(KEY)
+  assert float(jnp.max(jnp.abs(dpm_x - ddim_x))) < 2e-5
+
+
+# (method, options, the NFE rule's value or None where adaptive)
+NFE_CASES = [
+    ("pc", dict(steps=9, predictor="reverse_diffusion", corrector="langevin", n_steps=3), 36),
+    ("pc", dict(steps=9, predictor="euler_maruyama", probability_flow=True), 9),
+    ("ode", {}, None),
+    ("ode", dict(solver="heun", rtol=1e-3, atol=1e-3, denoise=False), None),
+    ("ode", dict(solver="euler", steps=7), 8),
+    ("ddpm", dict(steps=9), 9),
+    ("ddim", dict(steps=9, eta=0.5), 10),
+    ("heun", dict(steps=5), 9),
+    ("dpm_solver", dict(steps=7, order=3), 8),
+]
+
+
+@pytest.mark.parametrize("method,options,expected", NFE_CASES,
+                         ids=[f"{m}-{i}" for i, (m, _, _) in enumerate(NFE_CASES)])
+def test_reported_nfe_is_the_number_of_score_calls(method, options, expected):
+  """NFE is counted on device by a callback in the score function. The score function is
+  traced a few times only, fewer than it is called: the loop is compiled, not unrolled."""
+  sde = SDES["vp"]
+  score_fn, calls, traces = _counting(FLAT.score_fn(sde))
+  x, nfe = _jitted(method, score_fn, sde, (16, 2), **options)(KEY)
+  jax.block_until_ready(x)
+  jax.effects_barrier()
+  assert np.all(np.isfinite(x))
+  assert int(nfe) == len(calls)
+  if expected is not None:
+    assert int(nfe) == expected
+  assert len(traces) <= 5 < len(calls), (len(traces), len(calls))
+
+
+@pytest.mark.parametrize("method,options", [
+    ("pc", dict(corrector="langevin", n_steps=2)),
+    ("heun", dict(s_churn=5.0)),
+    ("dpm_solver", dict(order=3)),
+])
+def test_trace_count_does_not_grow_with_steps(method, options):
+  sde = SDES["vp"]
+  trace_counts = []
+  for steps in (4, 40):
+    score_fn, _, traces = _counting(FLAT.score_fn(sde))
+    jax.jit(functools.partial(sampling.sample, score_fn=score_fn, sde=sde, shape=(8, 2),
+                              method=method, steps=steps, **options)).lower(KEY)
+    trace_counts.append(len(traces))
+  assert trace_counts[0] == trace_counts[1] <= 4, trace_counts
+
+
+@pytest.mark.parametrize("method,options", [
+    ("pc", dict(predictor="reverse_diffusion", corrector="langevin")),
+    ("ddpm", {}), ("ddim", dict(eta=1.0)), ("heun", dict(s_churn=20.0))])
+def test_stochastic_samplers_are_pure_functions_of_the_key(method, options):
+  sde = SDES["ve"]
+  x_T = sde.prior_sampling(jax.random.key(5), (16, 2))
+  sampler = _jitted(method, FLAT.score_fn(sde), sde, (16, 2), steps=10, x_T=x_T, **options)
+  a, b, c = (sampler(jax.random.key(k))[0] for k in (1, 1, 2))
+  np.testing.assert_array_equal(a, b)
+  assert float(jnp.max(jnp.abs(a - c))) > 1e-3
+
+
+def test_unknown_names_raise_with_the_valid_ones():
+  sde = SDES["vp"]
+  score_fn = FLAT.score_fn(sde)
+  run = functools.partial(sampling.sample, KEY, score_fn, sde, (4, 2))
+  cases = [
+      (dict(method="euler"), "'dpm_solver'"),
+      (dict(method="pc", predictor="leapfrog"), "'reverse_diffusion'"),
+      (dict(method="pc", corrector="hmc"), "'ald'"),
+      (dict(method="ode", solver="rk4"), "'tsit5'"),
+      (dict(method="ddim", spacing="cosine"), "'quadratic'"),
+      (dict(method="dpm_solver", skip="edm"), "'logSNR'"),
+      (dict(method="ddpm", variance="learned"), "'posterior'"),
+  ]
+  for options, valid in cases:
+    with pytest.raises(ValueError, match="valid") as info:
+      run(**options)
+    assert valid in str(info.value), options
+
+
+@pytest.mark.parametrize("options", [
+    dict(method="dpm_solver", order=4),
+    dict(method="dpm_solver", order=0),
+    dict(method="ddim", steps=0),
+    dict(method="pc", steps=-3),
+    dict(method="ddpm", steps=1001),
+    dict(method="heun", steps=1),
+    dict(method="heun", rho=0.0),
+    dict(method="ddim", eta=-0.1),
+    dict(method="pc", eps=0.0),
+    dict(method="ode", eps=1.5),
+    dict(method="pc", predictor="none", corrector="none"),
+    dict(method="pc", corrector="langevin", n_steps=0),
+    dict(method="pc", corrector="langevin", snr=-1.0),
+    dict(method="pc", predictor="ancestral_sampling", probability_flow=True),
+    dict(method="ode", solver="euler"),
+    dict(method="ode", rtol=0.0),
+    dict(method="ode", steps=10, max_steps=5),
+    dict(method="ddim", x_T=jnp.zeros((4, 3))),
+])
+def test_invalid_option_values_raise(options):
+  sde = SDES["vp"]
+  with pytest.raises(ValueError):
+    sampling.sample(KEY, FLAT.score_fn(sde), sde, (4, 2), **options)
+
+
+def test_unknown_option_names_raise_type_error():
+  sde = SDES["vp"]
+  with pytest.raises(TypeError, match="rho") as info:
+    sampling.sample(KEY, FLAT.score_fn(sde), sde, (4, 2), method="ddim", rho=7.0)
+  assert "eta" in str(info.value)  # the valid options are listed
+  with pytest.raises(TypeError):
+    sampling.ddim_sample(KEY, FLAT.score_fn(sde), sde, (4, 2), order=2)
+
+
+# --------------------------------------------------------------------------------------------
+# Convergence orders against a float64 reference
+# --------------------------------------------------------------------------------------------
+
+# A smooth two-component mixture: its data prediction varies gently in log-SNR, so the
+# asymptotic orders show already at 20-80 steps.
+SMOOTH = mixtures.GaussianMixture(weights=(0.6, 0.4), means=((-0.6, 0.0), (0.6, 0.4)),
+                                  stds=(0.5, 0.4), event_shape=(2,))
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(sde_name):
+  """(x_T [32, 2] float64, x at eps): the probability-flow ODE solved independently with
+  diffrax (Dopri8, rtol = atol = 1e-10) in float64, T -> eps. Call under enable_x64."""
+  import diffrax  # pylint: disable=import-outside-toplevel
+  sde = SDES[sde_name]
+  eps = sampling.default_eps(sde)
+  score_fn = SMOOTH.score_fn(sde)
+  x_T = sde.prior_sampling(jax.random.key(1), (32, 2)).astype(jnp.float64)
+
+  def vector_field(t, x, args):
+    tb = jnp.full(x.shape[:1], t, x.dtype)
+    drift, diffusion = sde.sde(x, tb)
+    return drift - 0.5 * (diffusion**2)[:, None] * score_fn(x, tb)
+
+  solution = diffrax.diffeqsolve(
+      diffrax.ODETerm(vector_field), diffrax.Dopri8(), sde.T, eps, -1e-3, x_T,
+      stepsize_controller=diffrax.PIDController(rtol=1e-10, atol=1e-10), max_steps=100_000)
+  return x_T, solution.ys[0]
+
+
+CONVERGENCE = [
+    ("ddim", {}, 1.0, ("vp",)),
+    ("heun", {}, 2.0, ("ve",)),
+    ("dpm_solver", dict(order=2), 2.0, ("subvp",)),
+    ("dpm_solver", dict(order=3), 3.0, ("vp",)),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,options,order,sde_names", CONVERGENCE,
+                         ids=[f"{m}{o.get('order', '')}" for m, o, _, _ in CONVERGENCE])
+def test_convergence_order(method, options, order, sde_names):
+  """Pathwise error at eps against the float64 reference from the same x_T halves at the
+  method's order as the steps double (log-log slope over 20, 40, 80 steps)."""
+  steps_list = np.array([20, 40, 80])
+  with jax.enable_x64(True):
+    for sde_name in sde_names:
+      sde = SDES[sde_name]
+      x_T, reference = _reference(sde_name)
+      errors = []
+      for steps in steps_list:
+        x, _ = sampling.sample(KEY, SMOOTH.score_fn(sde), sde, (32, 2), method=method,
+                               steps=int(steps), x_T=x_T, denoise=False, **options)
+        assert x.dtype == jnp.float64
+        errors.append(float(jnp.sqrt(jnp.mean((x - reference) ** 2))))
+      slope = -np.polyfit(np.log(steps_list), np.log(errors), 1)[0]
+      assert abs(slope - order) < 0.35, (sde_name, errors, slope)
+
+
+@pytest.mark.slow
+def test_ode_sampler_matches_the_float64_reference():
+  with jax.enable_x64(True):
+    for sde_name in ("vp", "ve"):
+      sde = SDES[sde_name]
+      x_T, reference = _reference(sde_name)
+      for tol, bound in ((1e-4, 3e-3), (1e-7, 3e-6)):
+        x, nfe = sampling.ode_sample(KEY, SMOOTH.score_fn(sde), sde, (32, 2), x_T=x_T,
+                                     rtol=tol, atol=tol, denoise=False)
+        error = float(jnp.max(jnp.abs(x - reference)))
+        assert error < bound, (sde_name, tol, error, int(nfe))
+
+
+# --------------------------------------------------------------------------------------------
+# Reproducing a Gaussian mixture
+# --------------------------------------------------------------------------------------------
+
+
+def assert_reproduces(x, mix: mixtures.GaussianMixture, *, bias: float = 0.06):
+  """Mode weights (nearest mode by responsibility), per-mode means and per-mode stds of
+  samples x against the mixture: each within 4.5 standard errors of its estimate, plus a
+  discretization allowance `bias` (relative, for stds; in units of the mode's std, for means;
+  none for weights)."""
+  x = np.asarray(x, np.float64)
+  assert np.all(np.isfinite(x)), "non-finite samples"
+  n = x.shape[0]
+  flat = x.reshape(n, -1)
+  d = flat.shape[1]
+  labels = np.asarray(mix.responsibilities(jnp.asarray(x, jnp.float32)).argmax(-1))
+  weights, means, stds = (np.asarray(v, np.float64) for v in (mix.weights, mix.means,
+                                                                mix.stds))
+  counts = np.bincount(labels, minlength=len(weights))
+  weight_se = np.sqrt(weights * (1 - weights) / n)
+  np.testing.assert_array_less(np.abs(counts / n - weights), 4.5 * weight_se,
+                               err_msg=f"mode weights {counts / n} vs {weights}")
+  for k in range(len(weights)):
+    members = flat[labels == k]
+    n_k = len(members)
+    mean_error = np.max(np.abs(members.mean(0) - means[k])) / stds[k]
+    assert mean_error < 4.5 / math.sqrt(n_k) + bias, f"mode {k}: mean off by {mean_error} std"
+    std = np.sqrt(np.mean((members - members.mean(0)) ** 2))
+    assert abs(std / stds[k] - 1) < 4.5 / math.sqrt(2 * n_k * d) + bias, (
+        f"mode {k}: std {std} vs {stds[k]}")
+
+
+DATA = {"flat": (FLAT, 2000), "image": (IMAGE, 500)}
+SDE_NAMES = list(SDES)
+PREDICTORS = ["euler_maruyama", "reverse_diffusion", "ancestral_sampling"]
+CORRECTORS = ["none", "langevin", "ald"]
+
+
+def _pc_cases():
+  """Every predictor x corrector combination on flat data, the SDE rotated as a Latin square
+  (each predictor and each corrector meets every SDE); on image-shaped data each predictor
+  and each corrector once; the corrector-only samplers (Langevin; ALD on VE, i.e. SMLD,
+  where it applies: its step size (snr sigma)^2 freezes the chain once sigma is small
+  against the data scale of VP / sub-VP); and the probability-flow predictors."""
+  cases = []
+  for (i, predictor), (j, corrector) in itertools.product(enumerate(PREDICTORS),
+                                                          enumerate(CORRECTORS)):
+    cases.append(("flat", SDE_NAMES[(i + j) % 3],
+                  dict(predictor=predictor, corrector=corrector, steps=200)))
+  for i, predictor in enumerate(PREDICTORS):
+    cases.append(("image", SDE_NAMES[i], dict(predictor=predictor,
+                                              corrector=CORRECTORS[(i + 1) % 3], steps=200)))
+  corrector_only = dict(predictor="none", steps=500, n_steps=5)
+  cases += [("flat", "subvp", dict(corrector_only, corrector="langevin")),
+            ("image", "vp", dict(corrector_only, corrector="langevin")),
+            ("flat", "ve", dict(corrector_only, corrector="ald"))]
+  cases += [("flat", "vp", dict(predictor="reverse_diffusion", probability_flow=True,
+                                steps=500))]
+  return cases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data,sde_name,options", _pc_cases(),
+                         ids=lambda v: v if isinstance(v, str) else "-".join(
+                             f"{k}={w}" for k, w in v.items() if k != "steps"))
+def test_pc_sampler_reproduces_the_mixture(data, sde_name, options):
+  mix, n = DATA[data]
+  sde = SDES[sde_name]
+  x, _ = sampling.pc_sample(KEY, mix.score_fn(sde), sde, (n,) + mix.event_shape, **options)
+  assert_reproduces(x, mix)
+
+
+METHOD_CASES = {
+    "ode": ("ode", {}),
+    "ddpm": ("ddpm", dict(steps=500)),
+    "ddpm_posterior": ("ddpm", dict(steps=500, variance="posterior")),
+    "ddim": ("ddim", dict(steps=100, spacing="quadratic")),
+    "ddim_eta1": ("ddim", dict(steps=200, spacing="quadratic", eta=1.0)),
+    "heun": ("heun", dict(steps=40)),
+    "heun_churn": ("heun", dict(steps=40, s_churn=10.0)),
+    "dpm_solver2": ("dpm_solver", dict(steps=50, order=2)),
+    "dpm_solver3": ("dpm_solver", dict(steps=50, order=3)),
+}
+
+
+def _method_cases():
+  """Each method case on flat data and each method (not every variant) on image-shaped data,
+  the SDE rotated so that each meets two SDEs and each SDE both shapes; the ODE sampler on
+  every SDE."""
+  cases = [("flat", sde_name, "ode") for sde_name in SDE_NAMES]
+  for i, name in enumerate(METHOD_CASES):
+    if name != "ode":
+      cases.append(("flat", SDE_NAMES[(i + 2) % 3], name))
+    if name not in ("ddpm_posterior", "ddim_eta1", "heun_churn"):
+      cases.append(("image", SDE_NAMES[i % 3], name))
+  return cases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data,sde_name,case", _method_cases())
+def test_method_reproduces_the_mixture(data, sde_name, case):
+  method, options = METHOD_CASES[case]
+  mix, n = DATA[data]
+  sde = SDES[sde_name]
+  x, _ = sampling.sample(KEY, mix.score_fn(sde), sde, (n,) + mix.event_shape, method=method,
+                         **options)
+  assert_reproduces(x, mix)
+
+
+@pytest.mark.slow
+def test_the_mixture_check_can_fail():
+  """The statistical check rejects a sampler with a wrong noise scale and a skewed mode."""
+  sde = SDES["vp"]
+  x, _ = sampling.ddim_sample(KEY, FLAT.score_fn(sde), sde, (2000, 2), steps=100,
+                              spacing="quadratic")
+  assert_reproduces(x, FLAT)
+  labels = np.asarray(FLAT.responsibilities(x).argmax(-1))
+  means = jnp.asarray(FLAT.means)[labels]
+  with pytest.raises(AssertionError, match="std"):  # 10% too wide around the right means
+    assert_reproduces(means + 1.1 * (x - means), FLAT)
+  with pytest.raises(AssertionError, match="weights"):  # 5% of the samples in the wrong mode
+    moved = np.flatnonzero(labels == 0)[:100]
+    assert_reproduces(x.at[moved].add(jnp.asarray(FLAT.means[1]) - jnp.asarray(FLAT.means[0])),
+                      FLAT)
