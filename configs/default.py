@@ -3,7 +3,7 @@
 Experiment files call `get_config()` here and override only what differs. Field names follow
 yang-song/score_sde so its users feel at home; additions: `training.weighting`,
 `training.importance_sampling`, `training.eps`, `sampling.{steps, rtol, atol, solver, eta,
-order, rho, s_churn, eps, batch_size}`, `model.{schedule, num_classes}`, `data.data_dir`.
+order, rho, s_churn, eps, batch_size}`, `eval.{bpd_num_examples, bpd_rtol, bpd_atol}`, `model.{schedule, num_classes}`, `data.data_dir`.
 """
 
 from __future__ import annotations
@@ -58,14 +58,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Evaluation.
   config.eval = evaluate = ml_collections.ConfigDict()
-  evaluate.begin_ckpt = 9
-  evaluate.end_ckpt = 26
   evaluate.batch_size = 1024
   evaluate.enable_sampling = False
   evaluate.num_samples = 50_000
   evaluate.enable_loss = True
   evaluate.enable_bpd = False
   evaluate.bpd_dataset = "test"
+  evaluate.bpd_num_examples = config_dict.placeholder(int)  # None: the whole test split
+  evaluate.bpd_rtol = 1e-5  # probability-flow ODE tolerances for bits/dim
+  evaluate.bpd_atol = 1e-5
 
   # Data.
   config.data = data = ml_collections.ConfigDict()

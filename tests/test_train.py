@@ -1,0 +1,302 @@
+"""Training, checkpoints, evaluation and the command line, on a tiny network and synthetic data.
+
+One module-scoped run (`trained`) is shared: it is the uninterrupted reference of the resume
+test and the checkpoint that eval / sample read.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import fashion_mnist_vp
+from score_sde import checkpoints, datasets, evaluate, images, main as main_lib, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The tiny experiment, as config overrides (shared by in-process runs and the CLI).
+TINY = {
+    "data.dataset": "synthetic", "data.image_size": 8, "model.ch_mult": (1, 2),
+    "model.attn_resolutions": (4,), "model.nf": 8, "training.batch_size": 4,
+    "eval.batch_size": 4, "sampling.batch_size": 2, "sampling.steps": 3,
+    "training.n_iters": 6, "training.snapshot_freq": 6,
+    "training.snapshot_freq_for_preemption": 2, "training.eval_freq": 2,
+    "training.log_freq": 1, "optim.warmup": 2,
+}
+
+
+def tiny_config(**overrides):
+  config = fashion_mnist_vp.get_config("tiny")
+  for path, value in {**TINY, **overrides}.items():
+    section, field = path.split(".")
+    config[section][field] = value
+  return config
+
+
+def cli_flags(**overrides):
+  def fmt(v):
+    return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+  return [f"--config.{k}={fmt(v)}" for k, v in {**TINY, **overrides}.items()]
+
+
+def params_of(workdir, step=None):
+  config = tiny_config()
+  state, step, _, _ = evaluate.load_checkpoint(config, workdir, step)
+  return jax.device_get(state.params), step
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  state = train.train(tiny_config(), workdir, progress=False)
+  return workdir, jax.device_get(state.params)
+
+
+# ----------------------------------------------------------------------------------------
+# Pieces.
+
+
+def test_learning_rate_warmup_and_clipping():
+  config = tiny_config(**{"optim.lr": 1e-3, "optim.warmup": 4, "optim.grad_clip": 1.0})
+  schedule = train.learning_rate_schedule(config)
+  np.testing.assert_allclose([schedule(i) for i in (0, 1, 2, 4, 100)],
+                             [0, 2.5e-4, 5e-4, 1e-3, 1e-3], rtol=1e-6)
+  opt = train.get_optimizer(config)
+  params = {"w": jnp.zeros(3)}
+  updates, state = opt.update({"w": jnp.full(3, 100.0)}, opt.init(params), params)
+  # clip_by_global_norm(1) then Adam: the first moment holds (1 - b1) * the clipped gradient.
+  adam_state = state[1][0]
+  assert isinstance(adam_state, optax.ScaleByAdamState)
+  np.testing.assert_allclose(adam_state.mu["w"], 0.1 * np.full(3, 1 / np.sqrt(3)), rtol=1e-6)
+  np.testing.assert_array_equal(updates["w"], 0.0)  # lr 0 at step 0 (warmup)
+
+
+def test_sampler_settings_maps_reference_names():
+  config = tiny_config(**{"sampling.method": "pc", "sampling.n_steps_each": 3,
+                          "sampling.noise_removal": False, "sampling.corrector": "langevin"})
+  method, options = train.sampler_settings(config)
+  assert method == "pc"
+  assert options["n_steps"] == 3 and options["denoise"] is False
+  assert options["corrector"] == "langevin" and options["steps"] == 3
+  assert "rtol" not in options and "order" not in options  # other methods' options
+  config.sampling.method = "ode"
+  _, options = train.sampler_settings(config)
+  assert set(options) <= {"solver", "rtol", "atol", "steps", "denoise", "eps"}
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"training.sde": "vp"}, "Unknown config.training.sde 'vp'; valid: ['subvpsde', 'vesde'"),
+    ({"model.name": "unet"}, "Unknown model 'unet'"),
+    ({"sampling.method": "euler"}, "Unknown config.sampling.method 'euler'"),
+    ({"training.weighting": "snr"}, "Unknown loss weighting 'snr'"),
+    ({"optim.optimizer": "SGD"}, "Unknown config.optim.optimizer 'SGD'"),
+    ({"training.batch_size": 3}, "batch_size=3 is not divisible by the number of devices (2)"),
+    ({"data.image_size": 9}, "image_size=9 is not divisible by 2**(len(ch_mult) - 1) = 2"),
+    ({"model.attn_resolutions": (16,)}, "attn_resolutions [16] are not resolutions"),
+    ({"training.n_jitted_steps": 4}, "snapshot_freq=6 must be a multiple of"),
+])
+def test_check_config_names_the_bad_value(override, message):
+  assert jax.device_count() == 2
+  with pytest.raises(ValueError) as e:
+    train.check_config(tiny_config(**override))
+  assert message in str(e.value)
+
+
+def test_image_grid_layout():
+  x = np.stack([np.full((2, 3, 1), v) for v in (0.0, 0.5, 1.0)])
+  grid = images.image_grid(x, nrow=2, padding=1, pad_value=0.25)
+  assert grid.shape == (2 * 3 + 1, 2 * 4 + 1, 1) and grid.dtype == np.uint8
+  assert grid[1, 1, 0] == 0 and grid[1, 5, 0] == 128 and grid[4, 1, 0] == 255
+  assert grid[0, 0, 0] == 64 and grid[4, 5, 0] == 64  # border and the empty fourth cell
+  with pytest.raises(ValueError, match="images must be"):
+    images.image_grid(np.zeros((2, 4, 4, 2)))
+
+
+# ----------------------------------------------------------------------------------------
+# Data parallelism.
+
+
+def test_two_devices_match_one_device():
+  """The same global batch on a 1-device and a 2-device mesh: same losses and parameters."""
+  config = tiny_config()
+  sde = train.get_sde(config)
+  from score_sde import models
+  model = models.get_model(config)
+  optimizer = train.get_optimizer(config)
+  data = datasets.get_dataset(config, "train")
+  batch = {k: np.stack([data.batch(i)[k] for i in range(3)]) for k in ("image", "label")}
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()[:2]):
+    mesh = train.make_mesh(devices)
+    state = train.init_state(jax.random.PRNGKey(0), config, model, optimizer)
+    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    step_fn = train.make_train_step(
+        sde, model, optimizer, train.get_loss_fn(config, sde), ema_rate=0.9,
+        scaler=datasets.get_data_scaler(True), mesh=mesh)
+    key = jax.device_put(jax.random.PRNGKey(1),
+                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    state, metrics = step_fn(state, key, train.shard_batch(batch, mesh, axis=1))
+    results.append((jax.device_get(metrics), jax.device_get(state)))
+  (m1, s1), (m2, s2) = results
+  np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-4)
+  for a, b in zip(jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s2.params)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+  assert int(s2.step) == 3 and not np.allclose(m1["loss"][0], m1["loss"][2])
+
+
+# ----------------------------------------------------------------------------------------
+# Runs: outputs, resume after SIGKILL, non-finite loss, eval and sample.
+
+
+def test_train_writes_checkpoints_samples_and_logs(trained):
+  workdir, params = trained
+  # Preemption checkpoints every 2 steps keep the latest 2; the snapshot (6) is kept.
+  assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
+                if d.isdigit()) == [4, 6]
+  restored, step = params_of(workdir)
+  assert step == 6
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(restored)):
+    np.testing.assert_array_equal(a, b)
+  samples = np.load(os.path.join(workdir, "samples", "step_6.npz"))["samples"]
+  assert samples.shape == (2, 8, 8, 1) and 0 <= samples.min() and samples.max() <= 1
+  assert os.path.exists(os.path.join(workdir, "samples", "step_6.png"))
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  train_steps = [r["step"] for r in records if "loss" in r]
+  assert train_steps == [1, 2, 3, 4, 5, 6]
+  assert all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in records if "loss" in r)
+  assert [r["step"] for r in records if "eval_loss" in r] == [2, 4, 6]
+  assert any(f.startswith("events.out.tfevents") for f in
+             os.listdir(os.path.join(workdir, "tensorboard")))
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(trained, tmp_path):
+  ref_workdir, ref_params = trained
+  workdir = str(tmp_path / "killed")
+  cmd = [sys.executable, "-m", "score_sde.main", "--config=configs/fashion_mnist_vp.py:tiny",
+         f"--workdir={workdir}", "--mode=train", *cli_flags()]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + 300
+  try:
+    while time.time() < deadline and proc.poll() is None:
+      if os.path.isdir(os.path.join(ckpt, "2")):
+        break
+      time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  finally:
+    proc.kill()
+  steps = sorted(int(d) for d in os.listdir(ckpt) if d.isdigit())
+  assert steps and steps[-1] < 6, steps  # killed partway
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  params, step = params_of(workdir)
+  assert step == 6
+  for a, b in zip(jax.tree_util.tree_leaves(ref_params), jax.tree_util.tree_leaves(params)):
+    np.testing.assert_array_equal(b, a)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  real = datasets.get_dataset
+
+  def poisoned(config, split="train", **kwargs):
+    data = real(config, split, **kwargs)
+    if split == "train":
+      clean = data.batch
+
+      def batch(step):
+        b = clean(step)
+        if step >= 3:  # the 4th optimizer step sees a NaN pixel
+          b["image"] = b["image"].copy()
+          b["image"][0, 0, 0, 0] = np.nan
+        return b
+      data.batch = batch
+    return data
+
+  monkeypatch.setattr(datasets, "get_dataset", poisoned)
+  workdir = str(tmp_path)
+  with pytest.raises(train.NonFiniteLossError, match=r"at step 3.*Last good checkpoint: step 2"):
+    train.train(tiny_config(**{"training.snapshot_sampling": False}), workdir, progress=False)
+  assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
+                if d.isdigit()) == [2]
+  params, _ = params_of(workdir)
+  assert all(np.all(np.isfinite(p)) for p in jax.tree_util.tree_leaves(params))
+
+
+def test_eval_and_sample_modes(trained):
+  workdir, _ = trained
+  config = tiny_config(**{"eval.enable_bpd": True, "eval.bpd_num_examples": 6,
+                          "eval.bpd_rtol": 1e-3, "eval.bpd_atol": 1e-3,
+                          "eval.enable_sampling": True, "eval.num_samples": 3})
+  metrics = main_lib.run(config, workdir, "eval")
+  assert metrics["step"] == 6 and np.isfinite(metrics["test_loss"])
+  # Uniform noise images under a barely trained model: finite, positive bits/dim.
+  assert metrics["bpd_num_examples"] == 6 and 0 < metrics["bpd"] < 100
+  saved = json.load(open(os.path.join(workdir, "eval", "step_6", "metrics.json")))
+  assert saved["bpd"] == pytest.approx(metrics["bpd"])
+  assert np.load(os.path.join(workdir, "eval", "step_6", "samples.npz"))["samples"].shape == (
+      3, 8, 8, 1)
+  # --mode=sample: two methods from the same noise; an old step on request.
+  results = {}
+  for method in ("ddim", "dpm_solver"):
+    config = tiny_config(**{"sampling.method": method, "sampling.steps": 4})
+    results[method] = main_lib.run(config, workdir, "sample", step=4, num_samples=2)
+    assert results[method]["step"] == 4 and results[method]["nfe"] == 5
+  x = {m: np.load(r["npz"])["samples"] for m, r in results.items()}
+  # DPM-Solver++ order 1 is DDIM; order 2 from the same x_T lands close to it.
+  np.testing.assert_allclose(x["dpm_solver"], x["ddim"], atol=0.2)
+  with pytest.raises(FileNotFoundError, match="available steps: \\[4, 6\\]"):
+    main_lib.run(tiny_config(), workdir, "sample", step=5)
+
+
+def test_eval_without_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="No checkpoint in .*train first"):
+    evaluate.evaluate(tiny_config(), str(tmp_path))
+
+
+def test_checkpoint_roundtrip_ignores_partial_save(tmp_path):
+  state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.asarray(3)}
+  with checkpoints.get_manager(tmp_path, keep=1) as manager:
+    checkpoints.save(manager, 3, state)
+  # A save killed midway leaves only orbax's temporary directory behind.
+  os.makedirs(os.path.join(tmp_path, "checkpoints", "5.orbax-checkpoint-tmp-123", "default"))
+  with checkpoints.get_manager(tmp_path, read_only=True) as manager:
+    restored, step = checkpoints.restore(manager, jax.eval_shape(lambda: state))
+  assert step == 3
+  np.testing.assert_array_equal(restored["w"], state["w"])
+
+
+# ----------------------------------------------------------------------------------------
+# The command line.
+
+
+def run_cli(*args, timeout=300):
+  return subprocess.run([sys.executable, "-m", "score_sde.main", *args], cwd="/",
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.training.sde=vp"], "Unknown config.training.sde 'vp'"),
+    (["--config.data.dataset=cifar10", "--config.data.image_size=32",
+      "--config.data.num_channels=3", "--config.model.attn_resolutions=8"],
+     "cifar10"),
+    (["--config.training.batch_size=5"], "not divisible by the number of devices"),
+])
+def test_cli_bad_input_is_a_clear_error(tmp_path, args, message):
+  out = run_cli(f"--config={REPO}/configs/fashion_mnist_vp.py:tiny",
+                f"--workdir={tmp_path}", "--mode=train",
+                f"--config.data.tfds_data_dir={tmp_path}/tfds", *args)
+  assert out.returncode == 2, out.stderr[-2000:]
+  error = out.stderr[out.stderr.rindex("error: "):]
+  assert message in error and "Traceback" not in out.stderr
