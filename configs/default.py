@@ -1,7 +1,7 @@
 """Every config field and its default (Song et al.'s CIFAR-10 set-up, DDPM++ network).
 
 Experiment files call `get_config()` here and override only what differs. Field names follow
-yang-song/score_sde so its users feel at home; additions: `training.weighting`,
+yang-song/score_sde so its users feel at home; additions: `training.weighting`, `training.ema_warmup`,
 `training.importance_sampling`, `training.eps`, `sampling.{steps, rtol, atol, solver, eta,
 order, rho, s_churn, eps, batch_size}`, `eval.{bpd_num_examples, bpd_rtol, bpd_atol}`, `model.{schedule, num_classes}`, `data.data_dir`.
 """
@@ -35,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   training.importance_sampling = False  # importance-sampled t for 'likelihood' weighting
   training.n_jitted_steps = 5  # train steps per compiled call
   training.eps = 1e-5  # smallest training time
+  training.ema_warmup = False  # EMA decay min(ema_rate, (1 + n) / (10 + n)) at step n
 
   # Sampling.
   config.sampling = sampling = ml_collections.ConfigDict()

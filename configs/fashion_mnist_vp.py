@@ -4,7 +4,7 @@
 7x7, nf=16 (317k parameters). Sized by measurement on the shared 2-core CPU (load ~5,
 scripts/benchmark.py, batch 64): a train step took 1.4 s at nf=16 against 5.5 s at nf=32,
 so ~10 minutes of training give several hundred steps (more on an idle machine); EMA 0.995
-and lr 1e-3 suit a run that short. Snapshot samples use DPM-Solver++ with 25 steps (a
+with warmup and lr 1e-3 suit a run that short. Snapshot samples use DPM-Solver++ with 25 steps (a
 1000-step predictor-corrector grid would cost minutes per snapshot on CPU).
 """
 
@@ -27,6 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   training.eval_freq = 100
   training.n_jitted_steps = 1
   training.reduce_mean = True
+  training.ema_warmup = True  # a run this short must not average in the initial network
 
   config.sampling.batch_size = 64
   config.sampling.method = "dpm_solver"

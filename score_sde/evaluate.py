@@ -58,8 +58,9 @@ def _sample_batches(config, state, model, sde, num_samples: int, mesh: Mesh,
   for i in tqdm(range(-(-num_samples // batch)), desc=f"sample ({method})", unit="batch",
                 disable=not progress, dynamic_ncols=True):
     # The same key for batch i of every method: samplers start from the same noise.
-    x, nfe = sample_fn(variables, jax.random.fold_in(jax.random.fold_in(sample_key, 1 << 30), i))
-    out.append(np.asarray(jax.device_get(x)))
+    x, nfe = train_lib.to_host(
+        sample_fn(variables, jax.random.fold_in(jax.random.fold_in(sample_key, 1 << 30), i)))
+    out.append(np.asarray(x))
   return np.concatenate(out)[:num_samples], int(nfe), time.perf_counter() - start
 
 
@@ -111,7 +112,8 @@ def _test_loss(config, state, model, sde, mesh: Mesh, progress: bool) -> float:
   for i, batch in enumerate(tqdm(data.iterate_once(), total=data.num_batches_once,
                                  desc="test loss", unit="batch", disable=not progress,
                                  dynamic_ncols=True)):
-    s, c = eval_fn(variables, jax.random.fold_in(eval_key, i), train_lib.shard_batch(batch, mesh))
+    s, c = train_lib.to_host(eval_fn(variables, jax.random.fold_in(eval_key, i),
+                                     train_lib.shard_batch(batch, mesh)))
     total, count = total + float(s), count + float(c)
   return total / count
 
@@ -144,12 +146,13 @@ def _test_bpd(config, state, model, sde, mesh: Mesh, progress: bool) -> dict:
                                  unit="batch", disable=not progress, dynamic_ncols=True)):
     if seen >= limit:
       break
-    x01 = train_lib.shard_batch(batch["image"], mesh)
+    x01, mask = train_lib.shard_batch((batch["image"], batch["mask"]), mesh)
     bpd, nfe = bpd_fn(score_variables, jax.device_put(jax.random.fold_in(eval_key, 1 << 20 | i),
                                                       replicated), x01)
-    keep = batch["mask"] & (np.arange(len(batch["mask"])) + seen < limit)
-    values.append(np.asarray(jax.device_get(bpd))[keep])
-    nfes.append(int(nfe))
+    bpd, mask = train_lib.to_host((bpd, mask))  # the global batch, on every host
+    keep = mask & (np.arange(len(mask)) + seen < limit)
+    values.append(np.asarray(bpd)[keep])
+    nfes.append(int(train_lib.to_host(nfe)))
     seen += int(keep.sum())
   bpd = np.concatenate(values)
   return dict(bpd=float(bpd.mean()), bpd_stderr=float(bpd.std(ddof=1) / np.sqrt(len(bpd)))

@@ -6,10 +6,10 @@
 
 Prints one JSON line per measurement: images/s from the median of `--runs` timed calls after
 compilation, the compile time separately, and the peak memory (device `memory_stats()` where
-the backend has them, else the process's max RSS). The train step is forward + backward +
-Adam update of a denoising score-matching loss (lambda = sigma^2, the score_sde default),
-data-parallel over a `batch` mesh axis with `--devices > 1` (gradients `lax.pmean`-ed inside
-`jax.shard_map`). A config path may end in `:tiny` for its tiny variant.
+the backend has them, else the process's max RSS). The train step is the one `train.py`
+runs: the config's loss, forward + backward, gradient clipping, the Adam update and the EMA,
+one optimizer step per call, data-parallel over a `"batch"` mesh of `--devices` devices.
+A config path may end in `:tiny` for its tiny variant.
 """
 
 from __future__ import annotations
@@ -29,11 +29,10 @@ if str(ROOT) not in sys.path:
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import Mesh, PartitionSpec as P  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from score_sde import models  # noqa: E402
-from score_sde import sde as sde_lib  # noqa: E402
+from score_sde import datasets, models, train  # noqa: E402
 
 
 def load_config(spec: str):
@@ -46,29 +45,6 @@ def load_config(spec: str):
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg or None)
-
-
-def sde_from_config(config) -> sde_lib.SDE:
-  m = config.model
-  if config.training.sde == "vesde":
-    return sde_lib.get_sde("vesde", sigma_min=m.sigma_min, sigma_max=m.sigma_max,
-                           N=m.num_scales)
-  return sde_lib.get_sde(config.training.sde, beta_min=m.beta_min, beta_max=m.beta_max,
-                         N=m.num_scales, schedule=m.schedule)
-
-
-def dsm_loss(params, constants, key, x, *, model, sde, continuous, eps=1e-5):
-  """Denoising score matching with lambda(t) = sigma(t)^2, mean over the batch."""
-  t_key, z_key, dropout_key = jax.random.split(key, 3)
-  t = jax.random.uniform(t_key, (x.shape[0],), minval=eps, maxval=sde.T)
-  z = jax.random.normal(z_key, (x.size,)).reshape(x.shape)  # flat: fast CPU compile
-  mean, std = sde.marginal_prob(x, t)
-  std = sde_lib.batch_scalar(std, x)
-  variables = {"params": params, **constants}
-  score_fn = models.get_score_fn(sde, model, variables, train=True, continuous=continuous,
-                                 rng=dropout_key)
-  score = score_fn(mean + std * z, t)
-  return jnp.mean(jnp.sum(((score * std + z) ** 2).reshape(x.shape[0], -1), axis=-1))
 
 
 def peak_memory() -> dict:
@@ -113,12 +89,10 @@ def main(argv=None) -> None:
                      f"--devices={args.devices}")
 
   model = models.get_model(config)
-  sde = sde_from_config(config)
+  sde = train.get_sde(config)
   continuous = bool(config.training.continuous)
   key = jax.random.key(config.seed)
   variables = jax.jit(lambda k: models.init_model(k, config, model))(key)
-  params = variables["params"]
-  constants = {k: v for k, v in variables.items() if k != "params"}
   x = jax.random.normal(jax.random.key(1), (args.batch_size, *models.image_shape(config)))
   t = jnp.linspace(0.1, 0.9, args.batch_size)
   base = {"config": args.config, "model": config.model.name,
@@ -135,28 +109,32 @@ def main(argv=None) -> None:
           flush=True)
 
   if args.mode in ("train", "both"):
-    optimizer = optax.adam(config.optim.lr, b1=config.optim.beta1, eps=config.optim.eps)
-    opt_state = optimizer.init(params)
-    loss_fn = lambda p, k, xb: dsm_loss(p, constants, k, xb, model=model, sde=sde,  # noqa: E731
-                                        continuous=continuous, eps=config.training.eps)
-
-    def local_step(params, opt_state, key, xb):
-      if args.devices > 1:
-        key = jax.random.fold_in(key, jax.lax.axis_index("batch"))
-      loss, grads = jax.value_and_grad(loss_fn)(params, key, xb)
-      if args.devices > 1:
-        loss, grads = jax.lax.pmean((loss, grads), "batch")
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, loss
-
-    if args.devices > 1:
-      mesh = Mesh(available[:args.devices], ("batch",))
-      step = jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(), P(), P("batch")),
-                           out_specs=(P(), P(), P()))
-    else:
-      step = local_step
-    train_step = jax.jit(step)
-    compile_s, run_s = time_compiled(train_step, (params, opt_state, key, x), args.runs)
+    mesh = train.make_mesh(available[:args.devices])
+    replicated = NamedSharding(mesh, P())
+    optimizer = train.get_optimizer(config)
+    step_fn = train.make_train_step(
+        sde, model, optimizer, train.get_loss_fn(config, sde),
+        ema_rate=float(config.model.ema_rate), continuous=continuous,
+        scaler=datasets.get_data_scaler(config.data.centered), mesh=mesh,
+        conditional_labels=int(config.model.get("num_classes", 0)) > 0)
+    state = jax.jit(lambda k: train.init_state(k, config, model, optimizer),
+                    out_shardings=replicated)(key)
+    step_key = jax.device_put(jax.random.PRNGKey(2), replicated)
+    x01 = np.random.default_rng(0).random((1, args.batch_size, *models.image_shape(config)),
+                                          dtype=np.float32)
+    batch = train.shard_batch({"image": x01, "label": np.zeros((1, args.batch_size),
+                                                              np.int32)}, mesh, axis=1)
+    start = time.perf_counter()
+    compiled = step_fn.lower(state, step_key, batch).compile()
+    compile_s = time.perf_counter() - start
+    state, metrics = compiled(state, step_key, batch)  # warm-up
+    times = []
+    for _ in range(args.runs):
+      start = time.perf_counter()
+      state, metrics = compiled(state, step_key, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+    run_s = statistics.median(times)
     print(json.dumps({**base, "mode": "train_step", "devices": args.devices,
                       "compile_s": round(compile_s, 3), "median_s": round(run_s, 5),
                       "images_per_s": round(args.batch_size / run_s, 2), **peak_memory()}),

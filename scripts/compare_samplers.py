@@ -144,25 +144,13 @@ def load_score_fn_from_checkpoint(config, workdir: str, step: int | None = None)
     `(H, W, C)`.
 
   Raises:
-    NotImplementedError: `score_sde.checkpoints` / `models` / `train` are not available.
     FileNotFoundError: no checkpoint in `workdir` (or not `step`).
   """
-  try:
-    from score_sde import checkpoints, models, train
-  except ImportError as e:
-    raise NotImplementedError(
-        "Sampling a checkpoint needs score_sde.checkpoints, score_sde.models and "
-        f"score_sde.train, which could not be imported ({e}); use --problem=mixture") from e
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = checkpoints.all_steps(ckpt_dir)
-  if not steps:
-    raise FileNotFoundError(f"No checkpoints under {ckpt_dir!r}")
-  step = steps[-1] if step is None else int(step)
-  template = jax.eval_shape(lambda: train.init_train_state(jax.random.PRNGKey(0), config))
-  state = checkpoints.restore(checkpoints.make_manager(ckpt_dir), step, template)
-  sde = train.sde_from_config(config)
-  score_fn = models.get_score_fn(sde, models.get_model(config), state.variables(ema=True),
-                                 train=False, continuous=bool(config.training.continuous))
+  from score_sde import evaluate, models
+
+  state, _, model, sde = evaluate.load_checkpoint(config, workdir, step)
+  score_fn = models.get_score_fn(sde, model, state.variables(ema=True), train=False,
+                                 continuous=bool(config.training.continuous))
   return score_fn, sde, tuple(models.image_shape(config))
 
 

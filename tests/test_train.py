@@ -12,6 +12,7 @@ import sys
 import time
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -118,6 +119,45 @@ def test_image_grid_layout():
   assert grid[0, 0, 0] == 64 and grid[4, 5, 0] == 64  # border and the empty fourth cell
   with pytest.raises(ValueError, match="images must be"):
     images.image_grid(np.zeros((2, 4, 4, 2)))
+
+
+class _LinearScore(nn.Module):
+  """A tiny network with the score networks' calling convention (fast to compile)."""
+
+  @nn.compact
+  def __call__(self, x, labels, train=False, class_labels=None):
+    h = nn.Dense(x[0].size)(jnp.concatenate([x.reshape(len(x), -1), labels[:, None] / 999],
+                                            axis=-1))
+    return h.reshape(x.shape)
+
+
+@pytest.mark.parametrize("ema_warmup", [False, True])
+def test_train_step_ema_follows_its_formula(ema_warmup):
+  config = tiny_config(**{"optim.warmup": 0})
+  sde, model, optimizer = train.get_sde(config), _LinearScore(), train.get_optimizer(config)
+  x = jnp.zeros((1, 8, 8, 1))
+  params = model.init(jax.random.PRNGKey(0), x, jnp.ones((1,)))["params"]
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=optimizer.init(params),
+                           ema_params=jax.tree_util.tree_map(jnp.copy, params), constants={})
+  mesh = train.make_mesh()
+  step_fn = train.make_train_step(sde, model, optimizer, train.get_loss_fn(config, sde),
+                                  ema_rate=0.9, ema_warmup=ema_warmup, mesh=mesh)
+  data = datasets.get_dataset(config, "train")
+  trajectory = [jax.device_get(params)]
+  for i in range(3):
+    batch = {k: v[None] for k, v in data.batch(i).items()}
+    state, _ = step_fn(state, jax.random.PRNGKey(1), train.shard_batch(batch, mesh, axis=1))
+    trajectory.append(jax.device_get(state.params))
+  expected = trajectory[0]
+  for n in range(3):
+    rate = min(0.9, (1 + n) / (10 + n)) if ema_warmup else 0.9
+    expected = jax.tree_util.tree_map(lambda e, p: rate * e + (1 - rate) * p, expected,
+                                      trajectory[n + 1])
+  for a, b in zip(jax.tree_util.tree_leaves(expected),
+                  jax.tree_util.tree_leaves(jax.device_get(state.ema_params))):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+  assert not np.allclose(trajectory[3]["Dense_0"]["kernel"], trajectory[0]["Dense_0"]["kernel"])
 
 
 # ----------------------------------------------------------------------------------------
