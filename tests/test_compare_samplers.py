@@ -49,8 +49,9 @@ def test_mode_weight_tv(cs):
 
 
 def test_checkpoint_loading_fails_clearly_without_checkpoints(cs, tmp_path):
-  with pytest.raises((NotImplementedError, FileNotFoundError)):
-    cs.load_score_fn_from_checkpoint(None, str(tmp_path))
+  from configs import fashion_mnist_vp
+  with pytest.raises(FileNotFoundError, match="No checkpoint in .*checkpoints"):
+    cs.load_score_fn_from_checkpoint(fashion_mnist_vp.get_config("tiny"), str(tmp_path))
   with pytest.raises(ValueError, match="workdir"):
     cs.main(["--problem=checkpoint", f"--out={tmp_path}"])
 
