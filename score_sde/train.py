@@ -6,7 +6,8 @@ that take plain objects (an SDE, a network, an optimizer):
 - `TrainState`: step, params, optimizer state, EMA params, and the network's frozen
   `constants` (e.g. NCSN++'s Gaussian Fourier features), one pytree that is checkpointed and
   replicated over devices.
-- `make_train_step`: `n_jitted_steps` optimizer steps in one compiled call (`lax.scan`), over
+- `make_train_step`: `n_jitted_steps` optimizer steps in one compiled call (`lax.scan`;
+  unrolled on CPU, where XLA runs a network inside a loop several times slower), over
   a device mesh with a `"batch"` axis: the batch is sharded, the state replicated, and XLA
   all-reduces the gradients (the `jit` + `NamedSharding` form of `pmap`). The per-step key is
   `fold_in(base_key, step)` inside the compiled code, so a run's randomness depends only on
@@ -244,7 +245,7 @@ def make_train_step(sde: sde_lib.SDE, model, optimizer: optax.GradientTransforma
     ema = jax.tree_util.tree_map(lambda e, p: rate * e + (1.0 - rate) * p,
                                  state.ema_params, params)
     lr = schedule(state.step) if schedule is not None else jnp.nan
-    grad_norm = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree_util.tree_leaves(grads)))
+    grad_norm = optax.global_norm(grads)
     metrics = dict(loss=loss, grad_norm=grad_norm,
                    lr=jnp.asarray(lr, jnp.float32))
     state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
@@ -348,17 +349,16 @@ def check_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None) ->
   """Validates a config before any compilation or data loading.
 
   Raises:
-    ValueError: unknown SDE / model / sampler / weighting / optimizer names, sampler options
-      the method does not take, impossible image shapes, a batch size not divisible by the
-      device count, or snapshot frequencies that are not multiples of `n_jitted_steps`.
+    ValueError: unknown SDE / model / sampler / weighting / optimizer names, impossible image
+      shapes, a batch size not divisible by the device count, or snapshot frequencies that
+      are not multiples of `n_jitted_steps`.
   """
   mesh = make_mesh() if mesh is None else mesh
   sde = get_sde(config)
   models.get_model(config)
   get_loss_fn(config, sde)
   get_optimizer(config)
-  method, options = sampler_settings(config)
-  sampling.sampler_options(method)
+  sampler_settings(config)
   t, d, m = config.training, config.data, config.model
   for field in ("batch_size", "n_iters", "n_jitted_steps", "snapshot_freq",
                 "snapshot_freq_for_preemption", "log_freq", "eval_freq"):
