@@ -57,9 +57,9 @@ def run(config, workdir: str, mode: str, *, step: int | None = None,
   """
   if mode not in MODES:
     raise ValueError(f"Unknown mode {mode!r}; valid: {MODES}")
-  from score_sde import evaluate, train  # Heavy imports after flag parsing.
+  from score_sde import evaluate, experiment, train  # Heavy imports after flag parsing.
 
-  train.check_config(config)
+  experiment.check_config(config)
   if mode == "train":
     import jax
     if jax.process_index() == 0:

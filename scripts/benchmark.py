@@ -32,7 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from score_sde import datasets, models, train  # noqa: E402
+from score_sde import experiment, models, parallel, train  # noqa: E402
 
 
 def load_config(spec: str):
@@ -89,7 +89,7 @@ def main(argv=None) -> None:
                      f"--devices={args.devices}")
 
   model = models.get_model(config)
-  sde = train.get_sde(config)
+  sde = experiment.make_sde(config)
   continuous = bool(config.training.continuous)
   key = jax.random.key(config.seed)
   variables = jax.jit(lambda k: models.init_model(k, config, model))(key)
@@ -109,20 +109,17 @@ def main(argv=None) -> None:
           flush=True)
 
   if args.mode in ("train", "both"):
-    mesh = train.make_mesh(available[:args.devices])
+    mesh = parallel.make_mesh(available[:args.devices])
     replicated = NamedSharding(mesh, P())
-    optimizer = train.get_optimizer(config)
-    step_fn = train.make_train_step(
-        sde, model, optimizer, train.get_loss_fn(config, sde),
-        ema_rate=float(config.model.ema_rate), continuous=continuous,
-        scaler=datasets.get_data_scaler(config.data.centered), mesh=mesh,
-        conditional_labels=int(config.model.get("num_classes", 0)) > 0)
+    spec = experiment.run_spec(config)
+    optimizer = spec.optimizer
+    step_fn = train.make_train_step(spec, mesh=mesh)
     state = jax.jit(lambda k: train.init_state(k, config, model, optimizer),
                     out_shardings=replicated)(key)
     step_key = jax.device_put(jax.random.PRNGKey(2), replicated)
     x01 = np.random.default_rng(0).random((1, args.batch_size, *models.image_shape(config)),
                                           dtype=np.float32)
-    batch = train.shard_batch({"image": x01, "label": np.zeros((1, args.batch_size),
+    batch = parallel.shard_batch({"image": x01, "label": np.zeros((1, args.batch_size),
                                                               np.int32)}, mesh, axis=1)
     start = time.perf_counter()
     compiled = step_fn.lower(state, step_key, batch).compile()

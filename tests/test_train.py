@@ -4,6 +4,7 @@ One module-scoped run (`trained`) is shared: it is the uninterrupted reference o
 test and the checkpoint that eval / sample read.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -19,7 +20,8 @@ import optax
 import pytest
 
 from configs import fashion_mnist_vp
-from score_sde import checkpoints, datasets, evaluate, images, main as main_lib, train
+from score_sde import checkpoints, datasets, evaluate, experiment, images, main as main_lib
+from score_sde import parallel, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,10 +69,10 @@ def trained(tmp_path_factory):
 
 def test_learning_rate_warmup_and_clipping():
   config = tiny_config(**{"optim.lr": 1e-3, "optim.warmup": 4, "optim.grad_clip": 1.0})
-  schedule = train.learning_rate_schedule(config)
+  schedule = experiment.learning_rate_schedule(config)
   np.testing.assert_allclose([schedule(i) for i in (0, 1, 2, 4, 100)],
                              [0, 2.5e-4, 5e-4, 1e-3, 1e-3], rtol=1e-6)
-  opt = train.get_optimizer(config)
+  opt = experiment.make_optimizer(config)
   params = {"w": jnp.zeros(3)}
   updates, state = opt.update({"w": jnp.full(3, 100.0)}, opt.init(params), params)
   # clip_by_global_norm(1) then Adam: the first moment holds (1 - b1) * the clipped gradient.
@@ -83,13 +85,13 @@ def test_learning_rate_warmup_and_clipping():
 def test_sampler_settings_maps_reference_names():
   config = tiny_config(**{"sampling.method": "pc", "sampling.n_steps_each": 3,
                           "sampling.noise_removal": False, "sampling.corrector": "langevin"})
-  method, options = train.sampler_settings(config)
+  method, options = experiment.sampler_settings(config)
   assert method == "pc"
   assert options["n_steps"] == 3 and options["denoise"] is False
   assert options["corrector"] == "langevin" and options["steps"] == 3
   assert "rtol" not in options and "order" not in options  # other methods' options
   config.sampling.method = "ode"
-  _, options = train.sampler_settings(config)
+  _, options = experiment.sampler_settings(config)
   assert set(options) <= {"solver", "rtol", "atol", "steps", "denoise", "eps"}
 
 
@@ -107,7 +109,7 @@ def test_sampler_settings_maps_reference_names():
 def test_check_config_names_the_bad_value(override, message):
   assert jax.device_count() == 2
   with pytest.raises(ValueError) as e:
-    train.check_config(tiny_config(**override))
+    experiment.check_config(tiny_config(**override))
   assert message in str(e.value)
 
 
@@ -134,20 +136,21 @@ class _LinearScore(nn.Module):
 @pytest.mark.parametrize("ema_warmup", [False, True])
 def test_train_step_ema_follows_its_formula(ema_warmup):
   config = tiny_config(**{"optim.warmup": 0})
-  sde, model, optimizer = train.get_sde(config), _LinearScore(), train.get_optimizer(config)
+  sde, model, optimizer = experiment.make_sde(config), _LinearScore(), experiment.make_optimizer(config)
   x = jnp.zeros((1, 8, 8, 1))
   params = model.init(jax.random.PRNGKey(0), x, jnp.ones((1,)))["params"]
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=optimizer.init(params),
                            ema_params=jax.tree_util.tree_map(jnp.copy, params), constants={})
-  mesh = train.make_mesh()
-  step_fn = train.make_train_step(sde, model, optimizer, train.get_loss_fn(config, sde),
-                                  ema_rate=0.9, ema_warmup=ema_warmup, mesh=mesh)
+  mesh = parallel.make_mesh()
+  spec = experiment.RunSpec(sde=sde, model=model, loss_fn=experiment.make_loss_fn(config, sde),
+                            optimizer=optimizer, ema_rate=0.9, ema_warmup=ema_warmup)
+  step_fn = train.make_train_step(spec, mesh=mesh)
   data = datasets.get_dataset(config, "train")
   trajectory = [jax.device_get(params)]
   for i in range(3):
     batch = {k: v[None] for k, v in data.batch(i).items()}
-    state, _ = step_fn(state, jax.random.PRNGKey(1), train.shard_batch(batch, mesh, axis=1))
+    state, _ = step_fn(state, jax.random.PRNGKey(1), parallel.shard_batch(batch, mesh, axis=1))
     trajectory.append(jax.device_get(state.params))
   expected = trajectory[0]
   for n in range(3):
@@ -167,23 +170,20 @@ def test_train_step_ema_follows_its_formula(ema_warmup):
 def test_two_devices_match_one_device():
   """The same global batch on a 1-device and a 2-device mesh: same losses and parameters."""
   config = tiny_config()
-  sde = train.get_sde(config)
-  from score_sde import models
-  model = models.get_model(config)
-  optimizer = train.get_optimizer(config)
+  spec = dataclasses.replace(experiment.run_spec(config), ema_rate=0.9, ema_warmup=False,
+                             schedule=None)
+  model, optimizer = spec.model, spec.optimizer
   data = datasets.get_dataset(config, "train")
   batch = {k: np.stack([data.batch(i)[k] for i in range(3)]) for k in ("image", "label")}
   results = []
   for devices in (jax.devices()[:1], jax.devices()[:2]):
-    mesh = train.make_mesh(devices)
+    mesh = parallel.make_mesh(devices)
     state = train.init_state(jax.random.PRNGKey(0), config, model, optimizer)
     state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    step_fn = train.make_train_step(
-        sde, model, optimizer, train.get_loss_fn(config, sde), ema_rate=0.9,
-        scaler=datasets.get_data_scaler(True), mesh=mesh)
+    step_fn = train.make_train_step(spec, mesh=mesh)
     key = jax.device_put(jax.random.PRNGKey(1),
                          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    state, metrics = step_fn(state, key, train.shard_batch(batch, mesh, axis=1))
+    state, metrics = step_fn(state, key, parallel.shard_batch(batch, mesh, axis=1))
     results.append((jax.device_get(metrics), jax.device_get(state)))
   (m1, s1), (m2, s2) = results
   np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5)
