@@ -83,6 +83,8 @@ def main(argv) -> None:
   logging.getLogger().setLevel(logging.INFO)
   for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
     handler.addFilter(_QuietOrbax())
+  from score_sde import compilation_cache
+  compilation_cache.enable()  # before anything compiles; SCORE_SDE_CACHE_DIR= turns it off
   if FLAGS.distributed:
     import jax
     jax.distributed.initialize()
