@@ -38,7 +38,12 @@ flags.DEFINE_integer("step", None, "Checkpoint step for eval / sample (default: 
 flags.DEFINE_integer("num_samples", None, "Samples for --mode=sample (default: "
                      "config.eval.num_samples).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host "
-                  "runs; the cluster is detected from the environment).")
+                  "runs; on SLURM, Open MPI and TPU pods the cluster is detected from the "
+                  "environment, elsewhere give the three flags below).")
+flags.DEFINE_string("coordinator_address", None, "With --distributed: host:port of process "
+                    "0's coordinator (default: detected, or $JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "With --distributed: the number of processes.")
+flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -71,6 +76,16 @@ def run(config, workdir: str, mode: str, *, step: int | None = None,
   return evaluate.sample(config, workdir, step=step, num_samples=num_samples)
 
 
+def _initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                            process_id: int | None) -> None:
+  """`jax.distributed.initialize`, with Gloo collectives for processes that run on CPUs (so
+  that a multi-process run works on one machine too; GPUs and TPUs use their own)."""
+  import jax
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+
+
 class _QuietOrbax(logging.Filter):
   """Drops orbax's INFO chatter (it logs every save phase) but keeps its warnings."""
 
@@ -83,9 +98,10 @@ def main(argv) -> None:
   logging.getLogger().setLevel(logging.INFO)
   for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
     handler.addFilter(_QuietOrbax())
+  from score_sde import compilation_cache
+  compilation_cache.enable()  # before anything compiles; SCORE_SDE_CACHE_DIR= turns it off
   if FLAGS.distributed:
-    import jax
-    jax.distributed.initialize()
+    _initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   try:
     result = run(FLAGS.config, FLAGS.workdir, FLAGS.mode, step=FLAGS.step,
                  num_samples=FLAGS.num_samples)

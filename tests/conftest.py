@@ -3,8 +3,12 @@ and XLA's CPU backend at optimization level 0, which roughly halves compile time
 network tests (the programs are tiny; compiling, not running, dominates)."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2 "
                       "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The command-line runs the tests start share one compilation cache, not the user's.
+os.environ.setdefault("SCORE_SDE_CACHE_DIR", os.path.join(tempfile.gettempdir(),
+                                                          "score_sde_test_jax_cache"))
