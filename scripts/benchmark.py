@@ -5,7 +5,9 @@
         python scripts/benchmark.py --config=configs/fashion_mnist_vp.py --devices=2
 
 Prints one JSON line per measurement: images/s from the median of `--runs` timed calls after
-compilation, the compile time separately, and the peak memory (device `memory_stats()` where
+compilation, the compile time separately, the FLOPs of one call from XLA's cost analysis with
+the achieved TFLOP/s (and the fraction of the device's peak on known GPUs / TPUs), and the
+peak memory (device `memory_stats()` where
 the backend has them, else the process's max RSS). The train step is the one `train.py`
 runs: the config's loss, forward + backward, gradient clipping, the Adam update and the EMA,
 one optimizer step per call, data-parallel over a `"batch"` mesh of `--devices` devices.
@@ -22,6 +24,7 @@ import resource
 import statistics
 import sys
 import time
+from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -56,8 +59,37 @@ def peak_memory() -> dict:
           "memory_source": "process_max_rss"}
 
 
-def time_compiled(fn, args, runs: int) -> tuple[float, float]:
-  """(compile seconds, median run seconds) of `jax.jit`-ed `fn` on `args`."""
+# Vendor peak dense matrix throughput (FLOP/s) by device kind and compute dtype, for the
+# fraction-of-peak column; devices not listed (CPUs among them) get no fraction.
+PEAK_FLOPS = {
+    "H200": {"float32": 67e12, "bfloat16": 989e12},
+    "H100": {"float32": 67e12, "bfloat16": 989e12},
+    "A100": {"float32": 19.5e12, "bfloat16": 312e12},
+    "TPU v4": {"bfloat16": 275e12},
+    "TPU v5 lite": {"bfloat16": 197e12},
+}
+
+
+def utilization(compiled, seconds: float, device_kind: str, devices: int = 1,
+                dtype: str = "float32") -> dict:
+  """XLA's FLOP count of one call of `compiled` (all `devices` together: XLA counts one
+  device's share of a partitioned program), the achieved FLOP/s at `seconds` per call, and
+  the fraction of one device's peak where `PEAK_FLOPS` knows it."""
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  flops = float((analysis or {}).get("flops", 0.0)) * devices
+  if flops <= 0:
+    return {}
+  out = {"gflops_per_call": round(flops / 1e9, 3),
+         "achieved_tflops": round(flops / seconds / 1e12, 4)}
+  for kind, peaks in PEAK_FLOPS.items():
+    if kind.lower() in device_kind.lower() and dtype in peaks:
+      out["peak_fraction"] = round(flops / devices / seconds / peaks[dtype], 4)
+  return out
+
+
+def time_compiled(fn, args, runs: int) -> tuple[Any, float, float]:
+  """(compiled, compile seconds, median run seconds) of `jax.jit`-ed `fn` on `args`."""
   start = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - start
@@ -67,7 +99,7 @@ def time_compiled(fn, args, runs: int) -> tuple[float, float]:
     start = time.perf_counter()
     jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - start)
-  return compile_s, statistics.median(times)
+  return compiled, compile_s, statistics.median(times)
 
 
 def main(argv=None) -> None:
@@ -102,10 +134,11 @@ def main(argv=None) -> None:
   if args.mode in ("forward", "both"):
     labels = sde.noise_labels(t, continuous)
     forward = jax.jit(lambda v, x, labels: model.apply(v, x, labels, train=False))
-    compile_s, run_s = time_compiled(forward, (variables, x, labels), args.runs)
+    compiled, compile_s, run_s = time_compiled(forward, (variables, x, labels), args.runs)
     print(json.dumps({**base, "mode": "forward", "devices": 1, "compile_s": round(compile_s, 3),
                       "median_s": round(run_s, 5),
-                      "images_per_s": round(args.batch_size / run_s, 2), **peak_memory()}),
+                      "images_per_s": round(args.batch_size / run_s, 2),
+                      **utilization(compiled, run_s, base["device_kind"]), **peak_memory()}),
           flush=True)
 
   if args.mode in ("train", "both"):
@@ -134,7 +167,9 @@ def main(argv=None) -> None:
     run_s = statistics.median(times)
     print(json.dumps({**base, "mode": "train_step", "devices": args.devices,
                       "compile_s": round(compile_s, 3), "median_s": round(run_s, 5),
-                      "images_per_s": round(args.batch_size / run_s, 2), **peak_memory()}),
+                      "images_per_s": round(args.batch_size / run_s, 2),
+                      **utilization(compiled, run_s, base["device_kind"], args.devices),
+                      **peak_memory()}),
           flush=True)
 
 
