@@ -497,46 +497,62 @@ def _field(config: ml_collections.ConfigDict, name: str) -> Any:
   return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
-def _variant(config: ml_collections.ConfigDict, name: str, value: Any
+def _variant(config: ml_collections.ConfigDict, changes: Iterable[tuple[str, Any]]
              ) -> ml_collections.ConfigDict:
   config = copy.deepcopy(config)
   config.unlock()
-  section, field = name.split(".")
-  config[section][field] = value
+  for name, value in changes:
+    section, field = name.split(".")
+    config[section][field] = value
   return config
 
 
-def _candidates(config: ml_collections.ConfigDict, found: dict[str, tuple]) -> list:
-  """Single-field changes of `config` worth trying when a checkpoint does not match."""
-  m, d = config.model, config.data
-  nf = int(m.nf)
-  first_conv = [shape for key, shape in found.items() if key.endswith(".weight")
-                and len(shape) == 4 and shape[2:] == (3, 3)]
-  nfs = {nf // 2, nf * 2, 32, 64, 96, 128, 160, 192, 256}
-  if first_conv:
-    nfs.add(first_conv[0][0])
-  out = [("model.nf", v) for v in sorted(nfs - {nf}) if v > 0]
-  out += [("model.num_res_blocks", v) for v in range(1, 13) if v != m.num_res_blocks]
-  ch_mults = [(1, 2, 2, 2), (1, 2, 2), (1, 2), (1, 2, 2, 2, 2), (1, 2, 2, 2, 2, 2),
-              (1, 1, 2, 2, 2, 2, 2), (1, 2, 2, 2, 2, 2, 2), (1, 1, 2, 2, 4, 4), (1, 2, 3, 4),
-              (1, 2, 4, 8), (1, 2, 2, 2)[:-1]]
-  out += [("model.ch_mult", v) for v in dict.fromkeys(ch_mults) if v != tuple(m.ch_mult)]
-  size = int(d.image_size)
+_CH_MULTS = ((1, 2, 2, 2), (1, 2, 2), (1, 2), (1, 2, 2, 2, 2), (1, 2, 2, 2, 2, 2),
+             (1, 1, 2, 2, 2, 2, 2), (1, 2, 2, 2, 2, 2, 2), (1, 1, 2, 2, 4, 4), (1, 2, 3, 4),
+             (1, 2, 4, 8), (1, 2, 4, 8, 16, 32, 32, 32))
+_CHOICES = {"model.name": ("ncsnpp", "ddpm"), "model.resblock_type": ("biggan", "ddpm"),
+            "model.progressive": ("none", "output_skip", "residual"),
+            "model.progressive_input": ("none", "input_skip", "residual"),
+            "model.progressive_combine": ("sum", "cat"),
+            "model.embedding_type": ("fourier", "positional"), "model.fir": (True, False),
+            "model.resamp_with_conv": (True, False), "model.conditional": (True, False),
+            "data.num_channels": (1, 3)}
+
+
+def _inferred_nf(found: dict[str, tuple]) -> int | None:
+  """The output channels of the checkpoint's first 3x3 convolution (the input conv: nf)."""
+  return next((shape[0] for key, shape in found.items() if key.endswith(".weight")
+               and len(shape) == 4 and shape[2:] == (3, 3)), None)
+
+
+def _single_changes(config: ml_collections.ConfigDict, found: dict[str, tuple]) -> list:
+  """One-field changes of `config` worth trying when a checkpoint does not match."""
+  m = config.model
+  nfs = {int(m.nf) // 2, int(m.nf) * 2, 32, 64, 96, 128, 160, 192, 256, _inferred_nf(found)}
+  out = [("model.nf", v) for v in sorted(v for v in nfs if v)]
+  out += [("model.num_res_blocks", v) for v in range(1, 13)]
+  out += [("model.ch_mult", v) for v in _CH_MULTS]
+  size = int(config.data.image_size)
   attns = [(), (16,), (8,), (16, 8), (32, 16), (size // 2,), (size // 4,), (size // 8,)]
-  out += [("model.attn_resolutions", v) for v in dict.fromkeys(attns)
-          if v != tuple(m.attn_resolutions)]
-  choices = {"model.name": ("ncsnpp", "ddpm"), "model.resblock_type": ("biggan", "ddpm"),
-             "model.progressive": ("none", "output_skip", "residual"),
-             "model.progressive_input": ("none", "input_skip", "residual"),
-             "model.progressive_combine": ("sum", "cat"),
-             "model.embedding_type": ("fourier", "positional"), "model.fir": (True, False),
-             "model.resamp_with_conv": (True, False), "model.conditional": (True, False),
-             "data.num_channels": (1, 3)}
-  for name, values in choices.items():
-    out += [(name, v) for v in values if v != _field(config, name)]
-  if "sigmas" in found and found["sigmas"]:
+  out += [("model.attn_resolutions", v) for v in dict.fromkeys(attns)]
+  for name, values in _CHOICES.items():
+    out += [(name, v) for v in values]
+  if found.get("sigmas"):
     out.append(("model.num_scales", found["sigmas"][0]))
   return [(name, v) for name, v in out if _field(config, name) != v]
+
+
+def _size_changes(config: ml_collections.ConfigDict, found: dict[str, tuple]):
+  """Joint changes of the size fields: the checkpoint's nf with every num_res_blocks and
+  ch_mult tried (a network of another size usually differs in several)."""
+  nf = _inferred_nf(found) or int(config.model.nf)
+  for num_res_blocks in range(1, 13):
+    for ch_mult in (_field(config, "model.ch_mult"), *_CH_MULTS):
+      changes = [("model.nf", nf), ("model.num_res_blocks", num_res_blocks),
+                 ("model.ch_mult", ch_mult)]
+      changes = [(n, v) for n, v in changes if _field(config, n) != v]
+      if len(changes) > 1:
+        yield changes
 
 
 def _layout_shapes(config) -> dict[str, tuple] | None:
@@ -544,6 +560,23 @@ def _layout_shapes(config) -> dict[str, tuple] | None:
     return {e.key: e.shape for e in layout(config)}
   except (ValueError, KeyError, AssertionError, ZeroDivisionError):
     return None
+
+
+def _fixes(config: ml_collections.ConfigDict, found: dict[str, tuple], limit: int = 3
+           ) -> list[list[tuple[str, Any]]]:
+  """Config changes (one field, else the size fields jointly) that make `layout(config)`
+  equal the checkpoint's keys and shapes."""
+  fixes = []
+  for changes in ([[c] for c in _single_changes(config, found)],
+                  _size_changes(config, found)):
+    for change in changes:
+      if _layout_shapes(_variant(config, change)) == found:
+        fixes.append(change)
+        if len(fixes) >= limit:
+          return fixes
+    if fixes:
+      return fixes
+  return fixes
 
 
 def _mismatch(config: ml_collections.ConfigDict, expected: list[Entry],
@@ -570,8 +603,8 @@ def _mismatch(config: ml_collections.ConfigDict, expected: list[Entry],
     first = (f"the checkpoint has {len(extra)} entries the config's network lacks, first "
              f"{extra[0]} {found[extra[0]]}")
     fields = STRUCTURE_FIELDS
-  matches = [f"config.{name}={value!r}" for name, value in _candidates(config, found)
-             if _layout_shapes(_variant(config, name, value)) == found]
+  matches = [", ".join(f"config.{name}={value!r}" for name, value in fix)
+             for fix in _fixes(config, found)]
   current = ", ".join(f"{name}={_field(config, name)!r}" for name in dict.fromkeys(fields))
   hint = (f"the checkpoint matches the config with {' or '.join(matches)}" if matches else
           f"fields that most likely differ (current values): {current}")
@@ -630,10 +663,13 @@ def import_state(config: ml_collections.ConfigDict, checkpoint: Any, *, where: s
   if shadow is None:
     logging.warning("%s has no EMA weights: the EMA parameters start as the model's", where)
     shadow = [model[e.key] for e in trainable]
-  if not isinstance(shadow, (list, tuple)) or len(shadow) != len(trainable):
+  if not isinstance(shadow, (list, tuple)):
+    raise CheckpointMismatchError(f"{where}: ema.shadow_params is "
+                                  f"{type(shadow).__name__}, not a list of tensors")
+  if len(shadow) != len(trainable):
     raise CheckpointMismatchError(
-        f"{where}: ema.shadow_params has {len(shadow) if isinstance(shadow, (list, tuple)) else shadow!r} "
-        f"entries, but the model has {len(trainable)} trainable parameters")
+        f"{where}: ema.shadow_params has {len(shadow)} entries, but the model has "
+        f"{len(trainable)} trainable parameters")
   ema = {}
   for e, array in zip(trainable, shadow):
     if not isinstance(array, np.ndarray) or tuple(array.shape) != e.shape:
@@ -643,9 +679,14 @@ def import_state(config: ml_collections.ConfigDict, checkpoint: Any, *, where: s
     ema[e.key] = array
   sigmas = model["sigmas"]
   if not np.allclose(sigmas, reference_sigmas(config), rtol=1e-6):
-    logging.warning("%s: its sigmas buffer (%.4g .. %.4g) is not the config's geometric "
-                    "sequence from sigma_max=%s to sigma_min=%s", where, sigmas[0], sigmas[-1],
-                    config.model.sigma_max, config.model.sigma_min)
+    m = config.model
+    message = (f"{where}: its sigmas buffer ({sigmas[0]:.6g} .. {sigmas[-1]:.6g}) is not the "
+               f"config's geometric sequence from config.model.sigma_max={m.sigma_max} to "
+               f"sigma_min={m.sigma_min}")
+    # The networks divide by these sigmas with scale_by_sigma and discrete labels.
+    if m.scale_by_sigma and (m.name == "ddpm" or m.embedding_type != "fourier"):
+      raise CheckpointMismatchError(message)
+    logging.warning("%s (unused by this network)", message)
   variables: dict[str, dict] = {}
   ema_params: dict = {}
   for e in entries:

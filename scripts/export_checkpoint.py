@@ -31,9 +31,16 @@ flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.mark_flags_as_required(["config", "workdir", "output"])
 
 
+def _not_orbax_info(record: logging.LogRecord) -> bool:
+  """Drops orbax's INFO chatter (it logs every save phase), keeps its warnings."""
+  return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv) -> None:
   del argv
   logging.getLogger().setLevel(logging.INFO)
+  for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+    handler.addFilter(_not_orbax_info)
   from score_sde import reference_checkpoints  # heavy imports after flag parsing
 
   try:

@@ -13,6 +13,7 @@ import copy
 import glob
 import importlib
 import json
+import logging
 import os
 import pathlib
 import pickle
@@ -271,6 +272,25 @@ def test_export_round_trips_a_fresh_network(tmp_path):
       np.testing.assert_array_equal(x, np.asarray(y))
 
 
+def test_sigmas_the_network_divides_by_must_match(caplog):
+  """A discrete NCSN++ (positional labels, scale_by_sigma) divides by the sigmas buffer:
+  another sigma_max is an error; with Fourier labels the buffer is unused."""
+  config = published_config("ve/cifar10_ncsnpp")
+  config.model.update(nf=16, ch_mult=(1, 2), num_res_blocks=1)
+  abstract = jax.eval_shape(lambda k: models.init_model(k, config), jax.random.PRNGKey(0))
+  variables = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, np.float32), abstract)
+  params = variables.pop("params")
+  exported = rc.export_state(config, params, params, variables, 1)
+  config.model.sigma_max = 40.0
+  with pytest.raises(rc.CheckpointMismatchError, match="sigma_max=40.0"):
+    rc.import_state(config, exported)
+  config = fixture_config("ve_ncsnpp_continuous")
+  config.model.sigma_max = 60.0
+  with caplog.at_level(logging.WARNING):
+    weights = rc.import_state(config, torch_zip.load(fixture_path("ve_ncsnpp_continuous.pth")))
+  assert weights.step == 7 and "unused by this network" in caplog.text
+
+
 def test_exported_file_loads_in_torch(tmp_path):
   """torch (when installed) reads an export with weights_only=True, and the Adam state
   loads into an optimizer over the reference network's parameter list."""
@@ -372,15 +392,30 @@ def test_mismatched_structure_names_the_field():
     rc.import_state(config, checkpoint)
 
 
-def test_mismatch_without_single_fix_lists_the_likely_fields():
-  config = fixture_config("vp_ddpm")
-  config.model.nf, config.model.num_res_blocks = 64, 3
+def test_full_size_config_on_a_small_checkpoint_names_the_size_fields():
+  """The full-size DDPM config against the small DDPM file: several size fields differ."""
+  config = load_config("cifar10_ddpm")
   checkpoint = torch_zip.load(fixture_path("vp_ddpm.pth"))
   with pytest.raises(rc.CheckpointMismatchError) as error:
     rc.import_state(config, checkpoint)
   message = str(error.value)
-  assert "model.nf=64" in message and "all_modules.0.weight" in message
-  assert "(128, 32)" in message and "(256, 64)" in message
+  assert "all_modules.0.weight" in message
+  assert "(128, 32)" in message and "(512, 128)" in message
+  assert ("config.model.nf=32, config.model.num_res_blocks=1, config.model.ch_mult=(1, 2)"
+          in message)
+
+
+def test_mismatch_without_a_fix_lists_the_likely_fields():
+  config = fixture_config("vp_ddpm")
+  checkpoint = copy.deepcopy(torch_zip.load(fixture_path("vp_ddpm.pth")))
+  key = "module.all_modules.5.NIN_0.W"
+  checkpoint["model"][key] = checkpoint["model"][key][:-1]
+  with pytest.raises(rc.CheckpointMismatchError) as error:
+    rc.import_state(config, checkpoint)
+  message = str(error.value)
+  assert "all_modules.5.NIN_0.W has shape (31, 64) in the checkpoint" in message
+  assert "(32, 64)" in message
+  assert "fields that most likely differ (current values): model.nf=32" in message
 
 
 def test_ema_of_the_wrong_length_is_refused():
