@@ -29,7 +29,7 @@ import pytest
 from score_sde import models, torch_zip
 from score_sde import reference_checkpoints as rc
 from score_sde import train as train_lib
-from test_models import REFERENCE_PARAM_COUNTS
+from test_models import REFERENCE_PARAM_COUNTS, TINY_OVERRIDES
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = pathlib.Path(os.environ.get("SCORE_SDE_FIXTURES",
@@ -120,6 +120,22 @@ def test_layout_matches_full_size_network(name):
   assert mapped == REFERENCE_PARAM_COUNTS[name]
   assert entries[0].key == "sigmas" and entries[0].shape == (config.model.num_scales,)
   assert len({e.key for e in entries}) == len(entries)
+
+
+OPTION_CASES = ([("cifar10_ve", o) for o in TINY_OVERRIDES if not o.get("num_classes")]
+                + [("cifar10_ddpm", {}), ("cifar10_ddpm", {"resamp_with_conv": False,
+                                                           "attn_resolutions": (8,)})])
+
+
+@pytest.mark.parametrize("name,overrides", OPTION_CASES, ids=lambda o: (
+    ",".join(f"{k}={v}" for k, v in o.items()) or "base") if isinstance(o, dict) else o)
+def test_layout_matches_every_option_combination(name, overrides):
+  """Small networks with each option the reference has (DDPM blocks with FIR, plain
+  resampling, both pyramids with 'cat' and 'sum', residual pyramids, positional labels,
+  unconditional; the DDPM U-Net), against `jax.eval_shape`."""
+  config = load_config(name, "tiny")
+  config.model.update(overrides)
+  rc.check_layout(config)
 
 
 def published_config(name: str):
@@ -339,14 +355,13 @@ def test_import_into_workdir_then_load_checkpoint(tmp_path):
 
   with pytest.raises(FileExistsError, match="overwrite"):
     rc.import_checkpoint(config, fixture_path("ve_ncsnpp_continuous.pth"), workdir)
-  assert rc.import_checkpoint(config, fixture_path("ve_ncsnpp_continuous.pth"), workdir,
-                              overwrite=True) == 7
   assert sorted(os.listdir(workdir / "checkpoints")) == ["7"]
 
 
 @pytest.mark.slow
 def test_import_script_with_config_overrides(tmp_path):
-  """The command line: --config file plus --config.* overrides of the network size."""
+  """The command line: --config file plus --config.* overrides of the network size; an
+  existing workdir is refused, and replaced with --overwrite."""
   overrides = load_index()["vp_ddpmpp_continuous"]["overrides"]
   cmd = [sys.executable, str(ROOT / "scripts" / "import_checkpoint.py"),
          "--config=" + str(ROOT / "configs" / "cifar10_vp.py"),
@@ -360,9 +375,15 @@ def test_import_script_with_config_overrides(tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert "imported step 7" in result.stdout
   assert (tmp_path / "run" / "checkpoints" / "7").is_dir()
-  result = subprocess.run(cmd[:-2], capture_output=True, text=True, env=env, timeout=300)
+  result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
   assert result.returncode == 2
-  assert "already holds checkpoints" in result.stderr
+  assert "already holds checkpoints" in result.stderr and "--overwrite" in result.stderr
+  # --overwrite replaces the checkpoint (here: another file of the same network).
+  (tmp_path / "run" / "checkpoints" / "7").rename(tmp_path / "run" / "checkpoints" / "3")
+  result = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, env=env,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["7"]
 
 
 # --- bad input -------------------------------------------------------------------------------
