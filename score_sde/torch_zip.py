@@ -24,7 +24,7 @@ import struct
 import zipfile
 from typing import Any
 
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 
 # Storage type name (as pickled: `torch.<Name>`) -> numpy dtype of its elements.
@@ -32,7 +32,7 @@ STORAGE_DTYPES: dict[str, np.dtype] = {
     "DoubleStorage": np.dtype("float64"),
     "FloatStorage": np.dtype("float32"),
     "HalfStorage": np.dtype("float16"),
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "BFloat16Storage": np.dtype(jnp.bfloat16),
     "LongStorage": np.dtype("int64"),
     "IntStorage": np.dtype("int32"),
     "ShortStorage": np.dtype("int16"),
@@ -147,8 +147,8 @@ def load(path: str | os.PathLike) -> Any:
     path: the `.pth` / `.pt` file.
 
   Returns:
-    The saved object with every tensor as a numpy array (same dtype and shape; bfloat16 via
-    `ml_dtypes`) and every container as plain Python (`OrderedDict` stays one).
+    The saved object with every tensor as a numpy array (same dtype and shape; bfloat16 as
+    `jnp.bfloat16`) and every container as plain Python (`OrderedDict` stays one).
 
   Raises:
     FileNotFoundError: no such file.

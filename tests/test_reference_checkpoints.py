@@ -447,6 +447,34 @@ def test_ema_of_the_wrong_length_is_refused():
     rc.import_state(config, checkpoint)
 
 
+def test_torch_zip_reads_what_torch_writes(tmp_path):
+  """Strided views, storage offsets, shared storages, 0-d tensors and every dtype, as torch
+  saves them (torch only writes the file here; reading is torch-free)."""
+  torch = pytest.importorskip("torch")
+  base = torch.arange(60, dtype=torch.float64).reshape(3, 4, 5)
+  tensors = {"view": base.permute(2, 0, 1)[1:, :, ::2], "offset": base[1, 2:],
+             "same_storage": base, "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 3)}
+  for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                torch.int16, torch.int8, torch.uint8, torch.bool):
+    tensors[str(dtype)] = (torch.arange(12) % 3).to(dtype).reshape(3, 4).t()
+  obj = {"tensors": tensors, "meta": [1, 2.5, "x", None, True, (3, 4)]}
+  torch.save(obj, tmp_path / "t.pth")
+  loaded = torch_zip.load(tmp_path / "t.pth")
+  assert loaded["meta"] == [1, 2.5, "x", None, True, (3, 4)]
+  for name, tensor in tensors.items():
+    expected = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+    got = loaded["tensors"][name]
+    assert got.shape == expected.shape, name
+    np.testing.assert_array_equal(np.asarray(got, expected.dtype), expected, err_msg=name)
+  assert loaded["tensors"]["torch.bfloat16"].dtype == jnp.bfloat16
+  # And torch reads what torch_zip writes, dtypes included.
+  torch_zip.save(loaded, tmp_path / "back.pth")
+  back = torch.load(tmp_path / "back.pth", weights_only=True)
+  for name, tensor in tensors.items():
+    assert back["tensors"][name].dtype == tensor.dtype, name
+    assert torch.equal(back["tensors"][name], tensor.contiguous()), name
+
+
 def test_not_a_checkpoint(tmp_path):
   text = tmp_path / "notes.pth"
   text.write_text("not a checkpoint")
