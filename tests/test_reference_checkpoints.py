@@ -385,6 +385,18 @@ def test_import_script_with_config_overrides(tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["7"]
 
+  # --mode=sample runs on the imported workdir (the same config and overrides).
+  from score_sde import main
+  config = load_config("cifar10_vp")
+  config.model.update(nf=overrides["nf"], ch_mult=tuple(overrides["ch_mult"]),
+                      num_res_blocks=overrides["num_res_blocks"])
+  config.sampling.update(steps=3, batch_size=4)
+  result = main.run(config, str(tmp_path / "run"), "sample", num_samples=4)
+  assert result["step"] == 7 and result["nfe"] == 3
+  with np.load(result["npz"]) as f:
+    samples = f["samples"]
+  assert samples.shape == (4, 32, 32, 3) and np.all(np.isfinite(samples))
+
 
 # --- bad input -------------------------------------------------------------------------------
 
