@@ -31,6 +31,9 @@ class DDPM(nn.Module):
     centered: inputs in [-1, 1]; otherwise in [0, 1] and mapped to [-1, 1].
     sigma_min, sigma_max, num_scales: the discrete noise levels for `scale_by_sigma`.
     num_classes: > 0 adds a class embedding (index num_classes = null label).
+
+  Every GroupNorm has 32 groups, as in the reference DDPM (see `layers.group_norm` for
+  channel counts that 32 does not divide).
   """
 
   nf: int = 128
@@ -74,10 +77,10 @@ class DDPM(nn.Module):
 
     def resnet(out_ch=None):
       return layers.ResnetBlock(out_ch=out_ch, kind="ddpm", dropout=self.dropout,
-                                skip_rescale=False, init_scale=0.0)
+                                skip_rescale=False, init_scale=0.0, norm_groups=32)
 
     def attn():
-      return layers.AttnBlock(skip_rescale=False, init_scale=0.0)
+      return layers.AttnBlock(skip_rescale=False, init_scale=0.0, norm_groups=32)
 
     h = x if self.centered else 2.0 * x - 1.0  # [0, 1] -> [-1, 1]
 
@@ -109,7 +112,7 @@ class DDPM(nn.Module):
         h = layers.Upsample(with_conv=self.resamp_with_conv)(h)
     assert not hs
 
-    h = layers.conv3x3(act(layers.group_norm(h)), x.shape[-1], init_scale=0.0)
+    h = layers.conv3x3(act(layers.group_norm(h, 32)), x.shape[-1], init_scale=0.0)
 
     if self.scale_by_sigma:
       sigmas = discrete_sigmas(self.sigma_min, self.sigma_max,

@@ -72,6 +72,8 @@ class NCSNpp(nn.Module):
     sigma_min, sigma_max, num_scales: the discrete noise levels (positional scale_by_sigma).
     num_classes: > 0 adds a class embedding (index num_classes = null label) to the noise
       embedding.
+    norm_groups: GroupNorm groups of every layer (None: min(C // 4, 32), NCSN++'s rule; the
+      reference DDPM uses 32, see `layers.group_norm`).
   """
 
   nf: int = 128
@@ -97,6 +99,7 @@ class NCSNpp(nn.Module):
   sigma_max: float = 50.0
   num_scales: int = 1000
   num_classes: int = 0
+  norm_groups: int | None = None
 
   def __post_init__(self):
     layers._check_choice("resblock_type", self.resblock_type, layers.RESBLOCK_TYPES)
@@ -138,13 +141,15 @@ class NCSNpp(nn.Module):
 
     resnet = functools.partial(
         layers.ResnetBlock, kind=self.resblock_type, fir=self.fir, fir_kernel=self.fir_kernel,
-        dropout=self.dropout, skip_rescale=self.skip_rescale, init_scale=self.init_scale)
+        dropout=self.dropout, skip_rescale=self.skip_rescale, init_scale=self.init_scale,
+        norm_groups=self.norm_groups)
     attn = functools.partial(layers.AttnBlock, skip_rescale=self.skip_rescale,
-                             init_scale=self.init_scale)
+                             init_scale=self.init_scale, norm_groups=self.norm_groups)
     resample = dict(fir=self.fir, fir_kernel=self.fir_kernel)
 
     def output_conv(h, features, init_scale):
-      return layers.conv3x3(act(layers.group_norm(h)), features, init_scale=init_scale)
+      return layers.conv3x3(act(layers.group_norm(h, self.norm_groups)), features,
+                            init_scale=init_scale)
 
     if not self.centered:
       x = 2.0 * x - 1.0  # [0, 1] -> [-1, 1]

@@ -1,0 +1,56 @@
+"""Exports a checkpoint of this project in score_sde_pytorch's format (a `.pth` file).
+
+    python scripts/export_checkpoint.py --config=configs/cifar10_vp.py \\
+        --workdir=runs/cifar10_vp --output=checkpoint_exported.pth [--step=K]
+
+The file is what the reference's `save_checkpoint` writes (`{'optimizer', 'model', 'ema',
+'step'}`, model keys `module.all_modules.<i>...`), so its `restore_checkpoint` and
+`torch.load(path, weights_only=True)` read it; written without torch. The Adam moments are
+not exported (the optimizer entry holds the hyper-parameters and an empty state).
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))  # so config files can `from configs import default`
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file of the run.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "The run directory to read the checkpoint from.")
+flags.DEFINE_string("output", None, "The .pth file to write.")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.mark_flags_as_required(["config", "workdir", "output"])
+
+
+def _not_orbax_info(record: logging.LogRecord) -> bool:
+  """Drops orbax's INFO chatter (it logs every save phase), keeps its warnings."""
+  return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv) -> None:
+  del argv
+  logging.getLogger().setLevel(logging.INFO)
+  for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+    handler.addFilter(_not_orbax_info)
+  from score_sde import reference_checkpoints  # heavy imports after flag parsing
+
+  try:
+    step = reference_checkpoints.export_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.output,
+                                                   step=FLAGS.step)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"exported step {step} of {FLAGS.workdir} to {FLAGS.output}")
+
+
+if __name__ == "__main__":
+  app.run(main)

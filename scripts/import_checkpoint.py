@@ -1,0 +1,61 @@
+"""Imports a score_sde_pytorch checkpoint into a workdir of this project.
+
+    python scripts/import_checkpoint.py --config=configs/cifar10_vp.py \\
+        --checkpoint=checkpoint_8.pth --workdir=runs/published_vp
+    python -m score_sde.main --config=configs/cifar10_vp.py --workdir=runs/published_vp \\
+        --mode=sample --config.sampling.method=ode
+
+`--config` takes the same `path.py[:arg]` and `--config.<section>.<field>=value` overrides
+as `score_sde.main`, so a network of another size is imported by overriding its fields (see
+docs/checkpoints.md for the overrides of every published checkpoint). The EMA weights become
+the EMA parameters (used by sampling and evaluation), the model weights the parameters, the
+step the step; the optimizer state starts fresh. The file is read without executing pickled
+code, and without torch. A workdir that already has checkpoints is refused unless
+`--overwrite`.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))  # so config files can `from configs import default`
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py) whose "
+                                "network the checkpoint holds.", lock_config=True)
+flags.DEFINE_string("checkpoint", None, "The score_sde_pytorch checkpoint (.pth).")
+flags.DEFINE_string("workdir", None, "The run directory to write the checkpoint into.")
+flags.DEFINE_bool("overwrite", False, "Replace the workdir's existing checkpoints.")
+flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
+
+
+def _not_orbax_info(record: logging.LogRecord) -> bool:
+  """Drops orbax's INFO chatter (it logs every save phase), keeps its warnings."""
+  return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv) -> None:
+  del argv
+  logging.getLogger().setLevel(logging.INFO)
+  for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+    handler.addFilter(_not_orbax_info)
+  from score_sde import reference_checkpoints  # heavy imports after flag parsing
+
+  try:
+    step = reference_checkpoints.import_checkpoint(FLAGS.config, FLAGS.checkpoint,
+                                                   FLAGS.workdir, overwrite=FLAGS.overwrite)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"imported step {step} into {FLAGS.workdir} (optimizer state re-initialized)")
+
+
+if __name__ == "__main__":
+  app.run(main)
