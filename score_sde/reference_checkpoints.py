@@ -771,7 +771,7 @@ def import_checkpoint(config: ml_collections.ConfigDict, checkpoint_path: str | 
     torch_zip.CheckpointFormatError: not a torch checkpoint, or unsafe pickle contents.
     CheckpointMismatchError: the checkpoint does not fit the config's network.
   """
-  from score_sde import train as train_lib  # heavy; keeps this module light to import
+  from score_sde import experiment, train as train_lib  # heavy; keeps this module light
 
   path = os.fspath(checkpoint_path)
   ckpt_dir = checkpoints.checkpoint_dir(workdir)
@@ -782,7 +782,7 @@ def import_checkpoint(config: ml_collections.ConfigDict, checkpoint_path: str | 
                           f"({sorted(os.listdir(ckpt_dir))}); pass overwrite=True "
                           "(--overwrite) to replace them, or choose another workdir")
   weights = import_state(config, torch_zip.load(path), where=path)
-  optimizer = train_lib.get_optimizer(config)
+  optimizer = experiment.make_optimizer(config)
   params = jax.tree_util.tree_map(jnp.asarray, weights.params)
   state = train_lib.TrainState(
       step=jnp.asarray(weights.step, jnp.int32), params=params,

@@ -28,7 +28,7 @@ import pytest
 
 from score_sde import models, torch_zip
 from score_sde import reference_checkpoints as rc
-from score_sde import train as train_lib
+from score_sde import experiment
 from test_models import REFERENCE_PARAM_COUNTS, TINY_OVERRIDES
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def test_published_checkpoint_configs_are_valid(name):
   """Every published row's config exists, passes the config checks, and has a layout."""
   assert (ROOT / rc.PUBLISHED[name][0]).is_file()
   config = published_config(name)
-  train_lib.check_config(config)
+  experiment.check_config(config)
   assert rc.layout(config)[0].key == "sigmas"
 
 
@@ -198,7 +198,7 @@ def test_fixture_outputs_through_apply_and_score_fn(case):
   model = models.get_model(config)
   x = jnp.asarray(nhwc(outputs["x_nchw"]))
   labels = np.asarray(outputs["labels"])
-  sde = train_lib.get_sde(config)
+  sde = experiment.make_sde(config)
   continuous = bool(config.training.continuous)
   m = config.model
 
