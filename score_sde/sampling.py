@@ -681,6 +681,9 @@ def dpm_solver_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *,
 # Probability-flow ODE with diffrax
 # --------------------------------------------------------------------------------------------
 
+# The solvers `ode_sample` takes by name (the table lives in `score_sde.solvers`).
+ODE_SOLVERS = solvers.SOLVERS
+
 def ode_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, solver: str = "tsit5",
                rtol: float = 1e-5, atol: float = 1e-5, steps: int | None = None,
                max_steps: int | None = None, denoise: bool = True, eps: float | None = None,
@@ -692,7 +695,7 @@ def ode_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, solver: str = 
 
   Args:
     key, score_fn, sde, shape: as for `pc_sample`.
-    solver: one of `solvers.SOLVERS`: 'tsit5' (default), 'dopri5', 'dopri8', 'bosh3', 'heun'
+    solver: one of `ODE_SOLVERS`: 'tsit5' (default), 'dopri5', 'dopri8', 'bosh3', 'heun'
       (adaptive or fixed) or 'euler' (fixed steps only).
     rtol, atol: tolerances of the adaptive step-size controller.
     steps: fixed number of steps (None: adaptive).
