@@ -19,56 +19,16 @@ dimension of 8-bit data (see its docstring for the offset convention). Only `sde
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from score_sde.sde import SDE
-
-ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
+from score_sde import solvers
+from score_sde.sde import SDE, ScoreFn, sum_except_batch
 
 DIVERGENCES = ("rademacher", "gaussian", "exact")
-
-# Adaptive explicit Runge-Kutta solvers of diffrax that may integrate the likelihood ODE.
-SOLVERS: dict[str, Callable[[], diffrax.AbstractERK]] = {
-    "tsit5": diffrax.Tsit5,
-    "dopri5": diffrax.Dopri5,
-    "dopri8": diffrax.Dopri8,
-    "bosh3": diffrax.Bosh3,
-    "heun": diffrax.Heun,
-}
-
-
-def ode_function_evaluations(solver: diffrax.AbstractERK, num_steps: jax.Array) -> jax.Array:
-  """The exact number of vector-field evaluations of an adaptive diffrax ERK solve.
-
-  diffrax 0.7 reports `num_steps` (accepted + rejected) but not the evaluations. With an
-  explicit initial step `dt0` (as `log_likelihood` passes, so no evaluations are spent choosing
-  one), an explicit Runge-Kutta tableau with s stages evaluates the vector field
-    * FSAL ("first same as last": Tsit5, Dopri5, Dopri8, Bosh3): once for f(y0) on the first
-      step, then s - 1 times per step, accepted or rejected (a rejected step keeps the stored
-      first stage), i.e. 1 + (s - 1) num_steps;
-    * otherwise (Heun): s times per step, i.e. s num_steps.
-  `tests/test_likelihood.py` checks this count against a host-side counter.
-
-  Args:
-    solver: a diffrax explicit Runge-Kutta solver instance.
-    num_steps: `sol.stats["num_steps"]`, an int scalar.
-
-  Returns:
-    int scalar: the number of vector-field (ODE-function) evaluations.
-  """
-  stages = len(solver.tableau.c) + 1
-  if solver.tableau.fsal:
-    return 1 + (stages - 1) * num_steps
-  return stages * num_steps
-
-
-def _sum_except_batch(v: jax.Array) -> jax.Array:
-  return jnp.sum(v.reshape(v.shape[0], -1), axis=-1)
 
 
 def log_likelihood(key: jax.Array, score_fn: ScoreFn, sde: SDE, x: jax.Array, *,
@@ -94,13 +54,14 @@ def log_likelihood(key: jax.Array, score_fn: ScoreFn, sde: SDE, x: jax.Array, *,
       batched with vmap; for small D).
     rtol, atol: tolerances of the adaptive step-size controller.
     eps: the data-side end time; the result is log p_eps(x).
-    solver: a name in `SOLVERS` ('tsit5', 'dopri5', 'dopri8', 'bosh3', 'heun').
+    solver: an adaptive solver of `solvers.SOLVERS` ('tsit5', 'dopri5', 'dopri8', 'bosh3',
+      'heun').
     max_steps: the solver's step budget (the solve fails loudly beyond it).
 
   Returns:
     logp: `[B]`, log p_eps(x) = sde.prior_logp(z) + int_eps^T div f~ dt, in nats.
     z: `[B, *D]`, the latent x_T.
-    nfe: int scalar, the number of ODE-function evaluations (`ode_function_evaluations`).
+    nfe: int scalar, the number of ODE-function evaluations (`solvers.function_evaluations`).
       One ODE-function evaluation is one evaluation of the drift and of its divergence on
       the whole batch: one call of `score_fn` inside a forward-mode JVP (Hutchinson; about
       2-3x the cost of a bare score evaluation), or one vmapped batch of D JVPs (exact).
@@ -110,8 +71,7 @@ def log_likelihood(key: jax.Array, score_fn: ScoreFn, sde: SDE, x: jax.Array, *,
   """
   if divergence not in DIVERGENCES:
     raise ValueError(f"Unknown divergence {divergence!r}; valid: {list(DIVERGENCES)}")
-  if solver not in SOLVERS:
-    raise ValueError(f"Unknown solver {solver!r}; valid: {sorted(SOLVERS)}")
+  solvers.check_solver(solver, adaptive=True)
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"x must be floating point data scaled for the model, got {x.dtype}")
@@ -144,7 +104,7 @@ def log_likelihood(key: jax.Array, score_fn: ScoreFn, sde: SDE, x: jax.Array, *,
 
     def drift_and_div(y, t):
       dy, jv = jax.jvp(lambda u: drift(u, t), (y,), (probe,))
-      return dy, _sum_except_batch(jv * probe)
+      return dy, sum_except_batch(jv * probe)
 
   def vector_field(t, state, args):
     del args
@@ -152,7 +112,7 @@ def log_likelihood(key: jax.Array, score_fn: ScoreFn, sde: SDE, x: jax.Array, *,
     dy, div = drift_and_div(y, t)
     return dy, div
 
-  erk = SOLVERS[solver]()
+  erk = solvers.SOLVERS[solver]()
   sol = diffrax.diffeqsolve(
       diffrax.ODETerm(vector_field), erk, t0=eps, t1=sde.T, dt0=0.01 * (sde.T - eps),
       y0=(x, jnp.zeros((batch,), x.dtype)),
@@ -160,7 +120,7 @@ def log_likelihood(key: jax.Array, score_fn: ScoreFn, sde: SDE, x: jax.Array, *,
       saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
   z, delta_logp = sol.ys[0][0], sol.ys[1][0]
   logp = sde.prior_logp(z) + delta_logp
-  nfe = ode_function_evaluations(erk, sol.stats["num_steps"])
+  nfe = solvers.function_evaluations(erk, sol.stats["num_steps"])
   return logp, z, nfe
 
 

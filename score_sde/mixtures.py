@@ -103,7 +103,7 @@ def _kernel(sde: SDE | None, t, x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return sde.alpha(t).astype(x.dtype), sde.sigma(t).astype(x.dtype)
 
 
-def two_moons_mixture() -> GaussianMixture:
+def three_gaussians_mixture() -> GaussianMixture:
   """A 2-D, 3-component mixture with unequal weights and widths: the default toy problem."""
   return GaussianMixture(weights=(0.5, 0.3, 0.2),
                          means=((-1.5, 0.0), (1.0, 1.2), (1.0, -1.2)),

@@ -64,6 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from score_sde import solvers
 from score_sde.sde import SDE, ScoreFn, batch_scalar
 
 Array = jax.Array
@@ -74,15 +75,9 @@ Array = jax.Array
 # --------------------------------------------------------------------------------------------
 
 
-def _constant_alpha(sde: SDE) -> bool:
-  """Whether the SDE leaves the signal unscaled, alpha(t) = 1 (VE), read off `log_alpha(T)`."""
-  with jax.ensure_compile_time_eval():
-    return float(sde.log_alpha(jnp.asarray(sde.T, jnp.float32))) == 0.0
-
-
 def default_eps(sde: SDE) -> float:
   """The default end time: 1e-5 for SDEs with constant alpha(t) = 1 (VE), else 1e-3."""
-  return 1e-5 if _constant_alpha(sde) else 1e-3
+  return 1e-5 if sde.constant_alpha else 1e-3
 
 
 def _check_name(kind: str, name: str, valid) -> None:
@@ -144,12 +139,17 @@ def _time_grid(sde: SDE, eps: float, n: int, spacing: str = "uniform") -> np.nda
   return ts
 
 
+def _denoised(x: Array, score: Array, alpha, sigma) -> Array:
+  """Tweedie's formula E[x_0 | x_t] = (x + sigma^2 score) / alpha, for the score at x_t."""
+  return (x + sigma**2 * score) / alpha
+
+
 def _tweedie(score_fn: ScoreFn, sde: SDE, x: Array, t) -> Array:
-  """E[x_0 | x_t] = (x + sigma(t)^2 score(x, t)) / alpha(t): one score evaluation."""
+  """E[x_0 | x_t] at time t (a scalar): one score evaluation."""
   t = _full_t(t, x)
   sigma = batch_scalar(sde.sigma(t), x)
   alpha = batch_scalar(sde.alpha(t), x)
-  return (x + sigma**2 * score_fn(x, t)) / alpha
+  return _denoised(x, score_fn(x, t), alpha, sigma)
 
 
 def _data_end(values: Array, end) -> Array:
@@ -259,7 +259,7 @@ def _ancestral_sampling(key, score_fn, sde, x, step: _Step, probability_flow: bo
   step, whose variance is the posterior one, G^2 sigma_s^2 / sigma_t^2."""
   del probability_flow  # Rejected by `pc_sample`.
   score = score_fn(x, _full_t(step.t, x))
-  variance = "posterior" if _constant_alpha(sde) else "beta"
+  variance = "posterior" if sde.constant_alpha else "beta"
   return _ancestral_update(key, score, x, step, variance)
 
 
@@ -664,7 +664,7 @@ def dpm_solver_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *,
     x, x0_1, x0_2 = carry
     t, alpha, sigma, alpha_s, sigma_s, h, h1, h2, step_order = inputs
     score = score_fn(x, _full_t(t, x))
-    x0 = (x + sigma**2 * score) / alpha
+    x0 = _denoised(x, score, alpha, sigma)
     operands = (x, x0, x0_1, x0_2, h, h1, h2, alpha_s, sigma_s / sigma)
     x = branches[0](operands) if order == 1 else jax.lax.switch(step_order, branches, operands)
     return (x, x0, x0_1), None
@@ -681,23 +681,8 @@ def dpm_solver_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *,
 # Probability-flow ODE with diffrax
 # --------------------------------------------------------------------------------------------
 
-ODE_SOLVERS: dict[str, type] = {
-    "tsit5": diffrax.Tsit5,
-    "dopri5": diffrax.Dopri5,
-    "dopri8": diffrax.Dopri8,
-    "bosh3": diffrax.Bosh3,
-    "heun": diffrax.Heun,
-    "euler": diffrax.Euler,
-}
-
-
-def _evals_per_step(solver) -> tuple[int, bool]:
-  """(vector-field evaluations per step attempt, first-same-as-last) of a diffrax solver."""
-  tableau = getattr(solver, "tableau", None)
-  if tableau is None:  # Euler
-    return 1, False
-  return tableau.num_stages - int(tableau.fsal), bool(tableau.fsal)
-
+# The solvers `ode_sample` takes by name (the table lives in `score_sde.solvers`).
+ODE_SOLVERS = solvers.SOLVERS
 
 def ode_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, solver: str = "tsit5",
                rtol: float = 1e-5, atol: float = 1e-5, steps: int | None = None,
@@ -725,7 +710,7 @@ def ode_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, solver: str = 
     solver's new stages (6 for Tsit5/Dopri5, which reuse the last stage; 2 for Heun; 1 for
     Euler), plus one evaluation at x_T for first-same-as-last solvers, plus `denoise`.
   """
-  _check_name("solver", solver, ODE_SOLVERS)
+  solvers.check_solver(solver)
   eps = _check_eps(eps, sde)
   if steps is not None:
     steps = _check_steps(steps, sde)
@@ -748,8 +733,8 @@ def ode_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, solver: str = 
     return -rsde.sde(y, _full_t(-s, y))[0]
 
   term = diffrax.ODETerm(vector_field)
-  ode_solver = ODE_SOLVERS[solver]()
-  per_step, fsal = _evals_per_step(ode_solver)
+  ode_solver = solvers.SOLVERS[solver]()
+  fsal = solvers.is_fsal(ode_solver)
   s0, s1 = jnp.asarray(-sde.T, dtype), jnp.asarray(-eps, dtype)
   if steps is None:
     controller = diffrax.PIDController(rtol=rtol, atol=atol)
@@ -766,7 +751,7 @@ def ode_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, solver: str = 
       term, ode_solver, s0, s1, dt0, x, stepsize_controller=controller, max_steps=max_steps,
       saveat=diffrax.SaveAt(t1=True), solver_state=solver_state)
   x = solution.ys[0]
-  nfe = per_step * solution.stats["num_steps"] + int(fsal) + int(denoise)
+  nfe = solvers.function_evaluations(ode_solver, solution.stats["num_steps"]) + int(denoise)
   if denoise:
     x = _tweedie(score_fn, sde, x, eps)
   return x, jnp.asarray(nfe, jnp.int32)

@@ -47,7 +47,8 @@ def _batch_t(t, x: jax.Array) -> jax.Array:
   return jnp.broadcast_to(t, x.shape[:1]) if t.ndim == 0 else t
 
 
-def _sum_except_batch(v: jax.Array) -> jax.Array:
+def sum_except_batch(v: jax.Array) -> jax.Array:
+  """Sums `[B, *D]` over all but the batch axis: `[B]`."""
   return jnp.sum(v.reshape(v.shape[0], -1), axis=-1)
 
 
@@ -55,7 +56,7 @@ def _standard_normal_logp(z: jax.Array, scale: float) -> jax.Array:
   """log N(z; 0, scale^2 I) summed over all but the batch axis, in nats. Returns `[B]`."""
   d = np.prod(z.shape[1:])
   return (-0.5 * d * math.log(2 * math.pi * scale**2)
-          - 0.5 * _sum_except_batch(z**2) / scale**2)
+          - 0.5 * sum_except_batch(z**2) / scale**2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +134,17 @@ class SDE(abc.ABC):
   def prior_std(self) -> float:
     """Std of the (Gaussian, zero-mean) prior p_T."""
     return 1.0
+
+  @property
+  def constant_alpha(self) -> bool:
+    """Whether alpha(t) = 1 for all t, i.e. the signal is never scaled (VE-like).
+
+    Samplers ask it for their defaults (`eps` 1e-5 rather than 1e-3; the SMLD variance of
+    ancestral sampling). Read off `log_alpha(T) == 0`, since alpha decreases in t; an SDE
+    may override it.
+    """
+    with jax.ensure_compile_time_eval():
+      return float(self.log_alpha(jnp.asarray(self.T, jnp.float32))) == 0.0
 
   def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> "ReverseSDE":
     """The reverse-time SDE (or probability-flow ODE) driven by `score_fn(x, t)`."""
@@ -231,8 +243,8 @@ class _BetaSchedule(SDE):
       return self.beta_min + t * (self.beta_max - self.beta_min)
     return COSINE_T_MAX * math.pi / (1.0 + self.cosine_s) * jnp.tan(self._cos_arg(t))
 
-  def log_mean_coeff(self, t: jax.Array) -> jax.Array:
-    """log alpha(t) = -1/2 int_0^t beta(s) ds."""
+  def log_alpha(self, t: jax.Array) -> jax.Array:
+    """log alpha(t) = -1/2 int_0^t beta(s) ds (the reference's `log_mean_coeff`)."""
     if self.schedule == "linear":
       return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
     # log(cos(a0 + d) / cos(a0)) with a0 = the angle at t = 0. Near t = 0 the ratio is
@@ -244,11 +256,8 @@ class _BetaSchedule(SDE):
     far = jnp.log(jnp.cos(self._cos_arg(t))) - math.log(math.cos(a0))
     return jnp.where(d < 0.5, near, far)
 
-  def log_alpha(self, t):
-    return self.log_mean_coeff(t)
-
   def _t_from_log_alpha(self, log_alpha: jax.Array) -> jax.Array:
-    """Inverse of `log_mean_coeff`."""
+    """Inverse of `log_alpha`."""
     if self.schedule == "linear":
       # 1/2 t^2 (b1 - b0) + t b0 = L, solved without cancellation.
       L = -2.0 * log_alpha
@@ -259,9 +268,9 @@ class _BetaSchedule(SDE):
     u = jnp.arccos(jnp.exp(log_alpha + log_cos0)) * 2.0 * (1.0 + s) / math.pi - s
     t = jnp.maximum(u / COSINE_T_MAX, 0.0)
     # arccos near 1 loses precision for small t: polish with Newton steps on
-    # log_mean_coeff(t) = log_alpha, whose derivative is -beta(t) / 2.
+    # self.log_alpha(t) = log_alpha, whose derivative in t is -beta(t) / 2.
     for _ in range(2):
-      t = t + (self.log_mean_coeff(t) - log_alpha) / (0.5 * self.beta(t))
+      t = t + (self.log_alpha(t) - log_alpha) / (0.5 * self.beta(t))
     return t
 
   def prior_sampling(self, key, shape):
@@ -285,11 +294,11 @@ class VPSDE(_BetaSchedule):
     return -0.5 * batch_scalar(beta, x) * x, jnp.sqrt(beta)
 
   def sigma(self, t):
-    return jnp.sqrt(-jnp.expm1(2.0 * self.log_mean_coeff(t)))
+    return jnp.sqrt(-jnp.expm1(2.0 * self.log_alpha(t)))
 
   def log_snr(self, t):
-    lmc = self.log_mean_coeff(t)
-    return lmc - 0.5 * jnp.log(-jnp.expm1(2.0 * lmc))
+    log_alpha = self.log_alpha(t)
+    return log_alpha - 0.5 * jnp.log(-jnp.expm1(2.0 * log_alpha))
 
   def t_from_log_snr(self, log_snr):
     # alpha^2 = sigmoid(2 lambda)  =>  log alpha = -1/2 softplus(-2 lambda).
@@ -302,7 +311,7 @@ class VPSDE(_BetaSchedule):
     # 1 - alpha_bar(t_i) / alpha_bar(t_{i-1}) on the grid t_i = (i + 1) / N, capped as in
     # Nichol & Dhariwal.
     grid = jnp.arange(self.N + 1) / self.N
-    log_ab = 2.0 * self.log_mean_coeff(grid)
+    log_ab = 2.0 * self.log_alpha(grid)
     return jnp.minimum(-jnp.expm1(log_ab[1:] - log_ab[:-1]), 0.999)
 
   def discrete_marginal(self, x, timestep):
@@ -336,15 +345,15 @@ class SubVPSDE(_BetaSchedule):
     t = _batch_t(t, x)
     beta = self.beta(t)
     # 1 - exp(-2 int beta) = 1 - alpha^4, computed with expm1 so it stays accurate at t -> 0.
-    discount = -jnp.expm1(4.0 * self.log_mean_coeff(t))
+    discount = -jnp.expm1(4.0 * self.log_alpha(t))
     return -0.5 * batch_scalar(beta, x) * x, jnp.sqrt(beta * discount)
 
   def sigma(self, t):
-    return -jnp.expm1(2.0 * self.log_mean_coeff(t))
+    return -jnp.expm1(2.0 * self.log_alpha(t))
 
   def log_snr(self, t):
-    lmc = self.log_mean_coeff(t)
-    return lmc - jnp.log(-jnp.expm1(2.0 * lmc))
+    log_alpha = self.log_alpha(t)
+    return log_alpha - jnp.log(-jnp.expm1(2.0 * log_alpha))
 
   def t_from_log_snr(self, log_snr):
     # alpha / sigma = e^lambda with sigma = 1 - alpha^2 gives

@@ -17,37 +17,18 @@ A config path may end in `:tiny` for its tiny variant.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import pathlib
 import resource
 import statistics
-import sys
-import time
 from typing import Any
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))  # so config files can `from configs import default`
+import common  # scripts/common.py; puts the repository root on sys.path
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
-
-from score_sde import experiment, models, parallel, train  # noqa: E402
-
-
-def load_config(spec: str):
-  """Loads `path/to/config.py[:arg]` and returns `get_config(arg)`."""
-  path, _, arg = spec.partition(":")
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"No config file {str(path)!r}")
-  module_spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+from score_sde import experiment, models, parallel, train
 
 
 def peak_memory() -> dict:
@@ -90,16 +71,9 @@ def utilization(compiled, seconds: float, device_kind: str, devices: int = 1,
 
 def time_compiled(fn, args, runs: int) -> tuple[Any, float, float]:
   """(compiled, compile seconds, median run seconds) of `jax.jit`-ed `fn` on `args`."""
-  start = time.perf_counter()
-  compiled = fn.lower(*args).compile()
-  compile_s = time.perf_counter() - start
+  compiled, compile_s = common.compile_timed(fn, *args)
   jax.block_until_ready(compiled(*args))  # warm-up
-  times = []
-  for _ in range(runs):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return compiled, compile_s, statistics.median(times)
+  return compiled, compile_s, statistics.median(common.call_times(lambda: compiled(*args), runs))
 
 
 def main(argv=None) -> None:
@@ -111,7 +85,7 @@ def main(argv=None) -> None:
   parser.add_argument("--mode", choices=("forward", "train", "both"), default="both")
   args = parser.parse_args(argv)
 
-  config = load_config(args.config)
+  config = common.load_config(args.config)
   available = jax.devices()
   if not 1 <= args.devices <= len(available):
     raise ValueError(f"--devices={args.devices}, but {len(available)} devices are visible "
@@ -154,17 +128,15 @@ def main(argv=None) -> None:
                                           dtype=np.float32)
     batch = parallel.shard_batch({"image": x01, "label": np.zeros((1, args.batch_size),
                                                               np.int32)}, mesh, axis=1)
-    start = time.perf_counter()
-    compiled = step_fn.lower(state, step_key, batch).compile()
-    compile_s = time.perf_counter() - start
+    compiled, compile_s = common.compile_timed(step_fn, state, step_key, batch)
     state, metrics = compiled(state, step_key, batch)  # warm-up
-    times = []
-    for _ in range(args.runs):
-      start = time.perf_counter()
+
+    def train_step():  # the state is donated: each call takes the previous call's
+      nonlocal state
       state, metrics = compiled(state, step_key, batch)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - start)
-    run_s = statistics.median(times)
+      return metrics
+
+    run_s = statistics.median(common.call_times(train_step, args.runs))
     print(json.dumps({**base, "mode": "train_step", "devices": args.devices,
                       "compile_s": round(compile_s, 3), "median_s": round(run_s, 5),
                       "images_per_s": round(args.batch_size / run_s, 2),

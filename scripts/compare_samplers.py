@@ -42,22 +42,19 @@ import argparse
 import csv
 import dataclasses
 import functools
-import importlib.util
 import math
 import os
 import platform
 import sys
-import time
 from typing import Callable
 
+import common  # scripts/common.py; puts the repository root on sys.path
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from score_sde import mixtures  # noqa: E402
-from score_sde import sde as sde_lib  # noqa: E402
+from score_sde import mixtures, sampling
+from score_sde import sde as sde_lib
 
 COLUMNS = ("sampler", "method", "options", "nfe", "ms_per_sample", "ms_per_nfe",
            "ratio_to_bare_score", "rmse_vs_reference", "sliced_w1", "mode_tv")
@@ -121,16 +118,6 @@ def random_mlp_score(key: jax.Array, base_score, event_shape, width: int, depth:
   return score_fn
 
 
-def load_config(path: str):
-  """`get_config()` of a config file (e.g. configs/cifar10_vp.py)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"No config file {path!r}")
-  spec = importlib.util.spec_from_file_location("_compare_samplers_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def load_score_fn_from_checkpoint(config, workdir: str, step: int | None = None):
   """The EMA score function of a training run's checkpoint.
 
@@ -189,12 +176,7 @@ def rmse(x: np.ndarray, ref: np.ndarray) -> float:
 
 def _time_compiled(fn, args, repeats: int) -> float:
   """Best wall time in seconds of `fn(*args)` (already compiled) over `repeats` runs."""
-  best = math.inf
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - start)
-  return best
+  return min(common.call_times(lambda: fn(*args), repeats))
 
 
 # --- the comparison --------------------------------------------------------------------------
@@ -216,18 +198,18 @@ def build_problem(args):
   if args.problem == "checkpoint":
     if not args.workdir or not args.config:
       raise ValueError("--problem=checkpoint needs --workdir and --config")
-    score_fn, sde, event_shape = load_score_fn_from_checkpoint(load_config(args.config),
-                                                               args.workdir)
+    score_fn, sde, event_shape = load_score_fn_from_checkpoint(
+        common.load_config(args.config), args.workdir)
     return score_fn, sde, event_shape, None, f"checkpoint {args.workdir}"
   if args.problem != "mixture":
     raise ValueError(f"Unknown --problem {args.problem!r}; valid: ['checkpoint', 'mixture']")
-  if args.mixture == "two_moons":
-    mixture = mixtures.two_moons_mixture()
+  if args.mixture == "three_gaussians":
+    mixture = mixtures.three_gaussians_mixture()
   elif args.mixture == "image":
     shape = tuple(int(s) for s in args.image_shape.split(","))
     mixture = mixtures.image_mixture(event_shape=shape)
   else:
-    raise ValueError(f"Unknown --mixture {args.mixture!r}; valid: ['image', 'two_moons']")
+    raise ValueError(f"Unknown --mixture {args.mixture!r}; valid: ['image', 'three_gaussians']")
   sde = sde_lib.get_sde(args.sde)
   score_fn = mixture.score_fn(sde)
   what = f"{args.mixture} mixture {mixture.event_shape}, exact score"
@@ -244,7 +226,6 @@ def build_problem(args):
 
 def run_comparison(args) -> tuple[list[dict], dict]:
   """Runs the grid. Returns (rows keyed by COLUMNS, summary dict)."""
-  from score_sde import sampling  # the samplers module (imported late: it is optional here)
   from tqdm import tqdm
 
   unknown = sorted(set(args.samplers) - set(SAMPLER_GRID))
@@ -429,7 +410,7 @@ def parse_args(argv=None):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--problem", choices=["mixture", "checkpoint"], default=None,
                  help="score source (default: checkpoint if --workdir is given, else mixture)")
-  p.add_argument("--mixture", default="two_moons", help="two_moons (2-D) or image")
+  p.add_argument("--mixture", default="three_gaussians", help="three_gaussians (2-D) or image")
   p.add_argument("--image_shape", default="8,8,1", help="event shape of --mixture=image")
   p.add_argument("--sde", default="vpsde", help=f"one of {sorted(sde_lib.SDES)}")
   p.add_argument("--score", default="exact",

@@ -11,17 +11,12 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import pathlib
 import re
-import sys
 
+import common  # noqa: F401  scripts/common.py; puts the repository root on sys.path
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
-
-from score_sde import images  # noqa: E402
+from score_sde import images
 
 
 def latest_samples(workdir: str, method: str) -> tuple[np.ndarray, int]:

@@ -32,10 +32,10 @@ def _exact_solve(mixture, sde, x, divergence="exact", key=None, **options):
 
 
 @pytest.mark.parametrize("sde_name", ["vpsde", "subvpsde", "vesde"])
-@pytest.mark.parametrize("mixture_name", ["two_moons", "image"])
+@pytest.mark.parametrize("mixture_name", ["three_gaussians", "image"])
 def test_exact_divergence_matches_mixture_log_density(sde_name, mixture_name):
-  if mixture_name == "two_moons":
-    mixture = mixtures.two_moons_mixture()
+  if mixture_name == "three_gaussians":
+    mixture = mixtures.three_gaussians_mixture()
   else:
     mixture = mixtures.image_mixture(event_shape=(3, 3, 1))
   sde = sde_lib.get_sde(sde_name)
@@ -61,9 +61,9 @@ _HUTCHINSON_OPTIONS = dict(eps=EPS, rtol=1e-6, atol=1e-6)
 
 @pytest.fixture(scope="module")
 def exact_logp_between_modes():
-  """log_likelihood with the exact divergence (VP, two moons) at points between the modes,
+  """log_likelihood with the exact divergence (VP, three Gaussians) at points between the modes,
   where the score's Jacobian has large off-diagonal entries (so Hutchinson is really random)."""
-  mixture = mixtures.two_moons_mixture()
+  mixture = mixtures.three_gaussians_mixture()
   sde = sde_lib.VPSDE()
   with jax.enable_x64(True):
     x = jnp.array(_HUTCHINSON_POINTS, jnp.float64)
@@ -75,7 +75,7 @@ def exact_logp_between_modes():
 
 @pytest.mark.parametrize("divergence", ["rademacher", "gaussian"])
 def test_hutchinson_estimate_is_unbiased(divergence, exact_logp_between_modes):
-  mixture = mixtures.two_moons_mixture()
+  mixture = mixtures.three_gaussians_mixture()
   sde = sde_lib.VPSDE()
   score_fn = mixture.score_fn(sde)
   exact = exact_logp_between_modes
@@ -97,7 +97,7 @@ def test_hutchinson_estimate_is_unbiased(divergence, exact_logp_between_modes):
 
 @pytest.mark.parametrize("solver,rtol", [("tsit5", 1e-5), ("heun", 1e-3)])
 def test_nfe_counts_every_ode_function_evaluation(solver, rtol):
-  mixture = mixtures.two_moons_mixture()
+  mixture = mixtures.three_gaussians_mixture()
   sde = sde_lib.VPSDE()
   calls = []
 
@@ -114,7 +114,7 @@ def test_nfe_counts_every_ode_function_evaluation(solver, rtol):
 
 
 def test_unknown_names_raise():
-  mixture = mixtures.two_moons_mixture()
+  mixture = mixtures.three_gaussians_mixture()
   sde = sde_lib.VPSDE()
   x = jnp.zeros((2, 2))
   with pytest.raises(ValueError, match="rademacher.*gaussian.*exact"):

@@ -115,6 +115,22 @@ def test_ddpmpp_alias_builds_ncsnpp():
   assert isinstance(models.get_model(config), models.NCSNpp)
 
 
+def test_ddpm_is_the_ncsnpp_skeleton_with_ddpm_options():
+  """The DDPM builder reads only the common U-Net fields: NCSN++ options in the config
+  (FIR, pyramids, BigGAN blocks, Fourier features) do not change the DDPM network."""
+  config = load_config("cifar10_ddpm", "tiny")
+  model = models.get_model(config)
+  assert isinstance(model, models.DDPM) and isinstance(model, models.NCSNpp)
+  assert (model.resblock_type, model.skip_rescale, model.embedding_type) == (
+      "ddpm", False, "positional")
+  before = abstract_variables(config)
+  config.model.update(fir=True, progressive="output_skip", progressive_input="residual",
+                      resblock_type="biggan", skip_rescale=True, embedding_type="fourier")
+  after = abstract_variables(config)
+  assert jax.tree.structure(after) == jax.tree.structure(before)
+  assert jax.tree.map(lambda v: v.shape, after) == jax.tree.map(lambda v: v.shape, before)
+
+
 # --- FIR resampling against direct convolutions -------------------------------------------
 
 

@@ -22,7 +22,7 @@ from score_sde import sampling
 from score_sde import sde as sde_lib
 
 SDES = {"vp": sde_lib.VPSDE(), "subvp": sde_lib.SubVPSDE(), "ve": sde_lib.VESDE()}
-FLAT = mixtures.two_moons_mixture()  # [B, 2], 3 modes
+FLAT = mixtures.three_gaussians_mixture()  # [B, 2], 3 modes
 IMAGE = mixtures.image_mixture((4, 4, 1))  # [B, 4, 4, 1], 2 modes
 KEY = jax.random.key(0)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from score_sde import sde as sde_lib
-from score_sde.mixtures import two_moons_mixture
+from score_sde.mixtures import three_gaussians_mixture
 
 TIMES = np.array([1e-5, 1e-3, 0.1, 0.5, 0.9, 1.0])
 B0, B1 = 0.1, 20.0
@@ -173,7 +173,7 @@ def test_forward_simulation_matches_marginal(name):
 @pytest.mark.parametrize("probability_flow", [False, True])
 def test_reverse_sde(probability_flow):
   sde = SDES["vp"]
-  mix = two_moons_mixture()
+  mix = three_gaussians_mixture()
   x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 2)), jnp.float32)
   t = jnp.full((5,), 0.3)
   rev = sde.reverse(mix.score_fn(sde), probability_flow)

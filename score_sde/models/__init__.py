@@ -1,6 +1,8 @@
 """Score networks in Flax: NCSN++ / DDPM++ and the DDPM U-Net, and model -> score function.
 
-    model = models.get_model(config)                  # from config.model.name, see MODELS
+`NCSNpp` is the one U-Net skeleton; `DDPM` is its preset with DDPM's blocks and resampling.
+
+    model = models.get_model(config)                  # MODELS[config.model.name](config)
     variables = models.init_model(key, config)        # {'params', maybe 'constants'}
     out = model.apply(variables, x, labels, train=False, class_labels=None,
                       rngs={'dropout': key})          # x [B, H, W, C], labels [B]

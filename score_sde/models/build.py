@@ -1,6 +1,7 @@
 """The config edge of the models: config -> network, variables and score function.
 
-`get_model` is the only place that reads `config.model`; the networks take plain fields.
+`get_model` and the builders in `MODELS` are the only places that read `config.model`; the
+networks take plain fields.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ from score_sde import sde as sde_lib
 from score_sde.models.ddpm import DDPM
 from score_sde.models.ncsnpp import NCSNpp
 
-# 'ddpmpp' is NCSN++ with DDPM++ options (set by the config); the name is an alias.
-MODELS: dict[str, type[nn.Module]] = {"ncsnpp": NCSNpp, "ddpmpp": NCSNpp, "ddpm": DDPM}
-
 Variables = dict[str, Any]
 
 
-def _common_fields(m: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> dict:
+def _unet_fields(config: ml_collections.ConfigDict) -> dict:
+  """The fields every U-Net here takes (`DDPM`'s and `NCSNpp`'s common part)."""
+  m = config.model
   return dict(
       nf=int(m.nf), ch_mult=tuple(int(c) for c in m.ch_mult),
       num_res_blocks=int(m.num_res_blocks),
@@ -33,6 +33,32 @@ def _common_fields(m: ml_collections.ConfigDict, config: ml_collections.ConfigDi
       centered=bool(config.data.centered), sigma_min=float(m.sigma_min),
       sigma_max=float(m.sigma_max), num_scales=int(m.num_scales),
       num_classes=int(m.get("num_classes", 0)))
+
+
+def _build_ncsnpp(config: ml_collections.ConfigDict) -> NCSNpp:
+  """NCSN++ / DDPM++ with every option of `config.model`."""
+  m = config.model
+  if m.embedding_type == "fourier" and not config.training.continuous:
+    raise ValueError("embedding_type='fourier' embeds log sigma and needs continuous "
+                     "training (training.continuous=True); use 'positional' for discrete")
+  return NCSNpp(
+      **_unet_fields(config), fir=bool(m.fir), fir_kernel=tuple(int(k) for k in m.fir_kernel),
+      skip_rescale=bool(m.skip_rescale), resblock_type=m.resblock_type.lower(),
+      progressive=m.progressive.lower(), progressive_input=m.progressive_input.lower(),
+      progressive_combine=m.progressive_combine.lower(), init_scale=float(m.init_scale),
+      embedding_type=m.embedding_type.lower(), fourier_scale=float(m.fourier_scale))
+
+
+def _build_ddpm(config: ml_collections.ConfigDict) -> DDPM:
+  """The DDPM U-Net: the common U-Net fields; DDPM fixes the NCSN++ options itself."""
+  return DDPM(**_unet_fields(config))
+
+
+# name -> builder(config) -> network. Each builder reads the config fields its network takes,
+# so a new network is one builder here. 'ddpmpp' is NCSN++ with DDPM++ options (set by the
+# config); the name is an alias.
+MODELS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
+    "ncsnpp": _build_ncsnpp, "ddpmpp": _build_ncsnpp, "ddpm": _build_ddpm}
 
 
 def get_model(config: ml_collections.ConfigDict) -> nn.Module:
@@ -50,18 +76,7 @@ def get_model(config: ml_collections.ConfigDict) -> nn.Module:
     raise ValueError(f"Unknown attention_type {m.attention_type!r}; valid: ('ddpm',)")
   if m.get("conv_size", 3) != 3:
     raise ValueError(f"Unsupported conv_size {m.conv_size!r}; valid: (3,)")
-  fields = _common_fields(m, config)
-  if MODELS[m.name] is DDPM:
-    return DDPM(**fields)
-  if m.embedding_type == "fourier" and not config.training.continuous:
-    raise ValueError("embedding_type='fourier' embeds log sigma and needs continuous "
-                     "training (training.continuous=True); use 'positional' for discrete")
-  return NCSNpp(
-      **fields, fir=bool(m.fir), fir_kernel=tuple(int(k) for k in m.fir_kernel),
-      skip_rescale=bool(m.skip_rescale), resblock_type=m.resblock_type.lower(),
-      progressive=m.progressive.lower(), progressive_input=m.progressive_input.lower(),
-      progressive_combine=m.progressive_combine.lower(), init_scale=float(m.init_scale),
-      embedding_type=m.embedding_type.lower(), fourier_scale=float(m.fourier_scale))
+  return MODELS[m.name](config)
 
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:

@@ -288,16 +288,33 @@ def dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-class Upsample(nn.Module):
-  """Upsampling by 2: nearest-neighbour or FIR, optionally with a 3x3 convolution.
+def residual_sum(x: jax.Array, h: jax.Array, rescale: bool) -> jax.Array:
+  """`x + h`, divided by sqrt(2) when `rescale` (NCSN++'s `skip_rescale`)."""
+  out = x + h
+  return out / np.sqrt(2.0) if rescale else out
 
-  `[B, H, W, C] -> [B, 2H, 2W, out_ch or C]`.
+
+class _Resample(nn.Module):
+  """The fields of `Upsample` and `Downsample`.
+
+  Attributes:
+    out_ch: output channels of the convolution (default: input channels).
+    with_conv: resample with a (fused) 3x3 convolution.
+    fir, fir_kernel: FIR filtering (StyleGAN2) and its 1-D kernel, instead of nearest /
+      average pooling.
   """
 
   out_ch: int | None = None
   with_conv: bool = False
   fir: bool = False
   fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
+
+
+class Upsample(_Resample):
+  """Upsampling by 2: nearest-neighbour or FIR, optionally with a 3x3 convolution.
+
+  `[B, H, W, C] -> [B, 2H, 2W, out_ch or C]`.
+  """
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -310,16 +327,11 @@ class Upsample(nn.Module):
     return conv3x3(h, out_ch) if self.with_conv else h
 
 
-class Downsample(nn.Module):
+class Downsample(_Resample):
   """Downsampling by 2: average pooling / strided 3x3 conv, or their FIR versions.
 
   `[B, H, W, C] -> [B, H/2, W/2, out_ch or C]`.
   """
-
-  out_ch: int | None = None
-  with_conv: bool = False
-  fir: bool = False
-  fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -401,8 +413,7 @@ class ResnetBlock(nn.Module):
         x = conv3x3(x, out_ch) if self.conv_shortcut else conv1x1(x, out_ch, init_scale=0.1)
     elif in_ch != out_ch or self.resample != "none":
       x = conv1x1(x, out_ch)
-    out = x + h
-    return out / np.sqrt(2.0) if self.skip_rescale else out
+    return residual_sum(x, h, self.skip_rescale)
 
 
 class AttnBlock(nn.Module):
@@ -428,8 +439,7 @@ class AttnBlock(nn.Module):
     weights = jax.nn.softmax(logits.reshape(b, height, width, height * width), axis=-1)
     h = jnp.einsum("bhwn,bnc->bhwc", weights, v.reshape(b, height * width, c))
     h = conv1x1(h, c, init_scale=self.init_scale)
-    out = x + h
-    return out / np.sqrt(2.0) if self.skip_rescale else out
+    return residual_sum(x, h, self.skip_rescale)
 
 
 class Combine(nn.Module):

@@ -1,31 +1,26 @@
-"""NCSN++ and DDPM++ (Song et al., ICLR 2021): one U-Net with the options of the paper.
+"""NCSN++ and DDPM++ (Song et al., ICLR 2021): the package's one U-Net, with the paper's options.
 
 DDPM++ is this network with BigGAN residual blocks, positional (sinusoidal) embeddings and no
 FIR / progressive paths; NCSN++ adds FIR resampling, an input-skip/residual pyramid and
-Gaussian Fourier features of log sigma. The layer-by-layer structure (and so every parameter)
-is that of `ncsnpp.py` in yang-song/score_sde.
+Gaussian Fourier features of log sigma; DDPM (`ddpm.py`) is the preset with DDPM residual
+blocks and plain resampling. The layer-by-layer structure (and so every parameter) is that of
+`ncsnpp.py` (and `ddpm.py`) in yang-song/score_sde.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from score_sde import sde as sde_lib
 from score_sde.models import layers
 
 PROGRESSIVE = ("none", "output_skip", "residual")
 PROGRESSIVE_INPUT = ("none", "input_skip", "residual")
 EMBEDDING_TYPES = ("fourier", "positional")
-
-
-def discrete_sigmas(sigma_min: float, sigma_max: float, num_scales: int) -> jax.Array:
-  """The reference's SMLD noise levels, largest first: `[num_scales]`, geometric."""
-  return jnp.exp(jnp.linspace(math.log(sigma_max), math.log(sigma_min), num_scales))
 
 
 def label_embedding(class_labels: jax.Array | None, batch: int, num_classes: int,
@@ -176,9 +171,7 @@ class NCSNpp(nn.Module):
       elif self.progressive_input == "residual":
         input_pyramid = layers.Downsample(out_ch=h.shape[-1], with_conv=True,
                                           **resample)(input_pyramid)
-        input_pyramid = input_pyramid + h
-        if self.skip_rescale:
-          input_pyramid = input_pyramid / np.sqrt(2.0)
+        input_pyramid = layers.residual_sum(input_pyramid, h, self.skip_rescale)
         h = input_pyramid
       hs.append(h)
 
@@ -208,9 +201,7 @@ class NCSNpp(nn.Module):
           pyramid = output_conv(h, h.shape[-1], 1.0)
         else:
           pyramid = layers.Upsample(out_ch=h.shape[-1], with_conv=True, **resample)(pyramid)
-          pyramid = pyramid + h
-          if self.skip_rescale:
-            pyramid = pyramid / np.sqrt(2.0)
+          pyramid = layers.residual_sum(pyramid, h, self.skip_rescale)
           h = pyramid
 
       if i_level != 0:
@@ -229,7 +220,8 @@ class NCSNpp(nn.Module):
       if self.embedding_type == "fourier":
         sigmas = labels
       else:
-        sigmas = discrete_sigmas(self.sigma_min, self.sigma_max,
-                                 self.num_scales)[labels.astype(jnp.int32)]
+        # The SMLD noise levels of `VESDE`, indexed from the largest as the reference does.
+        levels = sde_lib.VESDE(self.sigma_min, self.sigma_max, self.num_scales).discrete_sigmas()
+        sigmas = jnp.flip(levels)[labels.astype(jnp.int32)]
       h = h / sigmas.reshape((-1,) + (1,) * (h.ndim - 1))
     return h

@@ -1,0 +1,61 @@
+"""The diffrax ODE solvers, by name, and the exact number of evaluations of a solve.
+
+The probability-flow ODE is integrated with diffrax by `sampling.ode_sample` (x only) and by
+`likelihood.log_likelihood` (x and the divergence integral); both pick the solver here by name
+and report the number of vector-field evaluations with `function_evaluations` (diffrax reports
+steps, not evaluations).
+"""
+
+from __future__ import annotations
+
+import diffrax
+import jax
+
+SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
+    "tsit5": diffrax.Tsit5,
+    "dopri5": diffrax.Dopri5,
+    "dopri8": diffrax.Dopri8,
+    "bosh3": diffrax.Bosh3,
+    "heun": diffrax.Heun,
+    "euler": diffrax.Euler,
+}
+# The solvers with an embedded error estimate, which an adaptive step-size controller needs.
+ADAPTIVE_SOLVERS = ("tsit5", "dopri5", "dopri8", "bosh3", "heun")
+
+
+def check_solver(name: str, adaptive: bool = False) -> None:
+  """Raises ValueError naming the valid solvers if `name` is not one (of the adaptive ones)."""
+  valid = ADAPTIVE_SOLVERS if adaptive else tuple(SOLVERS)
+  if name not in valid:
+    raise ValueError(f"Unknown solver {name!r}; valid: {sorted(valid)}")
+
+
+def is_fsal(solver: diffrax.AbstractSolver) -> bool:
+  """Whether the solver's last stage is the next step's first ("first same as last")."""
+  tableau = getattr(solver, "tableau", None)
+  return bool(tableau is not None and tableau.fsal)
+
+
+def function_evaluations(solver: diffrax.AbstractSolver, num_steps: jax.Array) -> jax.Array:
+  """The exact number of vector-field evaluations of a diffrax solve.
+
+  Given an explicit first step `dt0` (so no evaluations are spent choosing one), an explicit
+  Runge-Kutta tableau with s stages evaluates the vector field
+    * FSAL (Tsit5, Dopri5, Dopri8, Bosh3): once for f(y0), then s - 1 times per step attempt,
+      accepted or rejected (a rejected step keeps the stored first stage):
+      1 + (s - 1) num_steps;
+    * otherwise (Heun; Euler, s = 1): s num_steps.
+  `tests/test_likelihood.py` and `tests/test_sampling.py` check this count against host-side
+  counters.
+
+  Args:
+    solver: a diffrax solver from `SOLVERS`.
+    num_steps: `solution.stats["num_steps"]` (accepted + rejected step attempts), int scalar.
+
+  Returns:
+    int scalar: the number of vector-field evaluations.
+  """
+  tableau = getattr(solver, "tableau", None)
+  stages = 1 if tableau is None else tableau.num_stages  # Euler has no tableau
+  fsal = is_fsal(solver)
+  return int(fsal) + (stages - int(fsal)) * num_steps
