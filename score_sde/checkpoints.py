@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pathlib
 import shutil
 from typing import Any
 
@@ -84,10 +85,13 @@ def _leaves(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
 
 def _saved_leaves(directory: str, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
   """The arrays checkpoint `step` holds, from its metadata (raises if unreadable)."""
-  metadata = ocp.StandardCheckpointer().metadata(os.path.join(directory, str(step), "default"))
-  tree = getattr(metadata, "item_metadata", None)
-  tree = getattr(tree, "tree", tree)
-  if tree is None:
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    metadata = handler.metadata(pathlib.Path(directory, str(step), "default"))
+  finally:
+    handler.close()
+  tree = getattr(metadata, "tree", metadata)
+  if not tree:
     raise ValueError("its metadata cannot be read")
   return _leaves(tree)
 

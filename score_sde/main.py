@@ -119,15 +119,17 @@ def execute(config, workdir: str, mode: str, **kwargs) -> int:
 
 
 class QuietLogs(logging.Filter):
-  """Drops the noise of every run: orbax's INFO chatter (it logs every save phase) and its
-  'read only' warnings (evaluation opens checkpoints read-only on purpose), and JAX's INFO
-  line about a TPU backend it probed for and did not find."""
+  """Drops the noise of every run: orbax's INFO chatter (it logs every save phase), its
+  'read only' warnings (evaluation opens checkpoints read-only on purpose) and its errors
+  about unreadable step metadata (`checkpoints.restore` reports those), and JAX's INFO line
+  about a TPU backend it probed for and did not find."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     message = record.getMessage()
     if "/orbax/" in record.pathname:
-      return record.levelno >= logging.WARNING and "read only" not in message and (
-          "read_only=True" not in message)
+      # Unreadable step metadata: `checkpoints.restore` warns itself, naming the checkpoint.
+      said = ("read only", "read_only=True", "Metadata file")
+      return record.levelno >= logging.WARNING and not any(s in message for s in said)
     return not message.startswith("Unable to initialize backend")
 
 

@@ -253,6 +253,8 @@ def test_quiet_logs_drop_tpu_probe_and_orbax_read_only():
                                  logging.INFO))
   assert not quiet.filter(record("Given directory is read only=/w", "/site/orbax/m.py"))
   assert not quiet.filter(record("saving step 3", "/site/orbax/m.py", logging.INFO))
+  assert not quiet.filter(record("Failed to read Metadata file: /w/6/_CHECKPOINT_METADATA",
+                                 "/site/orbax/m.py", logging.ERROR))
   assert quiet.filter(record("Checkpoint /w/6 is unreadable", "/score_sde/checkpoints.py"))
   assert quiet.filter(record("something failed", "/site/orbax/m.py", logging.ERROR))
 
