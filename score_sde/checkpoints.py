@@ -33,6 +33,12 @@ def checkpoint_dir(workdir: str | os.PathLike) -> str:
   return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_DIR)
 
 
+def has_checkpoints(workdir: str | os.PathLike) -> bool:
+  """Whether `workdir/checkpoints` holds a (complete or not) checkpoint directory."""
+  directory = checkpoint_dir(workdir)
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 def get_manager(workdir: str | os.PathLike, *, keep: int = 2, keep_period: int | None = None,
                 read_only: bool = False) -> ocp.CheckpointManager:
   """An orbax `CheckpointManager` for `workdir/checkpoints`.

@@ -351,7 +351,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step: int | None =
   workdir_lib.check_workdir(workdir)
   mesh = parallel.make_mesh() if mesh is None else mesh
   experiment.check_config(config, mesh, "train")
-  if os.path.isdir(checkpoints.checkpoint_dir(workdir)):
+  if checkpoints.has_checkpoints(workdir):
     experiment.check_resume_config(config, workdir)
   training = config.training
   n_jitted, n_iters = int(training.n_jitted_steps), int(training.n_iters)
