@@ -4,6 +4,10 @@ A workdir holds `checkpoints/<step>/`, one directory per saved step. Orbax write
 into a temporary directory and renames it only once complete, so a crash (or SIGKILL) during
 a save leaves the previous checkpoints intact and the partial one invisible to `latest_step`.
 
+A checkpoint that cannot be read (truncated, overwritten) is skipped with a warning naming it:
+`restore` falls back to the newest intact one. A checkpoint whose arrays do not fit the
+network of the config (other shapes or names) is a `CheckpointMismatchError`, not a fallback.
+
 Retention: the `keep` most recent checkpoints (the preemption checkpoints) plus every step
 that is a multiple of `keep_period` (the snapshots evaluated later), as in the reference
 codebase's split between `checkpoints-meta` and `checkpoints`.
@@ -11,10 +15,14 @@ codebase's split between `checkpoints-meta` and `checkpoints`.
 
 from __future__ import annotations
 
+import logging
 import os
+import pathlib
+import shutil
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
@@ -23,6 +31,12 @@ CHECKPOINT_DIR = "checkpoints"
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
   """Where the checkpoints of `workdir` live."""
   return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_DIR)
+
+
+def has_checkpoints(workdir: str | os.PathLike) -> bool:
+  """Whether `workdir/checkpoints` holds a (complete or not) checkpoint directory."""
+  directory = checkpoint_dir(workdir)
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
 def get_manager(workdir: str | os.PathLike, *, keep: int = 2, keep_period: int | None = None,
@@ -56,6 +70,122 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
   manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
 
 
+class CheckpointMismatchError(ValueError):
+  """A checkpoint holds other arrays than the state it is restored into (the config's network
+  or optimizer differs from the run's)."""
+
+
+def _path_name(key) -> str:
+  for attribute in ("name", "key", "idx"):
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def _leaves(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  """`{"params/Conv_0/kernel": (shape, dtype)}` for every array of a pytree."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {"/".join(_path_name(k) for k in path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+          for path, leaf in flat}
+
+
+def _saved_leaves(directory: str, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
+  """The arrays checkpoint `step` holds, from its metadata (raises if unreadable)."""
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    metadata = handler.metadata(pathlib.Path(directory, str(step), "default"))
+  finally:
+    handler.close()
+  tree = getattr(metadata, "tree", metadata)
+  if not tree:
+    raise ValueError("its metadata cannot be read")
+  return _leaves(tree)
+
+
+def _check_fits(saved: dict, expected: dict, step: int, directory: str) -> None:
+  """Raises CheckpointMismatchError if the network parameters (by name and shape) or the
+  other arrays (by shape) of a checkpoint differ from those expected."""
+  def params(table):
+    return {k: v for k, v in table.items() if k.startswith("params/")}
+
+  saved_params, expected_params = params(saved), params(expected)
+  differing = sorted(k for k in set(saved_params) | set(expected_params)
+                     if saved_params.get(k, (None,))[0] != expected_params.get(k, (None,))[0])
+  if differing:
+    shown = "; ".join(f"{k}: checkpoint {saved_params[k][0] if k in saved_params else 'none'},"
+                      f" config {expected_params[k][0] if k in expected_params else 'none'}"
+                      for k in differing[:3])
+    raise CheckpointMismatchError(
+        f"Checkpoint {step} in {directory} holds another network than the config describes "
+        f"({len(differing)} parameter(s) differ, e.g. {shown}): the config's config.model / "
+        f"config.data fields differ from those the run was trained with (see its config.json)")
+  shapes = sorted(str(v[0]) for v in saved.values())
+  if shapes != sorted(str(v[0]) for v in expected.values()):
+    raise CheckpointMismatchError(
+        f"Checkpoint {step} in {directory} holds another optimizer state than the config "
+        f"describes ({len(saved)} vs {len(expected)} arrays): config.optim (optimizer, "
+        f"grad_clip on/off) differs from the run's")
+
+
+def _short(error: BaseException) -> str:
+  text = " ".join(str(error).split())
+  return f"{type(error).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"
+
+
+def restore_intact(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None
+                   ) -> tuple[Any, int, list[int]] | None:
+  """Like `restore`, and also returns the newer steps that were skipped as unreadable.
+
+  Returns:
+    `(state, step, skipped_steps)`, or None when there is no checkpoint (and `step` is None).
+
+  Raises:
+    FileNotFoundError: `step` is not there, or no checkpoint could be read (the message lists
+      each one tried and why it failed).
+    CheckpointMismatchError: a readable checkpoint holds other arrays than `abstract_state`.
+  """
+  available = sorted(manager.all_steps())
+  directory = os.fspath(manager.directory)
+  if step is None:
+    if not available:
+      return None
+    candidates = available[::-1]
+  elif step not in available:
+    raise FileNotFoundError(f"No checkpoint for step {step} in {directory}; "
+                            f"available steps: {available or 'none'}")
+  else:
+    candidates = [int(step)]
+  target = jax.tree_util.tree_map(
+      lambda a: a if isinstance(a, jax.ShapeDtypeStruct)
+      else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+      abstract_state)
+  expected, failures = _leaves(target), []
+  for candidate in candidates:
+    try:
+      saved = _saved_leaves(directory, candidate)
+    except Exception as e:  # noqa: BLE001 (any read error means: not intact)
+      failures.append((candidate, e))
+      logging.warning("Checkpoint %s is unreadable (%s); trying an older one",
+                      os.path.join(directory, str(candidate)), _short(e))
+      continue
+    _check_fits(saved, expected, candidate, directory)
+    try:
+      state = manager.restore(candidate, args=ocp.args.StandardRestore(target))
+    except Exception as e:  # noqa: BLE001
+      failures.append((candidate, e))
+      logging.warning("Checkpoint %s is unreadable (%s); trying an older one",
+                      os.path.join(directory, str(candidate)), _short(e))
+      continue
+    if failures:
+      logging.warning("Restored checkpoint %d, the newest intact one (skipped: %s)", candidate,
+                      ", ".join(str(s) for s, _ in failures))
+    return state, candidate, [s for s, _ in failures]
+  tried = "; ".join(f"step {s}: {_short(e)}" for s, e in failures)
+  hint = ("" if step is not None else
+          " Move them out of the way (or start a new --workdir) to train from scratch.")
+  raise FileNotFoundError(f"No intact checkpoint in {directory}; tried {tried}.{hint}")
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None
             ) -> tuple[Any, int] | None:
   """Restores a checkpoint into the structure, shapes and shardings of `abstract_state`.
@@ -64,25 +194,39 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
     manager: from `get_manager`.
     abstract_state: a pytree like the saved state: arrays or `jax.ShapeDtypeStruct`s (with
       `sharding` set to place the restored arrays), e.g. from `jax.eval_shape`.
-    step: the step to restore; None: the latest.
+    step: the step to restore; None: the latest intact one (unreadable newer ones are
+      skipped with a warning).
 
   Returns:
     `(state, step)`, or None when there is no checkpoint (and `step` is None).
 
   Raises:
-    FileNotFoundError: `step` was asked for and is not there (the message lists those that are).
+    FileNotFoundError: `step` was asked for and is not there (the message lists those that
+      are), or no checkpoint could be read (the message says what was tried).
+    CheckpointMismatchError: the checkpoint's arrays differ from `abstract_state`'s.
   """
-  available = sorted(manager.all_steps())
-  if step is None:
-    if not available:
-      return None
-    step = available[-1]
-  elif step not in available:
-    raise FileNotFoundError(f"No checkpoint for step {step} in {manager.directory}; "
-                            f"available steps: {available or 'none'}")
-  target = jax.tree_util.tree_map(
-      lambda a: a if isinstance(a, jax.ShapeDtypeStruct)
-      else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
-      abstract_state)
-  state = manager.restore(step, args=ocp.args.StandardRestore(target))
-  return state, int(step)
+  restored = restore_intact(manager, abstract_state, step)
+  return None if restored is None else restored[:2]
+
+
+SET_ASIDE_DIR = "checkpoints_set_aside"
+
+
+def set_aside(workdir: str | os.PathLike, steps, reason: str) -> list[str]:
+  """Moves checkpoints `steps` of `workdir` to `workdir/checkpoints_set_aside/<step>.<reason>`
+  (never deletes: e.g. unreadable ones, or those after the step a run is resumed from).
+
+  Returns:
+    The new paths.
+  """
+  moved = []
+  for step in steps:
+    source = os.path.join(checkpoint_dir(workdir), str(step))
+    base = os.path.join(os.path.abspath(os.fspath(workdir)), SET_ASIDE_DIR, f"{step}.{reason}")
+    target, copy = base, 1
+    while os.path.exists(target):
+      target, copy = f"{base}.{copy}", copy + 1
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(source, target)
+    moved.append(target)
+  return moved

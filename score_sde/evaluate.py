@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from score_sde import checkpoints, experiment, images, likelihood, models, parallel
 from score_sde import datasets
+from score_sde import workdir as workdir_lib
 from score_sde.train import make_eval_loss_fn, make_sample_fn, restore_state
 
 
@@ -68,28 +69,58 @@ def _sample_batches(config, state, spec: experiment.RunSpec, num_samples: int, m
   return np.concatenate(out)[:num_samples], int(nfe), time.perf_counter() - start
 
 
+def sampler_tag(config: ml_collections.ConfigDict) -> str:
+  """What makes a set of samples, for file names: e.g. 'euler_maruyama-langevin-steps100'
+  (pc), 'tsit5-rtol1e-05-atol1e-05' (ode), 'order2-steps25' (dpm_solver)."""
+  method, options = experiment.sampler_settings(config)
+  steps = options.get("steps")
+  parts = {"pc": [options.get("predictor"), options.get("corrector")],
+           "ode": [options.get("solver")] + ([] if steps else [
+               f"rtol{options.get('rtol'):g}", f"atol{options.get('atol'):g}"]),
+           "ddim": [f"eta{options.get('eta', 0.0):g}"],
+           "dpm_solver": [f"order{options.get('order')}"]}.get(method, [])
+  if steps or method != "ode":
+    parts.append(f"steps{steps or experiment.make_sde(config).N}")
+  return "-".join(str(p) for p in parts if p is not None)
+
+
+def _check_num_samples(num_samples) -> int:
+  if (isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer))
+      or num_samples < 1):
+    raise ValueError(f"--num_samples must be an integer >= 1, got {num_samples!r}")
+  return int(num_samples)
+
+
 def sample(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None,
            num_samples: int | None = None, mesh: Mesh | None = None, progress: bool = True
            ) -> dict:
   """Draws samples from checkpoint `step` with `config.sampling` (method and options).
 
-  Writes `workdir/samples/<method>_step_<k>.npz` (`samples`: float32 [N, H, W, C] in [0, 1])
-  and a PNG grid of the first 64. Sample batch i starts from the same noise for every method
-  (the key depends only on the seed and i), so runs with different `sampling.method` are
-  comparable draw by draw.
+  Writes `workdir/samples/<method>_step_<k>_<tag>_n<N>.npz` (`samples`: float32
+  [N, H, W, C] in [0, 1]; `tag` from `sampler_tag`, e.g. the steps) and a PNG grid of the
+  first 64; if those names exist, `....<i>.npz` with a fresh index i: nothing is
+  overwritten. Sample batch i starts from the same noise for every method (the key depends
+  only on the seed and i), so runs with different `sampling.method` are comparable draw by
+  draw.
+
+  Args:
+    num_samples: how many (>= 1; None: `config.eval.num_samples`).
 
   Returns:
     dict(npz=path, png=path, nfe=NFE per sample, seconds=wall time, step=k).
   """
+  n = _check_num_samples(config.eval.num_samples if num_samples is None else num_samples)
+  workdir_lib.check_workdir(workdir, must_exist=True)
   mesh = parallel.make_mesh() if mesh is None else mesh
-  experiment.check_config(config, mesh)
+  experiment.check_config(config, mesh, "sample")
   spec = experiment.run_spec(config)
   state, step = _restore(config, spec, workdir, step, mesh)
-  n = int(num_samples or config.eval.num_samples)
   x, nfe, seconds = _sample_batches(config, state, spec, n, mesh, progress)
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
-  stem = os.path.join(out_dir, f"{config.sampling.method}_step_{step}")
+  stem = workdir_lib.fresh_stem(
+      out_dir, f"{config.sampling.method}_step_{step}_{sampler_tag(config)}_n{n}",
+      (".npz", ".png"))
   result = dict(step=step, method=config.sampling.method, nfe=nfe, seconds=seconds,
                 npz=stem + ".npz", png=stem + ".png")
   if jax.process_index() == 0:
@@ -172,10 +203,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
   `eval.num_samples` samples as in `sample`.
 
   Returns:
-    The metrics dict, also written to `workdir/eval/step_<k>/metrics.json`.
+    The metrics dict, also written to `workdir/eval/step_<k>/metrics.json` (or
+    `metrics.<i>.json` with a fresh index i if that exists; samples likewise): its path is
+    returned as `metrics_json`.
   """
+  workdir_lib.check_workdir(workdir, must_exist=True)
   mesh = parallel.make_mesh() if mesh is None else mesh
-  experiment.check_config(config, mesh)
+  experiment.check_config(config, mesh, "eval")
   spec = experiment.run_spec(config)
   state, step = _restore(config, spec, workdir, step, mesh)
   e = config.eval
@@ -195,10 +229,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
     metrics.update(samples_nfe=nfe, samples_seconds=seconds)
     if jax.process_index() == 0:
       os.makedirs(out_dir, exist_ok=True)
-      np.savez_compressed(os.path.join(out_dir, "samples.npz"), samples=x)
-      images.save_grid(x[:64], os.path.join(out_dir, "samples.png"), scale=2)
+      stem = workdir_lib.fresh_stem(
+          out_dir, f"samples_{sampler_tag(config)}_n{int(e.num_samples)}", (".npz", ".png"))
+      np.savez_compressed(stem + ".npz", samples=x)
+      images.save_grid(x[:64], stem + ".png", scale=2)
+  path = workdir_lib.fresh_stem(out_dir, "metrics", (".json",)) + ".json"
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-      json.dump(metrics, f, indent=2)
-  return metrics
+    with open(path, "w") as f:
+      json.dump({k: (v if not isinstance(v, float) or np.isfinite(v) else None)
+                 for k, v in metrics.items()}, f, indent=2, allow_nan=False)
+  return {**metrics, "metrics_json": path}

@@ -15,15 +15,19 @@ returns are plain objects the math layer takes:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import logging
+import math
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from jax.sharding import Mesh
 
 from score_sde import datasets, losses, models, parallel, sampling
+from score_sde import workdir as workdir_lib
 from score_sde import sde as sde_lib
 
 Array = jax.Array
@@ -188,15 +192,53 @@ def run_spec(config: ml_collections.ConfigDict) -> RunSpec:
 # ----------------------------------------------------------------------------------------
 # The validation pass: every field a run uses, before anything compiles.
 
+MODES = ("train", "eval", "sample")
 
-def _check_training(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+
+def _number(section: str, config: ml_collections.ConfigDict, field: str, *, minimum=None,
+            maximum=None, integer: bool = False, min_open: bool = False,
+            max_open: bool = False, optional: bool = False) -> None:
+  """Raises ValueError unless `config.<section>.<field>` is a finite number (an int if
+  `integer`) in the range [minimum, maximum] (open ends with `min_open` / `max_open`)."""
+  value = config[section].get(field, None)
+  if value is None and optional:
+    return
+  lo = "" if minimum is None else ("(" if min_open else "[") + str(minimum)
+  hi = "" if maximum is None else str(maximum) + (")" if max_open else "]")
+  wanted = ("an integer" if integer else "a number") + (
+      f" in {lo or '(-inf'}, {hi or 'inf)'}" if lo or hi else "")
+  ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+        and math.isfinite(value) and (not integer or float(value).is_integer()))
+  if ok and minimum is not None:
+    ok = value > minimum if min_open else value >= minimum
+  if ok and maximum is not None:
+    ok = value < maximum if max_open else value <= maximum
+  if not ok:
+    raise ValueError(f"config.{section}.{field} must be {wanted}, got {value!r}")
+
+
+def _choice(section: str, config: ml_collections.ConfigDict, field: str, valid) -> None:
+  value = config[section].get(field, None)
+  if value not in valid:
+    raise ValueError(f"Unknown config.{section}.{field} {value!r}; valid: {sorted(valid)}")
+
+
+def _check_training(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> None:
   training = config.training
-  make_sde(config)
-  make_loss_fn(config, make_sde(config))
+  sde = make_sde(config)
+  _choice("training", config, "weighting", losses.WEIGHTINGS)
+  try:
+    make_loss_fn(config, sde)
+  except ValueError as e:
+    raise ValueError(f"config.training (weighting={training.weighting!r}, "
+                     f"importance_sampling={training.get('importance_sampling')!r}): {e}"
+                     ) from None
+  _number("training", config, "eps", minimum=0, maximum=sde.T, min_open=True, max_open=True)
   for field in ("batch_size", "n_iters", "n_jitted_steps", "snapshot_freq",
                 "snapshot_freq_for_preemption", "log_freq", "eval_freq"):
-    if int(training[field]) < 1:
-      raise ValueError(f"config.training.{field} must be >= 1, got {training[field]}")
+    _number("training", config, field, minimum=1, integer=True)
+  if mode != "train":  # the device count may differ from training's
+    return
   parallel.check_batch(int(training.batch_size), mesh)
   for field in ("snapshot_freq", "snapshot_freq_for_preemption"):
     if training[field] % training.n_jitted_steps:
@@ -204,10 +246,23 @@ def _check_training(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
                        f"config.training.n_jitted_steps={training.n_jitted_steps}")
 
 
-def _check_model(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-  del mesh
-  models.get_model(config)
+def _check_data(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> None:
+  del mesh, mode
+  _number("data", config, "image_size", minimum=1, integer=True)
+  _number("data", config, "num_channels", minimum=1, integer=True)
+
+
+def _check_model(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> None:
+  del mesh, mode
   d, m = config.data, config.model
+  try:
+    models.get_model(config)
+  except ValueError as e:
+    raise ValueError(f"config.model (name={m.name!r}): {e}") from None
+  _number("model", config, "nf", minimum=1, integer=True)
+  _number("model", config, "num_res_blocks", minimum=1, integer=True)
+  _number("model", config, "num_scales", minimum=1, integer=True)
+  _number("model", config, "dropout", minimum=0, maximum=1, max_open=True)
   levels = len(m.ch_mult) - 1
   if d.image_size % (2 ** levels):
     raise ValueError(f"config.data.image_size={d.image_size} is not divisible by "
@@ -217,28 +272,70 @@ def _check_model(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
   if bad:
     raise ValueError(f"config.model.attn_resolutions {bad} are not resolutions of this "
                      f"network; valid: {sorted(resolutions)}")
-  if not 0.0 <= m.ema_rate < 1.0:
-    raise ValueError(f"config.model.ema_rate must lie in [0, 1), got {m.ema_rate}")
+  _number("model", config, "ema_rate", minimum=0, maximum=1, max_open=True)
 
 
-def _check_optim(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-  del mesh
+def _check_optim(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> None:
+  del mesh, mode
+  _choice("optim", config, "optimizer", OPTIMIZERS)
+  _number("optim", config, "lr", minimum=0, min_open=True)
+  _number("optim", config, "warmup", minimum=0, integer=True)
+  _number("optim", config, "beta1", minimum=0, maximum=1, max_open=True)
+  _number("optim", config, "eps", minimum=0)
+  _number("optim", config, "weight_decay", minimum=0)
+  _number("optim", config, "grad_clip", optional=True)  # < 0: no clipping
   make_optimizer(config)
 
 
-def _check_sampling(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-  sampler_settings(config)
-  parallel.check_batch(int(config.sampling.batch_size), mesh, "config.sampling.batch_size")
+def _check_sampling(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> None:
+  del mode
+  s = config.sampling
+  _number("sampling", config, "batch_size", minimum=1, integer=True)
+  parallel.check_batch(int(s.batch_size), mesh, "config.sampling.batch_size")
+  method, options = sampler_settings(config)
+  # Names are checked whatever the method (a typo is a typo); values for the method's options.
+  for field, valid in (("predictor", sampling.PREDICTORS), ("corrector", sampling.CORRECTORS),
+                       ("solver", sampling.ODE_SOLVERS)):
+    if field in s:
+      _choice("sampling", config, field, valid)
+  if "order" in s:
+    _choice("sampling", config, "order", (1, 2, 3))
+  ranges = dict(steps=dict(minimum=2 if method == "heun" else 1, integer=True, optional=True),
+                n_steps_each=dict(minimum=1, integer=True), snr=dict(minimum=0, min_open=True),
+                rtol=dict(minimum=0, min_open=True), atol=dict(minimum=0, min_open=True),
+                eta=dict(minimum=0), rho=dict(minimum=0, min_open=True),
+                s_churn=dict(minimum=0), eps=dict(minimum=0, min_open=True, optional=True))
+  for field, limits in ranges.items():
+    if SAMPLING_RENAMES.get(field, field) in options or field == "steps":
+      _number("sampling", config, field, **limits)
+  # The sampler's own checks (option combinations, ranges that depend on the SDE), by
+  # tracing it once on one example with a stand-in score: nothing is compiled.
+  shape = (1, *models.image_shape(config))
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  sde = make_sde(config)
+  try:
+    jax.eval_shape(lambda k: sampling.sample(k, lambda x, t: -x, sde, shape, method, **options),
+                   key)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"config.sampling (method={method!r}): {e}") from None
 
 
-def _check_eval(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+def _check_eval(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> None:
+  del mode
+  _number("eval", config, "batch_size", minimum=1, integer=True)
   parallel.check_batch(int(config.eval.batch_size), mesh, "config.eval.batch_size")
+  _number("eval", config, "num_samples", minimum=1, integer=True)
+  _number("eval", config, "bpd_num_examples", minimum=1, integer=True, optional=True)
+  _number("eval", config, "bpd_rtol", minimum=0, min_open=True)
+  _number("eval", config, "bpd_atol", minimum=0, min_open=True)
 
 
-# One check per config section, run in this order; each raises ValueError naming the field,
-# the bad value and the valid ones. Add a field's check to its section's function.
-SECTION_CHECKS: dict[str, Callable[[ml_collections.ConfigDict, Mesh], None]] = {
+# One check per config section, run in this order for every mode; each raises ValueError
+# naming the field (`config.<section>.<field>`), the bad value and the valid range or
+# choices. A new field gets its check in its section's function; a new section, an entry.
+SECTION_CHECKS: dict[str, Callable[[ml_collections.ConfigDict, Mesh, str], None]] = {
     "training": _check_training,
+    "data": _check_data,
     "model": _check_model,
     "optim": _check_optim,
     "sampling": _check_sampling,
@@ -246,14 +343,141 @@ SECTION_CHECKS: dict[str, Callable[[ml_collections.ConfigDict, Mesh], None]] = {
 }
 
 
-def check_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> None:
+def check_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
+                 mode: str = "train") -> None:
   """Validates a config before any compilation or data loading.
 
+  Args:
+    config: the run's config.
+    mesh: the device mesh (default: all devices).
+    mode: 'train', 'eval' or 'sample' (the training batch is checked against the devices
+      only when training).
+
   Raises:
-    ValueError: unknown SDE / model / sampler / weighting / optimizer names, impossible image
-      shapes, a batch size not divisible by the device count, or snapshot frequencies that
-      are not multiples of `n_jitted_steps`.
+    ValueError: naming the field, its value and the valid ones: unknown SDE / model /
+      sampler / predictor / corrector / solver / weighting / optimizer names, sampler options
+      out of range, batch sizes or sample counts < 1 or not divisible by the device count,
+      a learning rate that is not finite and > 0, an EMA rate outside [0, 1), impossible
+      image shapes, or snapshot frequencies that are not multiples of `n_jitted_steps`.
   """
+  if mode not in MODES:
+    raise ValueError(f"Unknown mode {mode!r}; valid: {MODES}")
   mesh = parallel.make_mesh() if mesh is None else mesh
   for check in SECTION_CHECKS.values():
-    check(config, mesh)
+    check(config, mesh, mode)
+
+
+# ----------------------------------------------------------------------------------------
+# The run's config (`workdir/config.json`) against the one given.
+
+
+def defines_network(path: str) -> bool:
+  """Whether config field `path` ('model.nf') defines the trained network or the SDE: a
+  checkpoint only means something with the values it was trained with."""
+  section, _, field = path.partition(".")
+  if section == "model":
+    return field != "ema_rate"
+  return path in ("training.sde", "training.continuous", "data.image_size",
+                  "data.num_channels", "data.centered")
+
+
+# Fields that may not change when resuming training either (they shape the optimizer state).
+RESUME_FIELDS = ("optim.optimizer",)
+
+
+def _flatten(plain: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in plain.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def config_differences(config: ml_collections.ConfigDict, saved: dict,
+                       select: Callable[[str], bool]) -> list[str]:
+  """`['model.nf (run: 16, given: 32)', ...]`: the fields chosen by `select` whose value in
+  `config` differs from the saved (plain) config's."""
+  given, run = _flatten(workdir_lib.to_plain(config)), _flatten(saved)
+  return [f"{path} (run: {run.get(path, 'unset')!r}, given: {given.get(path, 'unset')!r})"
+          for path in sorted(set(given) | set(run))
+          if select(path) and given.get(path) != run.get(path)]
+
+
+def _set_field(config: ml_collections.ConfigDict, path: str, value: Any) -> bool:
+  """Sets `config.<path>` to a JSON value, adapted to the field's type (lists -> tuples,
+  ints -> floats); False if the config has no such field."""
+  *parents, field = path.split(".")
+  node = config
+  for name in parents:
+    if name not in node or not isinstance(node[name], ml_collections.ConfigDict):
+      return False
+    node = node[name]
+  if field not in node:
+    return False
+  current = node[field]
+  if isinstance(current, tuple) and isinstance(value, list):
+    value = tuple(value)
+  elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  node[field] = value
+  return True
+
+
+def config_for_run(config: ml_collections.ConfigDict, workdir: str, *,
+                   overrides: Sequence[str] | None = None, allow_change: bool = False
+                   ) -> ml_collections.ConfigDict:
+  """The config to evaluate or sample a run with: the run's `config.json`, with `overrides`
+  taken from `config` on top.
+
+  Args:
+    config: the given config (a config file with its command-line overrides).
+    workdir: the run's directory.
+    overrides: the field paths set on the command line ('sampling.method', ...); they win
+      over the run's values. None: every field of `config` is meant as given (the Python API).
+    allow_change: accept fields that define the network or the SDE differing from the run's
+      (otherwise a ValueError).
+
+  Returns:
+    `config` itself if the run has no `config.json`, else a copy holding the run's values
+    and the overrides.
+
+  Raises:
+    ValueError: a field that defines the network or the SDE differs from the run's (the
+      message lists them), unless `allow_change`.
+  """
+  saved = workdir_lib.load_config(workdir)
+  if saved is None:
+    return config
+  effective = config
+  if overrides is not None:
+    effective = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
+    explicit = tuple(overrides)
+    for path, value in _flatten(saved).items():
+      if not any(path == o or path.startswith(o + ".") for o in explicit):
+        _set_field(effective, path, value)
+  changed = config_differences(effective, saved, defines_network)
+  if changed and not allow_change:
+    raise ValueError(
+        f"The config differs from the run's {workdir_lib.config_path(workdir)} in fields that "
+        f"define the trained network or the SDE: {'; '.join(changed)}. Drop those overrides "
+        f"(or pass --allow_config_change to use them anyway)")
+  if changed:
+    logging.warning("Using fields that differ from the run's config: %s", "; ".join(changed))
+  return effective
+
+
+def check_resume_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ValueError if a run with checkpoints in `workdir` was trained with other values of
+  the fields that define the network, the SDE or the optimizer state (listed)."""
+  saved = workdir_lib.load_config(workdir)
+  if saved is None:
+    return
+  changed = config_differences(config, saved,
+                               lambda p: defines_network(p) or p in RESUME_FIELDS)
+  if changed:
+    raise ValueError(
+        f"Cannot resume the run in {workdir} with this config: it differs from the run's "
+        f"{workdir_lib.CONFIG_FILE} in fields that define the network, the SDE or the "
+        f"optimizer: {'; '.join(changed)}. Use the run's values, or a new --workdir")

@@ -7,8 +7,13 @@
 
 Any config field can be overridden with `--config.<section>.<field>=value`, and
 `--config=configs/<file>.py:tiny` picks the file's tiny variant. The config is validated
-before anything compiles and saved as `workdir/config.json` (train) so the run is
-reproducible.
+before anything compiles; training saves it as `workdir/config.json` once the run has
+started, and eval / sample start from that file, with the command line's `--config.*`
+overrides on top (a change of the network or the SDE is refused unless
+`--allow_config_change`).
+
+Exit status: 0 done, 2 bad input (one line on stderr, nothing compiled, nothing written),
+3 a non-finite loss (the last good checkpoint is kept).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import logging
 import os
 import sys
+from typing import Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -28,15 +34,19 @@ if os.path.isdir(os.path.join(_REPO, "configs")) and _REPO not in sys.path:
   sys.path.append(_REPO)
 
 MODES = ("train", "eval", "sample")
+EXIT_BAD_INPUT, EXIT_NON_FINITE = 2, 3
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, samples and logs.")
 flags.DEFINE_enum("mode", "train", MODES, "What to do.")
-flags.DEFINE_integer("step", None, "Checkpoint step for eval / sample (default: latest).")
-flags.DEFINE_integer("num_samples", None, "Samples for --mode=sample (default: "
+flags.DEFINE_integer("step", None, "Checkpoint step to resume (train) or to evaluate / sample "
+                     "(default: the newest intact one).")
+flags.DEFINE_integer("num_samples", None, "Samples for --mode=sample, >= 1 (default: "
                      "config.eval.num_samples).")
+flags.DEFINE_bool("allow_config_change", False, "eval / sample: accept --config.* overrides "
+                  "of fields that define the trained network or the SDE.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host "
                   "runs; on SLURM, Open MPI and TPU pods the cluster is detected from the "
                   "environment, elsewhere give the three flags below).")
@@ -47,30 +57,42 @@ flags.DEFINE_integer("process_id", None, "With --distributed: this process's ind
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _save_config(config, workdir: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
-
 def run(config, workdir: str, mode: str, *, step: int | None = None,
-        num_samples: int | None = None) -> dict | None:
+        num_samples: int | None = None, overrides: Sequence[str] | None = None,
+        allow_config_change: bool = False) -> dict | None:
   """What `main` does after parsing flags (callable from Python and tests).
 
+  Args:
+    config: the config (file + command-line overrides).
+    workdir: the run's directory.
+    mode: 'train', 'eval' or 'sample'.
+    step: checkpoint to resume from (train) or to use (None: the newest intact one).
+    num_samples: for 'sample' (>= 1; None: `config.eval.num_samples`).
+    overrides: eval / sample: the field paths given on the command line; the run's
+      `config.json` supplies every other field. None: `config` is used as given (its
+      network and SDE fields must still match the run's).
+    allow_config_change: eval / sample: accept network / SDE fields that differ from the run's.
+
   Raises:
-    ValueError: unknown mode or a bad config (before anything compiles).
+    ValueError / FileNotFoundError: bad input (before anything compiles).
+    FloatingPointError: a non-finite loss while training.
   """
   if mode not in MODES:
-    raise ValueError(f"Unknown mode {mode!r}; valid: {MODES}")
-  from score_sde import evaluate, experiment, train  # Heavy imports after flag parsing.
+    raise ValueError(f"Unknown --mode {mode!r}; valid: {MODES}")
+  from score_sde import experiment, workdir as workdir_lib  # Heavy imports after parsing.
 
-  experiment.check_config(config)
+  workdir_lib.check_workdir(workdir, must_exist=mode != "train")
+  if num_samples is not None and (isinstance(num_samples, bool) or num_samples < 1):
+    raise ValueError(f"--num_samples must be an integer >= 1, got {num_samples!r}")
+  if step is not None and step < 0:
+    raise ValueError(f"--step must be >= 0, got {step}")
   if mode == "train":
-    import jax
-    if jax.process_index() == 0:
-      _save_config(config, workdir)
-    state = train.train(config, workdir)
+    from score_sde import train
+    state = train.train(config, workdir, step=step)
     return dict(step=int(state.step))
+  from score_sde import evaluate
+  config = experiment.config_for_run(config, workdir, overrides=overrides,
+                                     allow_change=allow_config_change)
   if mode == "eval":
     return evaluate.evaluate(config, workdir, step=step)
   return evaluate.sample(config, workdir, step=step, num_samples=num_samples)
@@ -86,35 +108,133 @@ def _initialize_distributed(coordinator_address: str | None, num_processes: int 
                              num_processes=num_processes, process_id=process_id)
 
 
-class _QuietOrbax(logging.Filter):
-  """Drops orbax's INFO chatter (it logs every save phase) but keeps its warnings."""
+def _one_line(error: BaseException) -> str:
+  return " ".join(str(error).split())
+
+
+def execute(config, workdir: str, mode: str, **kwargs) -> int:
+  """`run`, with its outcome as an exit status: 0 (the result printed as one JSON line on
+  stdout), 2 bad input or 3 non-finite loss (one `error: ...` line on stderr each)."""
+  try:
+    result = run(config, workdir, mode, **kwargs)
+  except (ValueError, FileNotFoundError) as e:
+    # Bad input: one clear line, no traceback.
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  except FloatingPointError as e:  # train.NonFiniteLossError
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    return EXIT_NON_FINITE
+  if result is not None:
+    print(json.dumps(result, default=str))
+  return 0
+
+
+# ----------------------------------------------------------------------------------------
+# Quiet, readable logs.
+
+
+class QuietLogs(logging.Filter):
+  """Drops the noise of every run: orbax's INFO chatter (it logs every save phase), its
+  'read only' warnings (evaluation opens checkpoints read-only on purpose) and its errors
+  about unreadable step metadata (`checkpoints.restore` reports those), and JAX's INFO line
+  about a TPU backend it probed for and did not find."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+    message = record.getMessage()
+    if "/orbax/" in record.pathname:
+      # Unreadable step metadata: `checkpoints.restore` warns itself, naming the checkpoint.
+      said = ("read only", "read_only=True", "Metadata file")
+      return record.levelno >= logging.WARNING and not any(s in message for s in said)
+    return not message.startswith("Unable to initialize backend")
+
+
+class _TqdmStream:
+  """A log stream that writes through `tqdm.write`, so log lines and progress bars do not
+  interleave."""
+
+  def __init__(self, stream):
+    self._stream = stream
+
+  def write(self, text: str) -> None:
+    from tqdm import tqdm
+    if text.strip():
+      tqdm.write(text.rstrip("\n"), file=self._stream)
+
+  def flush(self) -> None:
+    self._stream.flush()
+
+  def close(self) -> None:  # the stream (stderr) is not ours to close
+    self.flush()
+
+
+def setup_logging() -> None:
+  """INFO logs through absl's handler, filtered by `QuietLogs`, written around tqdm bars."""
+  from absl import logging as absl_logging
+  logging.getLogger().setLevel(logging.INFO)
+  handler = absl_logging.get_absl_handler()
+  for h in {*logging.getLogger().handlers, *logging.getLogger("absl").handlers, handler}:
+    h.addFilter(QuietLogs())
+  python_handler = handler.python_handler
+  python_handler.stream = _TqdmStream(python_handler.stream)
+
+
+# ----------------------------------------------------------------------------------------
+# Flags.
+
+
+def _config_file(argv: Sequence[str]) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith(("--config=", "-config=")):
+      return arg.split("=", 1)[1]
+    if arg in ("--config", "-config") and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl flag parsing with config-file errors (missing file, syntax error, `get_config`
+  raising) and bad flags as one `error: ...` line and exit status 2."""
+  path = _config_file(argv)
+  if path is not None:
+    file = path.split(":", 1)[0]
+    if not os.path.isfile(file):
+      print(f"error: --config={path}: no such config file {os.path.abspath(file)}",
+            file=sys.stderr)
+      sys.exit(EXIT_BAD_INPUT)
+  try:
+    rest = FLAGS(argv)
+    if path is not None:
+      FLAGS.config.get("training")  # a config that failed to load raises on first access
+  except Exception as e:  # noqa: BLE001 (flags and config files raise anything)
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    detail = lines[-1] if lines else type(e).__name__
+    if isinstance(e, KeyError):  # an override of a field the config does not have
+      detail = "unknown config field " + " ".join(str(e.args[0]).replace("'", "").split())
+    elif isinstance(e, SyntaxError):
+      detail = f"SyntaxError: {e.msg} ({e.filename}, line {e.lineno})"
+    elif lines and "Error whilst parsing config file" in lines[0]:
+      detail = f"get_config raised {detail}"
+    other_flag = str(e).startswith("flag --") and not str(e).startswith("flag --config=")
+    where = "" if path is None or other_flag else f"--config={path}: "
+    print(f"error: {where}{detail}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+  return rest
 
 
 def main(argv) -> None:
   del argv
-  logging.getLogger().setLevel(logging.INFO)
-  for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
-    handler.addFilter(_QuietOrbax())
+  setup_logging()
   from score_sde import compilation_cache
   compilation_cache.enable()  # before anything compiles; SCORE_SDE_CACHE_DIR= turns it off
   if FLAGS.distributed:
     _initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  try:
-    result = run(FLAGS.config, FLAGS.workdir, FLAGS.mode, step=FLAGS.step,
-                 num_samples=FLAGS.num_samples)
-  except (ValueError, FileNotFoundError) as e:
-    # Bad input: one clear line, no traceback.
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except FloatingPointError as e:  # train.NonFiniteLossError
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(3)
-  if result is not None:
-    print(json.dumps(result, default=str))
+  overrides = None
+  if FLAGS.mode != "train":
+    overrides = list(config_flags.get_override_values(FLAGS["config"]))
+  sys.exit(execute(FLAGS.config, FLAGS.workdir, FLAGS.mode, step=FLAGS.step,
+                   num_samples=FLAGS.num_samples, overrides=overrides,
+                   allow_config_change=FLAGS.allow_config_change))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

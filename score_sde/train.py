@@ -36,6 +36,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from score_sde import checkpoints, datasets, experiment, images, models, parallel, sampling
+from score_sde import workdir as workdir_lib
 from score_sde.experiment import RunSpec
 
 Array = jax.Array
@@ -203,7 +204,7 @@ def abstract_state(config: ml_collections.ConfigDict, model, optimizer, mesh: Me
   """The `TrainState`'s shapes and dtypes, replicated over `mesh`, without memory."""
   replicated = NamedSharding(mesh, P())
   shapes = jax.eval_shape(lambda k: init_state(k, config, model, optimizer),
-                          jax.random.PRNGKey(0))
+                          jax.ShapeDtypeStruct((2,), jnp.uint32))  # a key, not made: no compile
   return jax.tree_util.tree_map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)
 
@@ -245,14 +246,15 @@ class MetricsWriter:
       self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def scalars(self, step: int, section: str, record: dict[str, float]) -> None:
+    """Logs `record`'s values at `step`; non-finite ones become `null` in the JSON line."""
     if not self.enabled:
       return
     for name, value in record.items():
       self._tensorboard.add_scalar(f"{section}/{name}", value, step)
     prefix = "" if section == "train" else f"{section}_"
-    line = {"step": step, **{prefix + name: value for name, value in record.items()}}
+    line = {"step": step, **{prefix + name: _json_number(value) for name, value in record.items()}}
     with open(self.jsonl_path, "a") as f:
-      f.write(json.dumps(line) + "\n")
+      f.write(json.dumps(line, allow_nan=False) + "\n")
 
   def image(self, step: int, name: str, grid: np.ndarray) -> None:
     if self.enabled:
@@ -263,12 +265,19 @@ class MetricsWriter:
       self._tensorboard.close()
 
 
+def _json_number(value: float) -> float | None:
+  """`value` as a float, or None (JSON `null`) if it is NaN or infinite."""
+  value = float(value)
+  return value if np.isfinite(value) else None
+
+
 def check_finite(metrics: dict, first_step: int, manager, workdir: str) -> None:
-  """Raises NonFiniteLossError if a loss of the steps `first_step + 1, ...` is not finite."""
+  """Raises NonFiniteLossError if a loss of the steps `first_step + 1, ...` (numbered as the
+  log numbers them: step k is the one that takes the state from k - 1 to k) is not finite."""
   finite = np.isfinite(metrics["loss"])
   if np.all(finite):
     return
-  bad = first_step + int(np.argmin(finite))
+  bad = first_step + 1 + int(np.argmin(finite))
   last = manager.latest_step()
   raise NonFiniteLossError(
       f"Non-finite loss {metrics['loss'].tolist()} at step {bad}; stopped without "
@@ -279,59 +288,90 @@ def check_finite(metrics: dict, first_step: int, manager, workdir: str) -> None:
 
 def save_snapshot(sample_fn: Callable, state: TrainState, key: Array, step: int, workdir: str,
                   writer: MetricsWriter, method: str) -> None:
-  """Samples with the EMA weights; the chief writes `samples/step_<step>.{png,npz}` and the
-  grid to TensorBoard."""
+  """Samples with the EMA weights; the chief writes `samples/step_<step>.{png,npz}` (or
+  `step_<step>.<k>.*` if those exist, e.g. after resuming from an older step) and the grid
+  to TensorBoard."""
   x, nfe = parallel.to_host(sample_fn(state.variables(ema=True), key))
   x = np.asarray(x)
   if writer.enabled:
-    path = images.save_grid(x, os.path.join(workdir, "samples", f"step_{step}.png"), scale=2)
-    np.savez_compressed(os.path.join(workdir, "samples", f"step_{step}.npz"), samples=x)
+    directory = os.path.join(workdir, "samples")
+    os.makedirs(directory, exist_ok=True)
+    stem = workdir_lib.fresh_stem(directory, f"step_{step}", (".png", ".npz"))
+    path = images.save_grid(x, stem + ".png", scale=2)
+    np.savez_compressed(stem + ".npz", samples=x)
     writer.image(step, "samples", images.image_grid(x))
     logging.info("step %d: %d samples (%s, NFE %d) -> %s", step, len(x), method, int(nfe), path)
 
 
-def _start_state(manager, config, spec: RunSpec, mesh: Mesh, init_key: Array, workdir: str
+def _start_state(manager, config, spec: RunSpec, mesh: Mesh, workdir: str, step: int | None
                  ) -> TrainState:
-  """The latest checkpoint, or a fresh state."""
-  restored = restore_state(manager, config, spec.model, spec.optimizer, mesh)
+  """Checkpoint `step` (None: the newest intact one), or a fresh state if there is none.
+
+  Unreadable newer checkpoints, and with `step` the newer ones, are moved to
+  `workdir/checkpoints_set_aside/` (never deleted) so that training can save those steps again.
+  """
+  abstract = abstract_state(config, spec.model, spec.optimizer, mesh)
+  restored = checkpoints.restore_intact(manager, abstract, step)
   if restored is not None:
-    logging.info("Resuming from checkpoint %d in %s", restored[1], workdir)
-    return restored[0]
+    state, restored_step, unreadable = restored
+    newer = [s for s in manager.all_steps() if s > restored_step and s not in unreadable]
+    moved = (checkpoints.set_aside(workdir, unreadable, "unreadable")
+             + checkpoints.set_aside(workdir, newer, f"after_resume_from_{restored_step}"))
+    if moved:
+      logging.warning("Moved checkpoints %s out of the way to %s", sorted(unreadable + newer),
+                      os.path.dirname(moved[0]))
+      manager.reload()
+    logging.info("Resuming from checkpoint %d in %s", restored_step, workdir)
+    return state
   logging.info("Starting a new run in %s", workdir)
+  init_key = experiment.run_keys(config)[0]
   return jax.jit(lambda k: init_state(k, config, spec.model, spec.optimizer),
                  out_shardings=NamedSharding(mesh, P()))(init_key)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, mesh: Mesh | None = None,
-          progress: bool = True) -> TrainState:
+def train(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None,
+          mesh: Mesh | None = None, progress: bool = True) -> TrainState:
   """Trains (or resumes training) until `config.training.n_iters` steps.
 
-  Writes into `workdir`: `checkpoints/<step>/` (orbax), `samples/step_<step>.png` and
-  `.npz` at every snapshot (if `training.snapshot_sampling`), `tensorboard/` event files,
-  `metrics.jsonl` (one line per log step). Resumes from the latest checkpoint.
+  Writes into `workdir`: `config.json` (once the run has started), `checkpoints/<step>/`
+  (orbax), `samples/step_<step>.png` and `.npz` at every snapshot (if
+  `training.snapshot_sampling`), `tensorboard/` event files, `metrics.jsonl` (one line per
+  log step). Resumes from the newest intact checkpoint, or from checkpoint `step`.
 
   Returns:
     The final state.
 
   Raises:
     NonFiniteLossError: a NaN or infinite loss (the last good checkpoint is kept).
-    ValueError / FileNotFoundError: a bad config or missing data (before compiling).
+    ValueError / FileNotFoundError: a bad config, a config that differs from the run's in
+      what defines its network, missing data, or no intact checkpoint (before compiling).
   """
   from tqdm import tqdm
 
+  workdir_lib.check_workdir(workdir)
   mesh = parallel.make_mesh() if mesh is None else mesh
-  experiment.check_config(config, mesh)
+  experiment.check_config(config, mesh, "train")
+  if checkpoints.has_checkpoints(workdir):
+    experiment.check_resume_config(config, workdir)
   training = config.training
   n_jitted, n_iters = int(training.n_jitted_steps), int(training.n_iters)
-  os.makedirs(workdir, exist_ok=True)
   spec = experiment.run_spec(config)
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_data = datasets.get_dataset(config, "train", **process)
   eval_data = datasets.get_dataset(config, "test", **process)
+  os.makedirs(workdir, exist_ok=True)
 
-  init_key, base_key, sample_key, eval_key = experiment.run_keys(config)
   manager = checkpoints.get_manager(workdir, keep=2, keep_period=int(training.snapshot_freq))
-  state = _start_state(manager, config, spec, mesh, init_key, workdir)
+  try:
+    state = _start_state(manager, config, spec, mesh, workdir, step)
+  except BaseException:
+    manager.close()
+    raise
+  if jax.process_index() == 0:  # the run has started: record how it is trained
+    previous = workdir_lib.save_config(config, workdir)
+    if previous:
+      logging.warning("The config differs from the run's earlier one, kept as %s", previous)
+  _, base_key, sample_key, eval_key = experiment.run_keys(config)
   base_key, start = parallel.replicate(base_key, mesh), int(state.step)
   step_fn = make_train_step(spec, mesh=mesh)
   eval_fn = make_eval_loss_fn(spec, mesh=mesh)

@@ -71,6 +71,8 @@ $PY -m score_sde.main "${COMMON[@]}" --mode=eval --config.eval.enable_bpd=True \
   --config.eval.batch_size="$BPD_EXAMPLES" --config.eval.bpd_num_examples="$BPD_EXAMPLES" \
   --config.eval.bpd_rtol=1e-4 --config.eval.bpd_atol=1e-4
 done_at=$(date +%s)
+# Eval never overwrites: a re-run writes metrics.<i>.json; show the newest.
+METRICS=$(ls -t "$WORKDIR"/eval/step_"$STEPS"/metrics*.json | head -1)
 
 # 6. One picture: both samplers side by side.
 $PY scripts/sample_grid.py --workdir="$WORKDIR" --out="$WORKDIR/pc_vs_ode.png" pc ode
@@ -80,8 +82,8 @@ cat <<MSG
 Done in $((done_at - start)) s (train $((trained - start)) s, sampling $((sampled - trained)) s, eval $((done_at - sampled)) s).
   PC vs ODE samples (same noise): $WORKDIR/pc_vs_ode.png
   samples (.npz, .png):           $WORKDIR/samples/
-  test loss and bits/dim:         $WORKDIR/eval/step_$STEPS/metrics.json
+  test loss and bits/dim:         $METRICS
   checkpoints:                    $WORKDIR/checkpoints/
   TensorBoard:                    .venv/bin/python -m tensorboard.main --logdir $WORKDIR/tensorboard (if installed)
 MSG
-cat "$WORKDIR/eval/step_$STEPS/metrics.json"
+cat "$METRICS"

@@ -2,8 +2,9 @@
 
     python scripts/sample_grid.py --workdir=runs/fashion_mnist_vp --out=pc_vs_ode.png pc ode
 
-Reads the latest `<method>_step_<k>.npz` of each method in `workdir/samples` (written by
-`python -m score_sde.main --mode=sample`).
+Reads, for each method, the newest file of the highest step k in `workdir/samples`:
+`<method>_step_<k>_<sampler settings>_n<N>[.<i>].npz` (written by
+`python -m score_sde.main --mode=sample`; older runs wrote `<method>_step_<k>.npz`).
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ from score_sde import images
 
 
 def latest_samples(workdir: str, method: str) -> tuple[np.ndarray, int]:
-  """The samples of the highest step for `method`; raises FileNotFoundError if none."""
+  """The samples of the highest step for `method` (the newest file of that step); raises
+  FileNotFoundError if none."""
   found = {}
   for path in glob.glob(os.path.join(workdir, "samples", f"{method}_step_*.npz")):
-    match = re.fullmatch(rf"{re.escape(method)}_step_(\d+)\.npz", os.path.basename(path))
+    match = re.fullmatch(rf"{re.escape(method)}_step_(\d+)(_.*)?\.npz", os.path.basename(path))
     if match:
-      found[int(match.group(1))] = path
+      step = int(match.group(1))
+      if step not in found or os.path.getmtime(path) > os.path.getmtime(found[step]):
+        found[step] = path
   if not found:
     raise FileNotFoundError(f"No {method}_step_*.npz in {workdir}/samples; run "
                             f"`python -m score_sde.main --mode=sample "

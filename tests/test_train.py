@@ -5,8 +5,11 @@ test and the checkpoint that eval / sample read.
 """
 
 import dataclasses
+import glob
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +25,7 @@ import pytest
 from configs import fashion_mnist_vp
 from score_sde import checkpoints, datasets, evaluate, experiment, images, main as main_lib
 from score_sde import parallel, train
+from score_sde import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,7 +103,7 @@ def test_sampler_settings_maps_reference_names():
     ({"training.sde": "vp"}, "Unknown config.training.sde 'vp'; valid: ['subvpsde', 'vesde'"),
     ({"model.name": "unet"}, "Unknown model 'unet'"),
     ({"sampling.method": "euler"}, "Unknown config.sampling.method 'euler'"),
-    ({"training.weighting": "snr"}, "Unknown loss weighting 'snr'"),
+    ({"training.weighting": "snr"}, "Unknown config.training.weighting 'snr'"),
     ({"optim.optimizer": "SGD"}, "Unknown config.optim.optimizer 'SGD'"),
     ({"training.batch_size": 3}, "batch_size=3 is not divisible by the number of devices (2)"),
     ({"data.image_size": 9}, "image_size=9 is not divisible by 2**(len(ch_mult) - 1) = 2"),
@@ -136,7 +140,8 @@ class _LinearScore(nn.Module):
 @pytest.mark.parametrize("ema_warmup", [False, True])
 def test_train_step_ema_follows_its_formula(ema_warmup):
   config = tiny_config(**{"optim.warmup": 0})
-  sde, model, optimizer = experiment.make_sde(config), _LinearScore(), experiment.make_optimizer(config)
+  sde, model = experiment.make_sde(config), _LinearScore()
+  optimizer = experiment.make_optimizer(config)
   x = jnp.zeros((1, 8, 8, 1))
   params = model.init(jax.random.PRNGKey(0), x, jnp.ones((1,)))["params"]
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -216,6 +221,8 @@ def test_train_writes_checkpoints_samples_and_logs(trained):
   assert [r["step"] for r in records if "eval_loss" in r] == [2, 4, 6]
   assert any(f.startswith("events.out.tfevents") for f in
              os.listdir(os.path.join(workdir, "tensorboard")))
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  assert saved == workdir_lib.to_plain(tiny_config())
 
 
 @pytest.mark.slow
@@ -247,7 +254,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(trained, tmp_path):
     np.testing.assert_array_equal(b, a)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
   real = datasets.get_dataset
 
   def poisoned(config, split="train", **kwargs):
@@ -266,12 +273,53 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 
   monkeypatch.setattr(datasets, "get_dataset", poisoned)
   workdir = str(tmp_path)
-  with pytest.raises(train.NonFiniteLossError, match=r"at step 3.*Last good checkpoint: step 2"):
-    train.train(tiny_config(**{"training.snapshot_sampling": False}), workdir, progress=False)
+  # Exit status 3; the step is numbered as in the log (step k takes the state to k).
+  assert main_lib.execute(tiny_config(**{"training.snapshot_sampling": False}), workdir,
+                          "train") == 3
+  error = capsys.readouterr().err.strip().splitlines()[-1]
+  assert re.search(r"at step 4;.*Last good checkpoint: step 2", error), error
   assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
                 if d.isdigit()) == [2]
   params, _ = params_of(workdir)
   assert all(np.all(np.isfinite(p)) for p in jax.tree_util.tree_leaves(params))
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_resume_skips_an_unreadable_checkpoint(trained, tmp_path):
+  """Checkpoint 6 overwritten: training resumes from 4, moves 6 aside (kept), and reaches
+  the uninterrupted run's parameters bit for bit; the old snapshot samples stay."""
+  ref_workdir, ref_params = trained
+  workdir = str(tmp_path / "run")
+  shutil.copytree(ref_workdir, workdir)
+  for root, _, names in os.walk(os.path.join(workdir, "checkpoints", "6")):
+    for name in names:
+      path = os.path.join(root, name)
+      open(path, "wb").write(np.random.default_rng(0).bytes(os.path.getsize(path)))
+  old_samples = open(os.path.join(workdir, "samples", "step_6.npz"), "rb").read()
+  state = train.train(tiny_config(), workdir, progress=False)
+  assert int(state.step) == 6
+  assert os.listdir(os.path.join(workdir, checkpoints.SET_ASIDE_DIR)) == ["6.unreadable"]
+  params, step = params_of(workdir)
+  assert step == 6
+  for a, b in zip(jax.tree_util.tree_leaves(ref_params), jax.tree_util.tree_leaves(params)):
+    np.testing.assert_array_equal(b, a)
+  assert open(os.path.join(workdir, "samples", "step_6.npz"), "rb").read() == old_samples
+  assert os.path.exists(os.path.join(workdir, "samples", "step_6.1.npz"))
+
+
+def test_train_step_flag_resumes_an_older_checkpoint(trained, tmp_path):
+  """`--step=4` for training: restores 4 and moves the newer 6 aside (nothing deleted)."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained[0], os.path.join(workdir), ignore=shutil.ignore_patterns("samples"))
+  config = tiny_config()
+  spec = experiment.run_spec(config)
+  with checkpoints.get_manager(workdir, keep=2, keep_period=6) as manager:
+    state = train._start_state(manager, config, spec, parallel.make_mesh(), workdir, step=4)
+    assert int(state.step) == 4 and list(manager.all_steps()) == [4]
+  assert os.listdir(os.path.join(workdir, checkpoints.SET_ASIDE_DIR)) == [
+      "6.after_resume_from_4"]
 
 
 def test_eval_and_sample_modes(trained):
@@ -283,19 +331,32 @@ def test_eval_and_sample_modes(trained):
   assert metrics["step"] == 6 and np.isfinite(metrics["test_loss"])
   # Uniform noise images under a barely trained model: finite, positive bits/dim.
   assert metrics["bpd_num_examples"] == 6 and 0 < metrics["bpd"] < 100
-  saved = json.load(open(os.path.join(workdir, "eval", "step_6", "metrics.json")))
+  assert metrics["metrics_json"] == os.path.join(workdir, "eval", "step_6", "metrics.json")
+  saved = json.load(open(metrics["metrics_json"]))
   assert saved["bpd"] == pytest.approx(metrics["bpd"])
-  assert np.load(os.path.join(workdir, "eval", "step_6", "samples.npz"))["samples"].shape == (
-      3, 8, 8, 1)
+  eval_samples = glob.glob(os.path.join(workdir, "eval", "step_6", "samples_*_n3.npz"))
+  assert [np.load(f)["samples"].shape for f in eval_samples] == [(3, 8, 8, 1)]
   # --mode=sample: two methods from the same noise; an old step on request.
   results = {}
   for method in ("ddim", "dpm_solver"):
     config = tiny_config(**{"sampling.method": method, "sampling.steps": 4})
     results[method] = main_lib.run(config, workdir, "sample", step=4, num_samples=2)
     assert results[method]["step"] == 4 and results[method]["nfe"] == 5
+  assert os.path.basename(results["dpm_solver"]["npz"]) == (
+      "dpm_solver_step_4_order2-steps4_n2.npz")
   x = {m: np.load(r["npz"])["samples"] for m, r in results.items()}
   # DPM-Solver++ order 1 is DDIM; order 2 from the same x_T lands close to it.
   np.testing.assert_allclose(x["dpm_solver"], x["ddim"], atol=0.2)
+  # As the command line does it: the run's config.json (the file's defaults differ: nf=16,
+  # 28x28 images) with the command-line overrides on top; the same draws, a fresh file name.
+  before = open(results["ddim"]["npz"], "rb").read()
+  given = fashion_mnist_vp.get_config("tiny")
+  given.sampling.method, given.sampling.steps = "ddim", 4
+  again = main_lib.run(given, workdir, "sample", step=4, num_samples=2,
+                       overrides=["sampling.method", "sampling.steps"])
+  assert again["npz"] == results["ddim"]["npz"][:-len(".npz")] + ".1.npz"
+  np.testing.assert_array_equal(np.load(again["npz"])["samples"], x["ddim"])
+  assert open(results["ddim"]["npz"], "rb").read() == before
   with pytest.raises(FileNotFoundError, match="available steps: \\[4, 6\\]"):
     main_lib.run(tiny_config(), workdir, "sample", step=5)
 

@@ -1,0 +1,89 @@
+"""The run directory: its checks, its `config.json`, and output names that never overwrite.
+
+A workdir holds `config.json` (the config the run was trained with: the source of truth for
+evaluation and sampling), `checkpoints/`, `samples/`, `eval/`, `tensorboard/` and
+`metrics.jsonl`. Nothing a user made is replaced: outputs get fresh names, and a changed
+`config.json` keeps the previous one as `config.<k>.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+CONFIG_FILE = "config.json"
+
+
+def check_workdir(workdir: str, *, must_exist: bool = False) -> None:
+  """Raises ValueError if `workdir` is a file (or otherwise not a directory), and
+  FileNotFoundError if `must_exist` and it does not exist."""
+  if not workdir:
+    raise ValueError("--workdir must name a directory, got an empty string")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir} is a file, not a directory; give the run's "
+                     f"directory")
+  if must_exist and not os.path.isdir(workdir):
+    raise FileNotFoundError(f"No run in --workdir={workdir} (no such directory); train first "
+                            f"(--mode=train with that --workdir)")
+
+
+def fresh_stem(directory: str, stem: str, suffixes: tuple[str, ...]) -> str:
+  """`directory/stem` if no `stem + suffix` exists there, else `directory/stem.<k>` with the
+  smallest k >= 1 for which none does (e.g. for an `.npz` + `.png` pair)."""
+  base = os.path.join(directory, stem)
+  candidate, k = base, 1
+  while any(os.path.exists(candidate + s) for s in suffixes):
+    candidate, k = f"{base}.{k}", k + 1
+  return candidate
+
+
+def config_path(workdir: str) -> str:
+  return os.path.join(workdir, CONFIG_FILE)
+
+
+def load_config(workdir: str) -> dict | None:
+  """The run's saved config as a plain dict (None: no `config.json`).
+
+  Raises:
+    ValueError: the file is not valid JSON.
+  """
+  path = config_path(workdir)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not valid JSON ({e}); restore it or start a new --workdir"
+                     ) from None
+
+
+def to_plain(config: ml_collections.ConfigDict) -> dict:
+  """The config as plain JSON data (tuples -> lists), as `config.json` holds it."""
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+  """Writes `config.json`; an existing, different one is kept as `config.<k>.json`.
+
+  Returns:
+    The path the previous config was moved to, or None.
+  """
+  path, moved = config_path(workdir), None
+  plain = to_plain(config)
+  if os.path.isfile(path):
+    try:
+      with open(path) as f:
+        if json.load(f) == plain:
+          return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      pass
+    moved = fresh_stem(workdir, "config", (".json",)) + ".json"  # config.<k>.json
+    os.replace(path, moved)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(tmp, path)
+  return moved

@@ -1,0 +1,267 @@
+"""Bad input through the command line's code path (`main.execute`): each row exits with status
+2 and one `error:` line naming the field, compiles nothing, and leaves the workdir as it was.
+
+The run these rows point at (`run_dir`) is made without training: an initialized tiny state
+saved as checkpoints 2 and 4, and its `config.json`, as training writes them.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from score_sde import checkpoints, experiment, main as main_lib, train
+from score_sde import workdir as workdir_lib
+from test_train import REPO, tiny_config
+
+_COMPILES = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kwargs: _COMPILES.append(event)
+    if event == "/jax/core/compile/backend_compile_duration" else None)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = tiny_config()
+  spec = experiment.run_spec(config)
+  state = jax.jit(lambda k: train.init_state(k, config, spec.model, spec.optimizer))(
+      jax.random.PRNGKey(0))
+  with checkpoints.get_manager(workdir, keep=3) as manager:
+    for step in (2, 4):
+      checkpoints.save(manager, step, state.replace(step=jnp.asarray(step, jnp.int32)))
+  workdir_lib.save_config(config, workdir)
+  return workdir
+
+
+def snapshot(path):
+  """Every file under `path` with its size and content hash (None: no such path)."""
+  if not os.path.exists(path):
+    return None
+  if os.path.isfile(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+  files = {}
+  for root, _, names in os.walk(path):
+    for name in names:
+      full = os.path.join(root, name)
+      files[os.path.relpath(full, path)] = hashlib.sha256(open(full, "rb").read()).hexdigest()
+  return files
+
+
+def execute(capsys, config, workdir, mode, **kwargs):
+  """`main.execute` -> (exit status, its last stderr line, backend compilations)."""
+  capsys.readouterr()
+  before = len(_COMPILES)
+  status = main_lib.execute(config, workdir, mode, **kwargs)
+  err = capsys.readouterr().err.strip().splitlines()
+  return status, (err[-1] if err else ""), len(_COMPILES) - before
+
+
+# (id, mode, config overrides, run() keyword arguments, workdir kind, expected text).
+# Workdir kinds: "new" (does not exist), "run" (run_dir), "file" (a file), "mismatch" (run_dir
+# with nf=16, the run's nf is 8).
+ROWS = [
+    # Rows of issue 16.
+    ("predictor", "train", {"sampling.predictor": "heun"}, {}, "new",
+     "Unknown config.sampling.predictor 'heun'"),
+    ("corrector", "train", {"sampling.corrector": "hmc"}, {}, "new",
+     "Unknown config.sampling.corrector 'hmc'"),
+    ("solver", "train", {"sampling.method": "ode", "sampling.solver": "rk4"}, {}, "new",
+     "Unknown config.sampling.solver 'rk4'"),
+    ("order", "train", {"sampling.order": 5}, {}, "new", "Unknown config.sampling.order 5"),
+    ("sampling_batch_0", "train", {"sampling.batch_size": 0}, {}, "new",
+     "config.sampling.batch_size must be an integer in [1, inf), got 0"),
+    ("eval_batch_neg", "eval", {"eval.batch_size": -2}, {}, "run",
+     "config.eval.batch_size must be an integer in [1, inf), got -2"),
+    ("lr_negative", "train", {"optim.lr": -0.01}, {}, "new",
+     "config.optim.lr must be a number in (0, inf), got -0.01"),
+    ("lr_nan", "train", {"optim.lr": float("nan")}, {}, "new",
+     "config.optim.lr must be a number in (0, inf), got nan"),
+    ("num_samples_0", "sample", {}, {"num_samples": 0}, "run", "--num_samples must be"),
+    ("num_samples_neg", "sample", {}, {"num_samples": -3}, "run", "--num_samples must be"),
+    ("workdir_file_train", "train", {}, {}, "file", "is a file, not a directory"),
+    ("workdir_file_sample", "sample", {}, {}, "file", "is a file, not a directory"),
+    ("mismatch_train", "train", {"model.nf": 16}, {}, "run",
+     "model.nf (run: 8, given: 16)"),
+    ("mismatch_sample", "sample", {"model.nf": 16}, {}, "run",
+     "model.nf (run: 8, given: 16)"),
+    ("mismatch_sample_allowed", "sample", {"model.nf": 16}, {"allow_config_change": True},
+     "run", "holds another network than the config describes"),
+    ("train_step_missing", "train", {}, {"step": 5}, "run", "available steps: [2, 4]"),
+    # More of the same kind.
+    ("steps_0", "sample", {"sampling.steps": 0}, {}, "run",
+     "config.sampling.steps must be an integer in [1, inf), got 0"),
+    ("pc_nothing", "sample", {"sampling.method": "pc", "sampling.predictor": "none"}, {}, "run",
+     "config.sampling (method='pc'): predictor and corrector are both 'none'"),
+    ("ema_rate", "train", {"model.ema_rate": 1.0}, {}, "new",
+     "config.model.ema_rate must be a number in [0, 1), got 1.0"),
+    ("num_samples_config", "eval", {"eval.num_samples": 0}, {}, "run",
+     "config.eval.num_samples must be"),
+    ("sample_no_run", "sample", {}, {}, "new", "No run in --workdir"),
+    # Rows that already worked.
+    ("sde", "train", {"training.sde": "vp"}, {}, "new", "Unknown config.training.sde 'vp'"),
+    ("model", "train", {"model.name": "unet"}, {}, "new", "config.model (name='unet')"),
+    ("method", "train", {"sampling.method": "euler"}, {}, "new",
+     "Unknown config.sampling.method 'euler'"),
+    ("weighting", "train", {"training.weighting": "snr"}, {}, "new",
+     "Unknown config.training.weighting 'snr'"),
+    ("optimizer", "train", {"optim.optimizer": "SGD"}, {}, "new",
+     "Unknown config.optim.optimizer 'SGD'"),
+    ("batch_indivisible", "train", {"training.batch_size": 3}, {}, "new",
+     "config.training.batch_size=3 is not divisible by the number of devices (2)"),
+    ("image_size", "train", {"data.image_size": 9}, {}, "new", "config.data.image_size=9"),
+    ("attn", "train", {"model.attn_resolutions": (16,)}, {}, "new",
+     "config.model.attn_resolutions [16]"),
+    ("jitted_steps", "train", {"training.n_jitted_steps": 4}, {}, "new",
+     "config.training.snapshot_freq=6 must be a multiple of"),
+    ("missing_data", "train", {"data.dataset": "cifar10", "data.image_size": 32,
+                               "data.num_channels": 3, "model.attn_resolutions": (16,)},
+     {}, "new", "cifar10"),
+    ("sample_step_missing", "sample", {}, {"step": 5}, "run", "available steps: [2, 4]"),
+    ("mode", "bogus", {}, {}, "new", "Unknown --mode 'bogus'"),
+]
+
+
+@pytest.mark.parametrize("name, mode, overrides, kwargs, kind, message", ROWS,
+                         ids=[r[0] for r in ROWS])
+def test_bad_input_is_one_clear_line_and_changes_nothing(
+    run_dir, tmp_path, capsys, name, mode, overrides, kwargs, kind, message):
+  assert jax.device_count() == 2
+  workdir = {"new": str(tmp_path / "new"), "run": run_dir, "file": str(tmp_path / "file")}[kind]
+  if kind == "file":
+    open(workdir, "w").write("not a directory")
+  config = tiny_config(**{"data.tfds_data_dir": str(tmp_path / "tfds"), **overrides})
+  before = snapshot(workdir)
+  status, line, compiles = execute(capsys, config, workdir, mode, **kwargs)
+  assert status == 2, line
+  assert line.startswith("error: ") and message in line, line
+  assert compiles == 0
+  assert snapshot(workdir) == before
+
+
+def test_unreadable_checkpoints_all_tried(run_dir, tmp_path, capsys):
+  workdir = str(tmp_path / "broken")
+  shutil.copytree(run_dir, workdir)
+  rng = np.random.default_rng(0)
+  for root, _, names in os.walk(os.path.join(workdir, "checkpoints")):
+    for name in names:
+      path = os.path.join(root, name)
+      open(path, "wb").write(rng.bytes(max(os.path.getsize(path), 1)))
+  before = snapshot(workdir)
+  for mode in ("sample", "train"):
+    status, line, compiles = execute(capsys, tiny_config(), workdir, mode)
+    assert status == 2 and "No intact checkpoint" in line, line
+    assert "tried step 4: " in line and "step 2: " in line and compiles == 0
+    assert snapshot(workdir) == before
+
+
+def test_restore_falls_back_to_the_newest_intact_checkpoint(tmp_path, caplog):
+  state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.asarray(3)}
+  with checkpoints.get_manager(tmp_path, keep=3) as manager:
+    for step in (2, 4, 6):
+      checkpoints.save(manager, step, jax.tree_util.tree_map(lambda a: a + step, state))
+  # 6: truncated files; 4: its array data overwritten.
+  for root, _, names in os.walk(os.path.join(tmp_path, "checkpoints", "6")):
+    for name in names:
+      path = os.path.join(root, name)
+      open(path, "r+b").truncate(os.path.getsize(path) // 2)
+  for root, _, names in os.walk(os.path.join(tmp_path, "checkpoints", "4", "default")):
+    for name in names:
+      if os.sep + "d" + os.sep in os.path.join(root, name):
+        path = os.path.join(root, name)
+        open(path, "wb").write(np.random.default_rng(0).bytes(os.path.getsize(path)))
+  with caplog.at_level(logging.WARNING), \
+      checkpoints.get_manager(tmp_path, read_only=True) as manager:
+    restored, step, skipped = checkpoints.restore_intact(manager, jax.eval_shape(lambda: state))
+  assert step == 2 and skipped == [6, 4]
+  np.testing.assert_array_equal(restored["w"], state["w"] + 2)
+  assert "checkpoints/6 is unreadable" in caplog.text and "skipped: 6, 4" in caplog.text
+  with checkpoints.get_manager(tmp_path, read_only=True) as manager:
+    with pytest.raises(checkpoints.CheckpointMismatchError, match="another network"):
+      checkpoints.restore(manager, {"params": {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}})
+
+
+@pytest.mark.parametrize("source, message", [
+    ("missing", "no such config file"),
+    ("def get_config(:\n", "SyntaxError: invalid syntax"),
+    ("def get_config(arg=None):\n  raise ValueError('no variant ' + str(arg))\n",
+     "get_config raised ValueError: no variant tiny"),
+])
+def test_config_file_errors_are_one_line(tmp_path, source, message):
+  path = tmp_path / "config.py"
+  if source != "missing":
+    path.write_text(source)
+  out = subprocess.run([sys.executable, "-m", "score_sde.main", f"--config={path}:tiny",
+                        f"--workdir={tmp_path / 'run'}"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines() == [out.stderr.strip()]  # one line
+  assert out.stderr.startswith(f"error: --config={path}:tiny: ") and message in out.stderr
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_eval_config_is_the_runs_with_overrides_on_top(run_dir):
+  given = tiny_config(**{"model.nf": 16, "training.n_iters": 99, "sampling.method": "ddim"})
+  config = experiment.config_for_run(given, run_dir, overrides=["sampling.method"])
+  assert config.model.nf == 8 and config.training.n_iters == 6  # the run's
+  assert config.sampling.method == "ddim" and tuple(config.model.ch_mult) == (1, 2)
+  with pytest.raises(ValueError, match=r"model\.nf \(run: 8, given: 16\)"):
+    experiment.config_for_run(given, run_dir, overrides=["sampling.method", "model.nf"])
+  allowed = experiment.config_for_run(given, run_dir, overrides=["model.nf"], allow_change=True)
+  assert allowed.model.nf == 16
+
+
+def test_config_json_is_never_replaced_silently(tmp_path):
+  workdir = str(tmp_path)
+  assert workdir_lib.save_config(tiny_config(), workdir) is None
+  assert workdir_lib.save_config(tiny_config(), workdir) is None  # same: untouched
+  moved = workdir_lib.save_config(tiny_config(**{"training.n_iters": 8}), workdir)
+  assert moved == os.path.join(workdir, "config.1.json")
+  assert json.load(open(moved))["training"]["n_iters"] == 6
+  assert json.load(open(os.path.join(workdir, "config.json")))["training"]["n_iters"] == 8
+
+
+def test_metrics_jsonl_stays_json_with_non_finite_values(tmp_path):
+  writer = train.MetricsWriter(str(tmp_path))
+  writer.scalars(3, "train", {"loss": float("nan"), "lr": float("inf"), "grad_norm": 1.5})
+  writer.scalars(3, "eval", {"loss": 0.5})
+  writer.close()
+
+  def strict(constant):
+    raise ValueError(f"not JSON: {constant}")
+
+  lines = [json.loads(line, parse_constant=strict)
+           for line in open(tmp_path / "metrics.jsonl")]
+  assert lines == [{"step": 3, "loss": None, "lr": None, "grad_norm": 1.5},
+                   {"step": 3, "eval_loss": 0.5}]
+
+
+def test_quiet_logs_drop_tpu_probe_and_orbax_read_only():
+  def record(message, pathname, level=logging.WARNING):
+    return logging.LogRecord("x", level, pathname, 1, message, None, None)
+
+  quiet = main_lib.QuietLogs()
+  assert not quiet.filter(record("Unable to initialize backend 'tpu': no TPU", "/jax/x.py",
+                                 logging.INFO))
+  assert not quiet.filter(record("Given directory is read only=/w", "/site/orbax/m.py"))
+  assert not quiet.filter(record("saving step 3", "/site/orbax/m.py", logging.INFO))
+  assert not quiet.filter(record("Failed to read Metadata file: /w/6/_CHECKPOINT_METADATA",
+                                 "/site/orbax/m.py", logging.ERROR))
+  assert quiet.filter(record("Checkpoint /w/6 is unreadable", "/score_sde/checkpoints.py"))
+  assert quiet.filter(record("something failed", "/site/orbax/m.py", logging.ERROR))
+
+
+def test_output_names_never_repeat(tmp_path):
+  stem = workdir_lib.fresh_stem(str(tmp_path), "pc_step_4_x_n4", (".npz", ".png"))
+  assert stem == str(tmp_path / "pc_step_4_x_n4")
+  open(stem + ".png", "w").close()
+  assert workdir_lib.fresh_stem(str(tmp_path), "pc_step_4_x_n4", (".npz", ".png")) == (
+      stem + ".1")
