@@ -2,7 +2,8 @@
 
 Modules (see DESIGN.md): `sde` (forward SDEs), `losses` (denoising score matching),
 `sampling` (PC, ODE, DDPM, DDIM, Heun, DPM-Solver++), `likelihood` (bits/dim),
-`models` (NCSN++ / DDPM++ / DDPM), `datasets`, `train`, `evaluate`, `checkpoints`, `main`.
+`models` (NCSN++ / DDPM++ / DDPM), `datasets`, `experiment` (config -> objects, checks),
+`parallel` (mesh, sharding), `train`, `evaluate`, `checkpoints`, `workdir`, `main`.
 Submodules are imported explicitly (`from score_sde import sampling`); importing the package
 itself loads nothing heavy.
 """
