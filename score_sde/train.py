@@ -271,6 +271,22 @@ def _json_number(value: float) -> float | None:
   return value if np.isfinite(value) else None
 
 
+def train_record(metrics: dict, steps_per_s: float, batch_size: int) -> dict[str, float]:
+  """The scalars logged for the steps of `metrics` (`[n]` arrays): the mean loss, the last
+  gradient norm and learning rate, and the throughput."""
+  return dict(loss=float(np.mean(metrics["loss"])), grad_norm=float(metrics["grad_norm"][-1]),
+              lr=float(metrics["lr"][-1]), steps_per_s=steps_per_s,
+              images_per_s=steps_per_s * batch_size)
+
+
+def eval_batch_loss(eval_fn: Callable, state: TrainState, batch: dict, key: Array, mesh: Mesh
+                    ) -> float:
+  """The mean loss of the EMA weights on one host batch (from `make_eval_loss_fn`)."""
+  total, count = parallel.to_host(eval_fn(state.variables(ema=True), key,
+                                          parallel.shard_batch(batch, mesh)))
+  return float(total) / float(count)
+
+
 def check_finite(metrics: dict, first_step: int, manager, workdir: str) -> None:
   """Raises NonFiniteLossError if a loss of the steps `first_step + 1, ...` (numbered as the
   log numbers them: step k is the one that takes the state from k - 1 to k) is not finite."""
@@ -399,24 +415,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step: int | None =
       bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.4g}")
       if is_time(step, previous, int(training.log_freq), n_iters):
         now = time.perf_counter()
-        steps_per_s = (step - last_log_step) / max(now - last_log_time, 1e-9)
-        record = dict(loss=float(np.mean(metrics["loss"])),
-                      grad_norm=float(metrics["grad_norm"][-1]), lr=float(metrics["lr"][-1]),
-                      steps_per_s=steps_per_s,
-                      images_per_s=steps_per_s * int(training.batch_size))
+        record = train_record(metrics, (step - last_log_step) / max(now - last_log_time, 1e-9),
+                              int(training.batch_size))
         last_log_time, last_log_step = now, step
         writer.scalars(step, "train", record)
-        logging.info("step %d: loss %.5f, grad norm %.3f, lr %.2e, %.2f steps/s",
-                     step, record["loss"], record["grad_norm"], record["lr"], steps_per_s)
+        logging.info("step %d: loss %.5f, grad norm %.3f, lr %.2e, %.2f steps/s", step,
+                     record["loss"], record["grad_norm"], record["lr"], record["steps_per_s"])
       if is_time(step, previous, int(training.eval_freq), n_iters):
         # One test batch (batch index step / eval_freq, cycling), EMA weights, no dropout.
-        test_batch = eval_data.batch(step // int(training.eval_freq))
-        total, count = parallel.to_host(eval_fn(state.variables(ema=True),
-                                                jax.random.fold_in(eval_key, step),
-                                                parallel.shard_batch(test_batch, mesh)))
-        writer.scalars(step, "eval", dict(loss=float(total) / float(count)))
-        bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.4g}",
-                        eval=f"{float(total) / float(count):.4g}")
+        eval_loss = eval_batch_loss(eval_fn, state, eval_data.batch(step // int(
+            training.eval_freq)), jax.random.fold_in(eval_key, step), mesh)
+        writer.scalars(step, "eval", dict(loss=eval_loss))
+        bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.4g}", eval=f"{eval_loss:.4g}")
       is_snapshot = step % int(training.snapshot_freq) == 0 or step == n_iters
       if is_snapshot or step % int(training.snapshot_freq_for_preemption) == 0:
         checkpoints.save(manager, step, state)
