@@ -55,3 +55,59 @@ def to_host(tree: Any) -> Any:
     return jax.device_get(tree)
   from jax.experimental import multihost_utils
   return multihost_utils.process_allgather(tree, tiled=True)
+
+
+class Prefetcher:
+  """Runs `produce(i)` for i = 0, 1, ... in a background thread, `size` items ahead of the
+  consumer, so that host-side batch preparation (reading, stacking, the transfer to the
+  devices) overlaps the devices' work on the previous batch.
+
+      with Prefetcher(lambda i: shard_batch(host_batch(i), mesh), count=n) as batches:
+        for batch in batches: ...
+
+  Items come out in order. An exception in `produce` is raised in the consumer at the item
+  that failed. Leaving the `with` block (or `close()`) stops the thread.
+  """
+
+  def __init__(self, produce, count: int, size: int = 2):
+    import queue
+    import threading
+
+    self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
+    self._stop = threading.Event()
+    self._count = count
+
+    def work() -> None:
+      for i in range(count):
+        try:
+          item = (True, produce(i))
+        except BaseException as e:  # noqa: BLE001 (handed to the consumer)
+          item = (False, e)
+        while not self._stop.is_set():
+          try:
+            self._queue.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if self._stop.is_set() or not item[0]:
+          return
+
+    self._thread = threading.Thread(target=work, name="prefetch", daemon=True)
+    self._thread.start()
+
+  def __iter__(self):
+    for _ in range(self._count):
+      ok, item = self._queue.get()
+      if not ok:
+        raise item
+      yield item
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join()
+
+  def __enter__(self) -> "Prefetcher":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

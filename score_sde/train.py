@@ -20,6 +20,7 @@ Checkpoints are only ever written from a state whose losses were all finite.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -397,47 +398,74 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step: int | None =
     sample_fn = make_sample_fn(spec, shape, *experiment.sampler_settings(config), mesh=mesh)
   writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
 
-  # The loop: one compiled call per n_jitted steps; the last call may be shorter.
+  # The loop: one compiled call per n_jitted steps (the last may be shorter). A background
+  # thread prepares the coming calls' batches, and a call's metrics are read only once the
+  # next call is launched, so the devices do not wait for the host. A state is evaluated or
+  # saved only after the losses of every step up to it were checked.
+  calls = [(s, min(s + n_jitted, n_iters)) for s in range(start, n_iters, n_jitted)]
   batches = train_data.iterate(start_step=start)
+
+  def call_batch(i: int):
+    host = [next(batches) for _ in range(calls[i][1] - calls[i][0])]
+    return parallel.shard_batch({k: np.stack([b[k] for b in host]) for k in ("image", "label")},
+                                mesh, axis=1)
+
   bar = tqdm(total=n_iters, initial=start, desc="train", unit="step", disable=not progress,
              dynamic_ncols=True)
-  step, last_log_time, last_log_step = start, time.perf_counter(), start
-  try:
-    while step < n_iters:
-      n = min(n_jitted, n_iters - step)
-      host = [next(batches) for _ in range(n)]
-      batch = {k: np.stack([b[k] for b in host]) for k in ("image", "label")}
-      state, metrics = step_fn(state, base_key, parallel.shard_batch(batch, mesh, axis=1))
+  pending = collections.deque()  # (first step, last step, device metrics) of launched calls
+  last_log, last_loss = [time.perf_counter(), start], [""]
+
+  def settle(keep: int = 0) -> None:
+    """Checks (NonFiniteLossError) and logs the metrics of the launched calls, all but the
+    newest `keep`; waits for them."""
+    while len(pending) > keep:
+      first, last, metrics = pending.popleft()
       metrics = parallel.to_host(metrics)
-      check_finite(metrics, step, manager, workdir)
-      previous, step = step, step + n
-      bar.update(n)
-      bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.4g}")
-      if is_time(step, previous, int(training.log_freq), n_iters):
+      check_finite(metrics, first, manager, workdir)
+      bar.update(last - first)
+      last_loss[0] = f"{float(metrics['loss'][-1]):.4g}"
+      bar.set_postfix(loss=last_loss[0])
+      if is_time(last, first, int(training.log_freq), n_iters):
         now = time.perf_counter()
-        record = train_record(metrics, (step - last_log_step) / max(now - last_log_time, 1e-9),
+        record = train_record(metrics, (last - last_log[1]) / max(now - last_log[0], 1e-9),
                               int(training.batch_size))
-        last_log_time, last_log_step = now, step
-        writer.scalars(step, "train", record)
-        logging.info("step %d: loss %.5f, grad norm %.3f, lr %.2e, %.2f steps/s", step,
+        last_log[:] = [now, last]
+        writer.scalars(last, "train", record)
+        logging.info("step %d: loss %.5f, grad norm %.3f, lr %.2e, %.2f steps/s", last,
                      record["loss"], record["grad_norm"], record["lr"], record["steps_per_s"])
-      if is_time(step, previous, int(training.eval_freq), n_iters):
-        # One test batch (batch index step / eval_freq, cycling), EMA weights, no dropout.
-        eval_loss = eval_batch_loss(eval_fn, state, eval_data.batch(step // int(
-            training.eval_freq)), jax.random.fold_in(eval_key, step), mesh)
-        writer.scalars(step, "eval", dict(loss=eval_loss))
-        bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.4g}", eval=f"{eval_loss:.4g}")
-      is_snapshot = step % int(training.snapshot_freq) == 0 or step == n_iters
-      if is_snapshot or step % int(training.snapshot_freq_for_preemption) == 0:
-        checkpoints.save(manager, step, state)
-      if is_snapshot and sample_fn is not None:
-        save_snapshot(sample_fn, state, jax.random.fold_in(sample_key, step), step, workdir,
-                      writer, config.sampling.method)
+
+  done = start  # the step of `state`
+  try:
+    with parallel.Prefetcher(call_batch, len(calls)) as prefetched:
+      for (previous, step), batch in zip(calls, prefetched):
+        state, metrics = step_fn(state, base_key, batch)
+        done = step
+        pending.append((previous, step, metrics))
+        settle(keep=1)  # the previous call's metrics, while this one runs
+        is_eval = is_time(step, previous, int(training.eval_freq), n_iters)
+        is_snapshot = step % int(training.snapshot_freq) == 0 or step == n_iters
+        is_save = is_snapshot or step % int(training.snapshot_freq_for_preemption) == 0
+        if is_eval or is_save:
+          settle()
+        if is_eval:
+          # One test batch (batch index step / eval_freq, cycling), EMA weights, no dropout.
+          eval_loss = eval_batch_loss(eval_fn, state, eval_data.batch(step // int(
+              training.eval_freq)), jax.random.fold_in(eval_key, step), mesh)
+          writer.scalars(step, "eval", dict(loss=eval_loss))
+          bar.set_postfix(loss=last_loss[0], eval=f"{eval_loss:.4g}")
+        if is_save:
+          checkpoints.save(manager, step, state)
+        if is_snapshot and sample_fn is not None:
+          save_snapshot(sample_fn, state, jax.random.fold_in(sample_key, step), step, workdir,
+                        writer, config.sampling.method)
+    settle()
   except KeyboardInterrupt:
-    # Keep the last completed step (its losses were finite) before giving up.
-    if step > start and manager.latest_step() != step:
-      logging.warning("Interrupted: saving step %d before exiting", step)
-      checkpoints.save(manager, step, state)
+    # Keep the last launched step before giving up, once its losses are known to be finite
+    # (settle raises NonFiniteLossError otherwise, and nothing is saved).
+    settle()
+    if done > start and manager.latest_step() != done:
+      logging.warning("Interrupted: saving step %d before exiting", done)
+      checkpoints.save(manager, done, state)
     raise
   finally:
     bar.close()
