@@ -35,6 +35,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from score_sde import checkpoints, datasets, images, losses, models, sampling
+from score_sde import parameterization as param_lib
 from score_sde import sde as sde_lib
 
 Array = jax.Array
@@ -73,11 +74,51 @@ def get_sde(config: ml_collections.ConfigDict) -> sde_lib.SDE:
   if name not in sde_lib.SDES:
     raise ValueError(f"Unknown config.training.sde {config.training.sde!r}; "
                      f"valid: {sorted(sde_lib.SDES)}")
+  check_parameterization(config)
+  network = dict(parameterization=m.get("parameterization", "auto"),
+                 sigma_data=float(m.get("sigma_data", 0.5)))
   if name == "vesde":
     return sde_lib.get_sde(name, sigma_min=float(m.sigma_min), sigma_max=float(m.sigma_max),
-                           N=int(m.num_scales))
+                           N=int(m.num_scales), **network)
   return sde_lib.get_sde(name, beta_min=float(m.beta_min), beta_max=float(m.beta_max),
-                         N=int(m.num_scales), schedule=m.get("schedule", "linear"))
+                         N=int(m.num_scales), schedule=m.get("schedule", "linear"), **network)
+
+
+def check_parameterization(config: ml_collections.ConfigDict) -> None:
+  """Checks `config.model.{parameterization, schedule}`, `config.training.time_sampling` and
+  `config.sampling.threshold` by name, and that the parameterization fits the network.
+
+  Raises:
+    ValueError: an unknown name (listing the valid ones), a non-native parameterization
+      with discrete labels (`training.continuous=False`), or `model.scale_by_sigma` (the
+      network dividing its output by sigma) with a parameterization other than 'auto' /
+      'score'.
+  """
+  m, t = config.model, config.training
+  name = m.get("parameterization", "auto")
+  if name not in param_lib.PARAMETERIZATIONS:
+    raise ValueError(f"Unknown config.model.parameterization {name!r}; "
+                     f"valid: {param_lib.PARAMETERIZATIONS}")
+  schedule = m.get("schedule", "linear")
+  if t.sde.lower() != "vesde" and schedule not in sde_lib.VPSDE.SCHEDULES:
+    raise ValueError(f"Unknown config.model.schedule {schedule!r}; "
+                     f"valid: {sde_lib.VPSDE.SCHEDULES}")
+  time_sampling = t.get("time_sampling", "uniform")
+  if time_sampling not in losses.TIME_SAMPLINGS:
+    raise ValueError(f"Unknown config.training.time_sampling {time_sampling!r}; "
+                     f"valid: {losses.TIME_SAMPLINGS}")
+  threshold = config.sampling.get("threshold", "none")
+  if threshold not in sampling.THRESHOLDS:
+    raise ValueError(f"Unknown config.sampling.threshold {threshold!r}; "
+                     f"valid: {sampling.THRESHOLDS}")
+  if name not in ("auto", "score") and m.scale_by_sigma:
+    raise ValueError(f"config.model.scale_by_sigma=True makes the network divide its output "
+                     f"by sigma (a score); it does not fit parameterization {name!r}: set "
+                     f"scale_by_sigma=False or parameterization 'auto' / 'score'")
+  native = "score" if t.sde.lower() == "vesde" else "epsilon"
+  if not t.continuous and name not in ("auto", native):
+    raise ValueError(f"config.model.parameterization={name!r} needs continuous-time training "
+                     f"(config.training.continuous=True); discrete labels fit 'auto' only")
 
 
 def get_loss_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE) -> losses.LossFn:
@@ -85,7 +126,10 @@ def get_loss_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE) -> losses.L
   t = config.training
   return losses.get_loss_fn(sde, weighting=t.weighting, reduce_mean=bool(t.reduce_mean),
                             eps=float(t.eps),
-                            importance_sampling=bool(t.get("importance_sampling", False)))
+                            importance_sampling=bool(t.get("importance_sampling", False)),
+                            time_sampling=t.get("time_sampling", "uniform"),
+                            p_mean=float(t.get("p_mean", -1.2)),
+                            p_std=float(t.get("p_std", 1.2)))
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -136,6 +180,8 @@ def sampler_settings(config: ml_collections.ConfigDict) -> tuple[str, dict]:
     name = _SAMPLING_RENAMES.get(field, field)
     if name in valid and value is not None:
       options[name] = tuple(value) if isinstance(value, list) else value
+  if "data_range" in valid:  # clipping / thresholding range: the scaled data's
+    options["data_range"] = (-1.0, 1.0) if config.data.centered else (0.0, 1.0)
   return method, options
 
 
