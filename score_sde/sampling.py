@@ -35,6 +35,9 @@ Common options:
     - `heun`: EDM's `steps` noise levels from sigma(T) to sigma(eps) and a last Euler step to
       sigma = 0 when `denoise=True` (which is the Tweedie estimate): NFE 2 steps - 1.
   denoise: default True everywhere (the reference's `noise_removal`).
+  threshold, threshold_percentile, data_range (`ddpm`, `ddim`, `heun`, `dpm_solver`): clip
+    the denoised estimate x0 = (x + sigma^2 score) / alpha to the data range ('static') or
+    by dynamic thresholding ('dynamic', Saharia et al. 2022) in every step; 'none' (default).
 
 Each sampler is a pure function; its loop is one `lax.scan` / `fori_loop` / diffrax solve, so
 `jax.jit(functools.partial(sample, score_fn=..., sde=..., shape=..., method=...))` compiles

@@ -44,15 +44,19 @@ SAMPLERS = {
     "ddpm": dict(steps=200),
 }
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.",
-                                          lock_config=False)
-flags.DEFINE_string("workdir", None, "Run directory with checkpoints/.")
-flags.DEFINE_string("out_dir", "docs", "Where the PNGs go.")
-flags.DEFINE_integer("seed", 0, "Seed of the starting noise.")
-flags.DEFINE_integer("ddim_steps", 100, "Steps of the progressive-generation trajectory.")
-flags.DEFINE_list("samplers", list(SAMPLERS), "Rows of lecture_samplers.png.")
-flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """The command-line flags (defined only when run as a script, so that tests can import
+  this module next to others that define --config)."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=False)
+  flags.DEFINE_string("workdir", None, "Run directory with checkpoints/.")
+  flags.DEFINE_string("out_dir", "docs", "Where the PNGs go.")
+  flags.DEFINE_integer("seed", 0, "Seed of the starting noise.")
+  flags.DEFINE_integer("ddim_steps", 100, "Steps of the progressive-generation trajectory.")
+  flags.DEFINE_list("samplers", list(SAMPLERS), "Rows of lecture_samplers.png.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def ddim_trajectory(score_fn, sde, x_T: jax.Array, steps: int, eps: float
@@ -114,7 +118,7 @@ def _save_rows(rows: list[tuple[str, np.ndarray]], path: pathlib.Path, column_ti
 
 def main(argv) -> None:
   del argv
-  config = _CONFIG.value
+  config = FLAGS.config
   out_dir = pathlib.Path(FLAGS.out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   state, step, model, sde = evaluate.load_checkpoint(config, FLAGS.workdir)
@@ -174,4 +178,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

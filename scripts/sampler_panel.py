@@ -43,17 +43,21 @@ SETTINGS = {
 }
 SATURATION = (-0.05, 1.05)  # pixels outside this range of [0, 1] count as saturated
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.",
-                                          lock_config=False)
-flags.DEFINE_string("workdir", None, "Run directory with checkpoints/.")
-flags.DEFINE_string("out", None, "PNG to write (and <out>.json).")
-flags.DEFINE_list("methods", ["pc", "ode", "ddim", "dpm_solver", "heun"], "Samplers to run.")
-flags.DEFINE_integer("num_samples", 36, "Samples per sampler (divisible by the devices).")
-flags.DEFINE_integer("seed", 0, "Seed of the shared starting noise.")
-flags.DEFINE_enum("threshold", "none", list(sampling.THRESHOLDS),
-                  "Clipping of the denoised estimate for ddpm / ddim / heun / dpm_solver.")
-flags.mark_flags_as_required(["config", "workdir", "out"])
 FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """The command-line flags (defined only when run as a script, so that tests can import
+  this module next to others that define --config)."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=False)
+  flags.DEFINE_string("workdir", None, "Run directory with checkpoints/.")
+  flags.DEFINE_string("out", None, "PNG to write (and <out>.json).")
+  flags.DEFINE_list("methods", ["pc", "ode", "ddim", "dpm_solver", "heun"], "Samplers to run.")
+  flags.DEFINE_integer("num_samples", 36, "Samples per sampler (divisible by the devices).")
+  flags.DEFINE_integer("seed", 0, "Seed of the shared starting noise.")
+  flags.DEFINE_enum("threshold", "none", list(sampling.THRESHOLDS),
+                    "Clipping of the denoised estimate for ddpm / ddim / heun / dpm_solver.")
+  flags.mark_flags_as_required(["config", "workdir", "out"])
 
 
 def pixel_stats(x01: np.ndarray) -> dict:
@@ -106,7 +110,7 @@ def run_samplers(config, workdir: str, methods, num_samples: int, seed: int = 0,
 
 def main(argv) -> None:
   del argv
-  config = _CONFIG.value
+  config = FLAGS.config
   samples, stats, data_stats = run_samplers(config, FLAGS.workdir, FLAGS.methods,
                                             FLAGS.num_samples, FLAGS.seed, FLAGS.threshold)
   panels = {f"{m} (NFE {stats['methods'][m]['nfe']}, sat. "
@@ -119,4 +123,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
