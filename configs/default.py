@@ -1,9 +1,12 @@
 """Every config field and its default (Song et al.'s CIFAR-10 set-up, DDPM++ network).
 
 Experiment files call `get_config()` here and override only what differs. Field names follow
-yang-song/score_sde so its users feel at home; additions: `training.weighting`, `training.ema_warmup`,
-`training.importance_sampling`, `training.eps`, `sampling.{steps, rtol, atol, solver, eta,
-order, rho, s_churn, eps, batch_size}`, `eval.{bpd_num_examples, bpd_rtol, bpd_atol}`, `model.{schedule, num_classes}`, `data.data_dir`.
+yang-song/score_sde so its users feel at home; additions: `training.weighting`,
+`training.ema_warmup`, `training.importance_sampling`, `training.eps`,
+`training.{time_sampling, p_mean, p_std}`, `sampling.{steps, rtol, atol, solver, eta, order,
+rho, s_churn, eps, batch_size, threshold, threshold_percentile}`, `eval.{bpd_num_examples,
+bpd_rtol, bpd_atol}`, `model.{schedule, num_classes, parameterization, sigma_data}`,
+`data.data_dir`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   training.n_jitted_steps = 5  # train steps per compiled call
   training.eps = 1e-5  # smallest training time
   training.ema_warmup = False  # EMA decay min(ema_rate, (1 + n) / (10 + n)) at step n
+  # Distribution of the training times: 'uniform' in [eps, T] | 'log_normal' (EDM: log of
+  # sigma / alpha ~ N(p_mean, p_std^2)); weighting also takes 'x0' | 'v' | 'edm'.
+  training.time_sampling = "uniform"
+  training.p_mean = -1.2
+  training.p_std = 1.2
 
   # Sampling.
   config.sampling = sampling = ml_collections.ConfigDict()
@@ -56,6 +64,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   sampling.s_churn = 0.0
   sampling.eps = 1e-3
   sampling.batch_size = 64
+  # Clipping of the denoised estimate in ddpm / ddim / heun / dpm_solver: 'none' | 'static'
+  # (to the data range) | 'dynamic' (Saharia et al. 2022, at threshold_percentile).
+  sampling.threshold = "none"
+  sampling.threshold_percentile = 0.995
 
   # Evaluation.
   config.eval = evaluate = ml_collections.ConfigDict()
@@ -88,7 +100,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model.num_scales = 1000
   model.beta_min = 0.1
   model.beta_max = 20.0
-  model.schedule = "linear"  # VP / sub-VP beta schedule: 'linear' | 'cosine'
+  model.schedule = "linear"  # VP / sub-VP betas: 'linear' | 'cosine' | 'quadratic' | 'sigmoid'
+  # What the network predicts: 'auto' (epsilon for VP / sub-VP, the score for VE) | 'epsilon'
+  # | 'x0' | 'v' | 'score' | 'edm' (EDM preconditioning with sigma_data).
+  model.parameterization = "auto"
+  model.sigma_data = 0.5
   model.dropout = 0.1
   model.embedding_type = "fourier"  # 'fourier' | 'positional'
   model.fourier_scale = 16.0

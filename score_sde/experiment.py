@@ -27,6 +27,7 @@ import optax
 from jax.sharding import Mesh
 
 from score_sde import datasets, losses, models, parallel, sampling
+from score_sde import parameterization as param_lib
 from score_sde import workdir as workdir_lib
 from score_sde import sde as sde_lib
 
@@ -74,7 +75,10 @@ def make_loss_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE) -> losses.
   training = config.training
   return losses.get_loss_fn(sde, weighting=training.weighting,
                             reduce_mean=bool(training.reduce_mean), eps=float(training.eps),
-                            importance_sampling=bool(training.get("importance_sampling", False)))
+                            importance_sampling=bool(training.get("importance_sampling", False)),
+                            time_sampling=training.get("time_sampling", "uniform"),
+                            p_mean=float(training.get("p_mean", -1.2)),
+                            p_std=float(training.get("p_std", 1.2)))
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -125,6 +129,8 @@ def sampler_settings(config: ml_collections.ConfigDict) -> tuple[str, dict]:
     name = SAMPLING_RENAMES.get(field, field)
     if name in valid and value is not None:
       options[name] = tuple(value) if isinstance(value, list) else value
+  if "data_range" in valid:  # clipping / thresholding range: the scaled data's
+    options["data_range"] = (-1.0, 1.0) if config.data.centered else (0.0, 1.0)
   return method, options
 
 
@@ -217,16 +223,19 @@ def _number(section: str, config: ml_collections.ConfigDict, field: str, *, mini
     raise ValueError(f"config.{section}.{field} must be {wanted}, got {value!r}")
 
 
-def _choice(section: str, config: ml_collections.ConfigDict, field: str, valid) -> None:
-  value = config[section].get(field, None)
+def _choice(section: str, config: ml_collections.ConfigDict, field: str, valid,
+            default: Any = None) -> None:
+  value = config[section].get(field, default)
   if value not in valid:
     raise ValueError(f"Unknown config.{section}.{field} {value!r}; valid: {sorted(valid)}")
 
 
 def _check_training(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> None:
   training = config.training
+  _check_parameterization(config)  # before the SDE is built: it takes these fields
   sde = make_sde(config)
   _choice("training", config, "weighting", losses.WEIGHTINGS)
+  _choice("training", config, "time_sampling", losses.TIME_SAMPLINGS, "uniform")
   try:
     make_loss_fn(config, sde)
   except ValueError as e:
@@ -275,6 +284,26 @@ def _check_model(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> No
   _number("model", config, "ema_rate", minimum=0, maximum=1, max_open=True)
 
 
+def _check_parameterization(config: ml_collections.ConfigDict) -> None:
+  """`model.parameterization` / `schedule` by name, and that the parameterization fits the
+  network: a non-native one needs continuous labels, and a network that divides its output
+  by sigma (`scale_by_sigma`) predicts a score."""
+  m, training = config.model, config.training
+  _choice("model", config, "parameterization", param_lib.PARAMETERIZATIONS, "auto")
+  if str(training.sde).lower() != "vesde":
+    _choice("model", config, "schedule", sde_lib.VPSDE.SCHEDULES, "linear")
+  _number("model", config, "sigma_data", minimum=0, min_open=True, optional=True)
+  name = m.get("parameterization", "auto")
+  if name not in ("auto", "score") and m.scale_by_sigma:
+    raise ValueError(f"config.model.scale_by_sigma=True makes the network divide its output "
+                     f"by sigma (a score); it does not fit config.model.parameterization="
+                     f"{name!r}: set scale_by_sigma=False or parameterization 'auto' / 'score'")
+  native = "score" if str(training.sde).lower() == "vesde" else "epsilon"
+  if not training.continuous and name not in ("auto", native):
+    raise ValueError(f"config.model.parameterization={name!r} needs continuous-time training "
+                     f"(config.training.continuous=True); discrete labels fit 'auto' only")
+
+
 def _check_optim(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> None:
   del mesh, mode
   _choice("optim", config, "optimizer", OPTIMIZERS)
@@ -300,6 +329,9 @@ def _check_sampling(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) ->
       _choice("sampling", config, field, valid)
   if "order" in s:
     _choice("sampling", config, "order", (1, 2, 3))
+  _choice("sampling", config, "threshold", sampling.THRESHOLDS, "none")
+  _number("sampling", config, "threshold_percentile", minimum=0, maximum=1, min_open=True,
+          optional=True)
   ranges = dict(steps=dict(minimum=2 if method == "heun" else 1, integer=True, optional=True),
                 n_steps_each=dict(minimum=1, integer=True), snr=dict(minimum=0, min_open=True),
                 rtol=dict(minimum=0, min_open=True), atol=dict(minimum=0, min_open=True),

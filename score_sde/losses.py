@@ -11,6 +11,16 @@ x_t = alpha(t) x_0 + sigma(t) z, estimated with one t ~ U(eps, T) per example. W
   (Song, Durkan, Murray & Ermon 2021). With `importance_sampling=True`, t is drawn from
   q(t) proportional to g(t)^2 / sigma(t)^2 and each term reweighted, an unbiased estimator of
   the same J with much lower variance.
+- `"x0"`, `"v"`, `"edm"`: the squared error of the x0, v or EDM-denoiser prediction, i.e.
+  lambda = sigma^2 w with w = exp(-2 log_snr) (x0: || x0_hat - x0 ||^2 = (sigma / alpha)^2
+  || eps_hat - eps ||^2), w = 1 + exp(-2 log_snr) (v: || v_hat - v ||^2 = || eps_hat - eps ||^2
+  / a^2, a^2 = alpha^2 / (alpha^2 + sigma^2)) and w = 1 + exp(-2 log_snr) / sigma_data^2 (EDM's
+  lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 on || D - x0 ||^2, in sigma_hat = sigma /
+  alpha; it makes the loss of the raw output F unit-weighted). With the network predicting
+  the same quantity, each is the plain MSE of its raw output (up to EDM's c_out).
+- `time_sampling="log_normal"`: instead of t ~ U(eps, T), draw log sigma_hat ~ N(p_mean,
+  p_std^2) (EDM: -1.2, 1.2), clipped to the SDE's range [sigma_hat(eps), sigma_hat(T)], and
+  map it to t by the SDE's inverse log-SNR, t = sde.t_from_log_snr(-log sigma_hat).
 - `"ddpm"` / `"smld"`: the discrete losses: an integer step i ~ U{0..N-1} of the SDE's discrete
   chain (DDPM for VP: this is L_simple of Ho et al. 2020, || eps - eps_hat ||^2; SMLD for VE),
   weighted by its std^2. Both names select the SDE's own chain.
@@ -34,7 +44,18 @@ from score_sde.sde import SDE, batch_scalar
 ParamScoreFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 LossFn = Callable[[jax.Array, ParamScoreFn, Any, jax.Array], tuple[jax.Array, dict]]
 
-WEIGHTINGS = ("sigma2", "likelihood", "ddpm", "smld")
+WEIGHTINGS = ("sigma2", "likelihood", "x0", "v", "edm", "ddpm", "smld")
+TIME_SAMPLINGS = ("uniform", "log_normal")
+
+
+def _snr_weight(sde: SDE, weighting: str, t: jax.Array) -> jax.Array:
+  """w(t) of the x0 / v / edm weightings, per unit of || sigma s + z ||^2 (`[B]`)."""
+  inv_snr = jnp.exp(-2.0 * sde.log_snr(t))  # sigma_hat^2 = (sigma / alpha)^2
+  if weighting == "x0":
+    return inv_snr
+  if weighting == "v":
+    return 1.0 + inv_snr
+  return 1.0 + inv_snr / sde.sigma_data**2
 
 
 def _reduce(v: jax.Array, reduce_mean: bool) -> jax.Array:
@@ -77,7 +98,9 @@ class ImportanceSampler:
 
 
 def get_loss_fn(sde: SDE, *, weighting: str = "sigma2", reduce_mean: bool = True,
-                eps: float = 1e-5, importance_sampling: bool = False) -> LossFn:
+                eps: float = 1e-5, importance_sampling: bool = False,
+                time_sampling: str = "uniform", p_mean: float = -1.2, p_std: float = 1.2
+                ) -> LossFn:
   """Builds a denoising score matching loss.
 
   Args:
@@ -87,6 +110,10 @@ def get_loss_fn(sde: SDE, *, weighting: str = "sigma2", reduce_mean: bool = True
       reference's default for likelihood weighting).
     eps: smallest time of t ~ U(eps, T), for the continuous weightings.
     importance_sampling: draw t from q(t) ~ g^2 / sigma^2; only with `weighting="likelihood"`.
+    time_sampling: 'uniform' (t ~ U(eps, T)) or 'log_normal' (EDM's log sigma_hat ~
+      N(p_mean, p_std^2), mapped to t through the SDE's inverse log-SNR); continuous
+      weightings only.
+    p_mean, p_std: the log-normal's mean and std of log sigma_hat.
 
   Returns:
     `loss_fn(key, score_fn, params, x0) -> (loss, aux)`: `score_fn(params, x, t)` returns a
@@ -94,11 +121,21 @@ def get_loss_fn(sde: SDE, *, weighting: str = "sigma2", reduce_mean: bool = True
     `loss` is the batch mean (a scalar) and `aux` a dict with the per-example losses `[B]`.
 
   Raises:
-    ValueError: for an unknown weighting, importance sampling without the likelihood
-      weighting, eps outside (0, T), or a discrete weighting on an SDE without a discrete chain.
+    ValueError: for an unknown weighting or time sampling, importance sampling without the
+      likelihood weighting or with log-normal times, eps outside (0, T), a non-positive
+      p_std, or a discrete weighting on an SDE without a discrete chain.
   """
   if weighting not in WEIGHTINGS:
     raise ValueError(f"Unknown loss weighting {weighting!r}; valid: {WEIGHTINGS}")
+  if time_sampling not in TIME_SAMPLINGS:
+    raise ValueError(f"Unknown time_sampling {time_sampling!r}; valid: {TIME_SAMPLINGS}")
+  if time_sampling != "uniform":
+    if importance_sampling or weighting in ("ddpm", "smld"):
+      raise ValueError(f"time_sampling={time_sampling!r} needs a continuous weighting without "
+                       f"importance sampling, got weighting={weighting!r}, "
+                       f"importance_sampling={importance_sampling}")
+    if not p_std > 0:
+      raise ValueError(f"p_std must be positive, got {p_std}")
   if importance_sampling and weighting != "likelihood":
     raise ValueError("importance_sampling=True needs weighting='likelihood', "
                      f"got weighting={weighting!r}")
@@ -108,7 +145,29 @@ def get_loss_fn(sde: SDE, *, weighting: str = "sigma2", reduce_mean: bool = True
     sde.discrete_marginal(jnp.zeros((1, 1)), jnp.zeros((1,), jnp.int32))  # raises if none
     return functools.partial(_discrete_loss, sde, reduce_mean)
   sampler = ImportanceSampler(sde, eps) if importance_sampling else None
+  if time_sampling == "log_normal":
+    sampler = LogNormalSampler(sde, eps, p_mean, p_std)
   return functools.partial(_continuous_loss, sde, weighting, reduce_mean, eps, sampler)
+
+
+class LogNormalSampler:
+  """Draws t with log sigma_hat(t) ~ N(p_mean, p_std^2) (EDM's training noise levels),
+  sigma_hat = sigma / alpha = exp(-log_snr), clipped to [sigma_hat(eps), sigma_hat(T)].
+
+  The loss is then an expectation over this t, not over U(eps, T): `weight` is 1.
+  """
+
+  def __init__(self, sde: SDE, eps: float, p_mean: float, p_std: float):
+    ends = np.asarray(sde.log_snr(jnp.asarray([sde.T, eps], jnp.float32)), np.float64)
+    self.sde, self.p_mean, self.p_std = sde, p_mean, p_std
+    self._log_snr_range = (float(ends[0]), float(ends[1]))
+    self.eps = eps
+
+  def sample(self, key: jax.Array, n: int) -> jax.Array:
+    """Draws `[n]` times in [eps, T]."""
+    log_sigma_hat = self.p_mean + self.p_std * jax.random.normal(key, (n,))
+    log_snr = jnp.clip(-log_sigma_hat, *self._log_snr_range)
+    return jnp.clip(self.sde.t_from_log_snr(log_snr), self.eps, self.sde.T)
 
 
 def _continuous_loss(sde, weighting, reduce_mean, eps, sampler, key, score_fn, params, x0):
@@ -127,7 +186,9 @@ def _continuous_loss(sde, weighting, reduce_mean, eps, sampler, key, score_fn, p
   sq_err = _reduce((batch_scalar(std, x0) * score + z) ** 2, reduce_mean)
   if weighting == "sigma2":
     per_example = sq_err
-  elif sampler is None:
+  elif weighting in ("x0", "v", "edm"):
+    per_example = sq_err * _snr_weight(sde, weighting, t)
+  elif not isinstance(sampler, ImportanceSampler):
     per_example = sq_err * sde.sde(x_t, t)[1] ** 2 / std**2
   else:
     per_example = sq_err * sampler.weight(t) / std**2

@@ -35,6 +35,9 @@ Common options:
     - `heun`: EDM's `steps` noise levels from sigma(T) to sigma(eps) and a last Euler step to
       sigma = 0 when `denoise=True` (which is the Tweedie estimate): NFE 2 steps - 1.
   denoise: default True everywhere (the reference's `noise_removal`).
+  threshold, threshold_percentile, data_range (`ddpm`, `ddim`, `heun`, `dpm_solver`): clip
+    the denoised estimate x0 = (x + sigma^2 score) / alpha to the data range ('static') or
+    by dynamic thresholding ('dynamic', Saharia et al. 2022) in every step; 'none' (default).
 
 Each sampler is a pure function; its loop is one `lax.scan` / `fori_loop` / diffrax solve, so
 `jax.jit(functools.partial(sample, score_fn=..., sde=..., shape=..., method=...))` compiles
@@ -387,12 +390,67 @@ def pc_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *,
 # DDPM (Ho et al. 2020) and DDIM (Song, Meng & Ermon 2021)
 # --------------------------------------------------------------------------------------------
 
+# --------------------------------------------------------------------------------------------
+# Clipping / thresholding of the denoised estimate (ddpm, ddim, heun, dpm_solver)
+# --------------------------------------------------------------------------------------------
+
+THRESHOLDS = ("none", "static", "dynamic")
+
+
+def threshold_x0(x0: Array, mode: str = "none", percentile: float = 0.995,
+                 data_range: tuple[float, float] = (-1.0, 1.0)) -> Array:
+  """Clips a denoised estimate `x0: [B, *D]` into the data range.
+
+  With c, w the centre and half-width of `data_range` and y = (x0 - c) / w (so the data lie in
+  [-1, 1]): 'none' returns x0; 'static' clips y to [-1, 1]; 'dynamic' (Saharia et al. 2022,
+  Imagen) takes s = max(1, the `percentile` quantile of |y| per example) and returns
+  c + w clip(y, -s, s) / s, i.e. it clips the outliers and shrinks the rest back into range.
+  Both are the identity on an estimate already in range.
+  """
+  _check_name("threshold", mode, THRESHOLDS)
+  if mode == "none":
+    return x0
+  lo, hi = data_range
+  if not hi > lo:
+    raise ValueError(f"data_range must be (low, high) with high > low, got {data_range}")
+  if mode == "static":
+    return jnp.clip(x0, lo, hi)
+  if not 0.0 < percentile <= 1.0:
+    raise ValueError(f"threshold_percentile must lie in (0, 1], got {percentile}")
+  centre, half = 0.5 * (lo + hi), 0.5 * (hi - lo)
+  y = (x0 - centre) / half
+  s = jnp.quantile(jnp.abs(y).reshape(y.shape[0], -1), percentile, axis=1)
+  s = batch_scalar(jnp.maximum(s, 1.0), y)
+  return centre + half * jnp.clip(y, -s, s) / s
+
+
+def _thresholded(score_fn: ScoreFn, sde: SDE, mode: str, percentile: float,
+                 data_range: tuple[float, float]) -> ScoreFn:
+  """The score whose Tweedie estimate is `threshold_x0` of `score_fn`'s: x0 = (x + sigma^2
+  score) / alpha is thresholded and turned back, score = (alpha x0 - x) / sigma^2. A
+  data-prediction sampler driven by it uses the clipped x0 in every update (DDIM's eps_hat is
+  recomputed from it, as in Saharia et al.)."""
+  _check_name("threshold", mode, THRESHOLDS)
+  if mode == "none":
+    return score_fn
+
+  def clipped_score_fn(x, t):
+    t = _full_t(t, x)
+    alpha, sigma = batch_scalar(sde.alpha(t), x), batch_scalar(sde.sigma(t), x)
+    x0 = (x + sigma**2 * score_fn(x, t)) / alpha
+    return (alpha * threshold_x0(x0, mode, percentile, data_range) - x) / sigma**2
+
+  return clipped_score_fn
+
+
 DDPM_VARIANCES = ("beta", "posterior")
 
 
 def ddpm_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | None = None,
                 variance: str = "beta", denoise: bool = True, eps: float | None = None,
-                x_T: Array | None = None) -> tuple[Array, int]:
+                x_T: Array | None = None, threshold: str = "none",
+                threshold_percentile: float = 0.995,
+                data_range: tuple[float, float] = (-1.0, 1.0)) -> tuple[Array, int]:
   """Ancestral sampling of the DDPM chain (Ho et al. 2020, Algorithm 2), respaced.
 
   The chain has N = sde.N levels at t = linspace(T, eps, N) (for VP with eps = 1/N these are
@@ -410,11 +468,14 @@ def ddpm_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | 
     denoise: no noise on the last step (Ho et al.'s z = 0 at t = 1).
     eps: the lowest level's time (default `default_eps(sde)`).
     x_T: optional starting noise.
+    threshold, threshold_percentile, data_range: clipping of the denoised estimate, see
+      `threshold_x0` ('none' by default; 'static'; 'dynamic' at the given percentile).
 
   Returns:
     `(x [B, *D], nfe = steps)`.
   """
   _check_name("variance", variance, DDPM_VARIANCES)
+  score_fn = _thresholded(score_fn, sde, threshold, threshold_percentile, data_range)
   steps = _check_steps(steps, sde)
   if steps > sde.N:
     raise ValueError(f"ddpm steps must be <= sde.N = {sde.N} (a subsequence of the chain), "
@@ -440,7 +501,9 @@ DDIM_SPACINGS = ("uniform", "quadratic")
 
 def ddim_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | None = None,
                 eta: float = 0.0, spacing: str = "uniform", denoise: bool = True,
-                eps: float | None = None, x_T: Array | None = None) -> tuple[Array, int]:
+                eps: float | None = None, x_T: Array | None = None, threshold: str = "none",
+                threshold_percentile: float = 0.995,
+                data_range: tuple[float, float] = (-1.0, 1.0)) -> tuple[Array, int]:
   """DDIM (Song, Meng & Ermon 2021, eq. 12) in continuous time, from T to eps in `steps` steps.
 
   With eps_hat = -sigma_t score and x0_hat = (x - sigma_t eps_hat) / alpha_t, each step t -> s
@@ -457,11 +520,14 @@ def ddim_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | 
     denoise: end with a Tweedie step at eps (+1 NFE).
     eps: the end time (default `default_eps(sde)`).
     x_T: optional starting noise.
+    threshold, threshold_percentile, data_range: clipping of the denoised estimate, see
+      `threshold_x0` ('none' by default; 'static'; 'dynamic' at the given percentile).
 
   Returns:
     `(x [B, *D], nfe = steps + denoise)`.
   """
   _check_name("spacing", spacing, DDIM_SPACINGS)
+  score_fn = _thresholded(score_fn, sde, threshold, threshold_percentile, data_range)
   if not eta >= 0:
     raise ValueError(f"eta must be >= 0, got {eta}")
   steps = _check_steps(steps, sde)
@@ -495,7 +561,9 @@ def ddim_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | 
 def heun_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | None = None,
                 rho: float = 7.0, s_churn: float = 0.0, s_tmin: float = 0.0,
                 s_tmax: float = math.inf, s_noise: float = 1.0, denoise: bool = True,
-                eps: float | None = None, x_T: Array | None = None) -> tuple[Array, int]:
+                eps: float | None = None, x_T: Array | None = None, threshold: str = "none",
+                threshold_percentile: float = 0.995,
+                data_range: tuple[float, float] = (-1.0, 1.0)) -> tuple[Array, int]:
   """Heun's 2nd-order method on the probability-flow ODE in EDM's form.
 
   Works with x_hat = x / alpha(t) and sigma_hat = sigma(t) / alpha(t) = exp(-log_snr(t)), in
@@ -515,12 +583,15 @@ def heun_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | 
     denoise: end with the Euler step from sigma_hat(eps) to 0, which returns D(x; sigma_min).
     eps: the smallest time (default `default_eps(sde)`).
     x_T: optional starting noise.
+    threshold, threshold_percentile, data_range: clipping of the denoised estimate, see
+      `threshold_x0` ('none' by default; 'static'; 'dynamic' at the given percentile).
 
   Returns:
     `(x [B, *D], nfe)`, nfe = 2 (steps - 1) + denoise (= 2 steps - 1 with denoising); x is in
     the SDE's space at eps (x = alpha x_hat) or the denoised data.
   """
   steps = _check_steps(steps, sde, minimum=2)
+  score_fn = _thresholded(score_fn, sde, threshold, threshold_percentile, data_range)
   if not rho > 0:
     raise ValueError(f"rho must be positive, got {rho}")
   if not (s_churn >= 0 and s_noise >= 0):
@@ -595,8 +666,9 @@ def _dpm_orders(steps: int, order: int, lower_order_final: bool) -> np.ndarray:
 def dpm_solver_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *,
                       steps: int | None = None, order: int = 2, skip: str = "logSNR",
                       lower_order_final: bool = True, denoise: bool = True,
-                      eps: float | None = None, x_T: Array | None = None
-                      ) -> tuple[Array, int]:
+                      eps: float | None = None, x_T: Array | None = None,
+                      threshold: str = "none", threshold_percentile: float = 0.995,
+                      data_range: tuple[float, float] = (-1.0, 1.0)) -> tuple[Array, int]:
   """DPM-Solver++ multistep in data prediction, x0_hat = (x + sigma^2 score) / alpha.
 
   With lambda = log_snr and h = lambda_s - lambda_t, the order-1 step t -> s is
@@ -613,6 +685,8 @@ def dpm_solver_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *,
     denoise: end with a Tweedie step at eps (+1 NFE).
     eps: the end time (default `default_eps(sde)`).
     x_T: optional starting noise.
+    threshold, threshold_percentile, data_range: clipping of the denoised estimate, see
+      `threshold_x0` ('none' by default; 'static'; 'dynamic' at the given percentile).
 
   Returns:
     `(x [B, *D], nfe = steps + denoise)`.
@@ -620,6 +694,7 @@ def dpm_solver_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *,
   if order not in (1, 2, 3) or isinstance(order, bool):
     raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
   _check_name("skip", skip, DPM_SOLVER_SKIPS)
+  score_fn = _thresholded(score_fn, sde, threshold, threshold_percentile, data_range)
   steps = _check_steps(steps, sde)
   eps = _check_eps(eps, sde)
   key, prior_key = jax.random.split(key)

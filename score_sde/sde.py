@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from score_sde import parameterization as param_lib
+
 ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 # Cosine schedule (Nichol & Dhariwal 2021): its beta(t) diverges at t = 1, so SDE time t in
@@ -66,8 +68,22 @@ class SDE(abc.ABC):
   Subclasses are dataclasses with a field `N` (number of discretization steps) and define
   `sde`, `log_alpha`, `sigma`, `t_from_log_snr`, `prior_sampling` and `prior_logp`;
   everything else follows.
+
+  Two keyword-only fields say what a score network of this SDE predicts (see
+  `score_sde.parameterization`): `parameterization` ('auto': epsilon for VP / sub-VP, the
+  score for VE) and `sigma_data` (the data std assumed by 'edm').
   """
 
+  parameterization: str = dataclasses.field(default="auto", kw_only=True)
+  sigma_data: float = dataclasses.field(default=0.5, kw_only=True)
+
+  # What 'auto' means for this SDE (the reference codebase's parameterization).
+  native_parameterization = "epsilon"
+
+  def _check_parameterization(self):
+    param_lib.check_name(self.parameterization)
+    if not self.sigma_data > 0:
+      raise ValueError(f"sigma_data must be positive, got {self.sigma_data}")
 
   @property
   def T(self) -> float:
@@ -162,12 +178,57 @@ class SDE(abc.ABC):
       return t * 999.0
     return jnp.round(t * (self.N - 1) / self.T)
 
-  def score_from_output(self, output: jax.Array, t: jax.Array, continuous: bool = True
-                        ) -> jax.Array:
-    """Turns a network output into a score. VP-type networks predict the noise epsilon,
-    so score = -output / sigma(t)."""
-    del continuous
-    return -output / batch_scalar(self.sigma(t), output)
+  @property
+  def resolved_parameterization(self) -> str:
+    """The parameterization with 'auto' replaced by the SDE's native one."""
+    if self.parameterization == "auto":
+      return self.native_parameterization
+    return self.parameterization
+
+  def _native(self) -> bool:
+    return self.resolved_parameterization == self.native_parameterization
+
+  def check_network(self, continuous: bool = True) -> None:
+    """Raises a ValueError if the parameterization does not fit a network with these labels:
+    the non-native ones are written in continuous time (alpha(t), sigma(t))."""
+    if not continuous and not self._native():
+      raise ValueError(
+          f"parameterization {self.parameterization!r} needs continuous-time training "
+          f"(training.continuous=True); with discrete labels use 'auto' "
+          f"({self.native_parameterization!r} for {type(self).__name__})")
+
+  def network_input(self, x: jax.Array, t: jax.Array) -> jax.Array:
+    """What the network is fed for x_t: x itself, scaled by c_in for 'edm' and by
+    1 / sqrt(alpha^2 + sigma^2) for 'v' (see `score_sde.parameterization`)."""
+    if self._native():
+      return x
+    t = _batch_t(t, x)
+    alpha, sigma = batch_scalar(self.alpha(t), x), batch_scalar(self.sigma(t), x)
+    return param_lib.network_input(self.resolved_parameterization, x, alpha, sigma,
+                                   self.sigma_data)
+
+  def score_from_output(self, output: jax.Array, t: jax.Array, continuous: bool = True,
+                        x: jax.Array | None = None) -> jax.Array:
+    """Turns a network output into a score, by the SDE's `parameterization`.
+
+    Native (VP-type: epsilon, score = -output / sigma(t); VE: the score itself) needs only
+    `output`; the others ('x0', 'v', 'edm', or 'score' / 'epsilon' where not native) also
+    need the network's input point `x` = x_t.
+    """
+    if self._native():
+      del continuous
+      return -output / batch_scalar(self.sigma(t), output)
+    return self._score_from_any_output(output, t, continuous, x)
+
+  def _score_from_any_output(self, output, t, continuous, x):
+    self.check_network(continuous)
+    if x is None:
+      raise ValueError(f"parameterization {self.parameterization!r} needs x to turn the "
+                       "network output into a score")
+    t = _batch_t(t, x)
+    alpha, sigma = batch_scalar(self.alpha(t), x), batch_scalar(self.sigma(t), x)
+    return param_lib.output_to_score(self.resolved_parameterization, output, x, alpha, sigma,
+                                     self.sigma_data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,11 +271,22 @@ class ReverseSDE:
 
 @dataclasses.dataclass(frozen=True)
 class _BetaSchedule(SDE):
-  """A noise rate beta(t), shared by the VP and sub-VP SDEs.
+  """A noise rate beta(t), shared by the VP and sub-VP SDEs; alpha(t) = exp(-B(t) / 2) with
+  B(t) = int_0^t beta(s) ds, in closed form for every schedule:
 
-  `schedule='linear'`: beta(t) = beta_min + t (beta_max - beta_min) (Song et al.).
-  `schedule='cosine'`: alpha(t)^2 = cos^2((u + s) / (1 + s) pi / 2) / cos^2(s / (1 + s) pi / 2),
-  u = COSINE_T_MAX t, s = 0.008 (Nichol & Dhariwal), beta = -d log alpha^2 / dt.
+  - 'linear': beta = b0 + t (b1 - b0) (Song et al.); B = b0 t + (b1 - b0) t^2 / 2.
+  - 'quadratic': sqrt(beta) linear in t, beta = (sqrt(b0) + t (sqrt(b1) - sqrt(b0)))^2 (the
+    DDPM code's 'quad'); B = ((sqrt(b0) + c t)^3 - b0^(3/2)) / (3 c), c = sqrt(b1) - sqrt(b0).
+  - 'sigmoid': beta = b0 + (b1 - b0) sigmoid(k (2 t - 1)), k = SIGMOID_K = 6 (the discrete
+    chain of sigmoid(linspace(-6, 6, N)), as in GeoDiff); B = b0 t + (b1 - b0)
+    (softplus(k (2t - 1)) - softplus(-k)) / (2 k).
+  - 'cosine': alpha(t)^2 = cos^2((u + s) / (1 + s) pi / 2) / cos^2(s / (1 + s) pi / 2),
+    u = COSINE_T_MAX t, s = 0.008 (Nichol & Dhariwal), beta = -d log alpha^2 / dt.
+
+  b0 = beta_min, b1 = beta_max (cosine ignores them). The discrete DDPM chain of 'linear',
+  'quadratic' and 'sigmoid' has betas beta(i / (N - 1)) / N, i = 0..N-1 (DDPM's linspace /
+  quad / sigmoid tables with beta_start = b0 / N, beta_end = b1 / N); cosine's is Nichol &
+  Dhariwal's ratio of alpha-bars.
   """
 
   beta_min: float = 0.1
@@ -223,9 +295,11 @@ class _BetaSchedule(SDE):
   schedule: str = "linear"
   cosine_s: float = 0.008
 
-  SCHEDULES = ("linear", "cosine")
+  SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")
+  SIGMOID_K = 6.0
 
   def __post_init__(self):
+    self._check_parameterization()
     if self.schedule not in self.SCHEDULES:
       raise ValueError(f"Unknown beta schedule {self.schedule!r}; valid: {self.SCHEDULES}")
     if not 0 < self.beta_min < self.beta_max:
@@ -239,14 +313,39 @@ class _BetaSchedule(SDE):
 
   def beta(self, t: jax.Array) -> jax.Array:
     """The noise rate beta(t) = -2 d log alpha / dt."""
+    b0, b1 = self.beta_min, self.beta_max
     if self.schedule == "linear":
-      return self.beta_min + t * (self.beta_max - self.beta_min)
+      return b0 + t * (b1 - b0)
+    if self.schedule == "quadratic":
+      return (math.sqrt(b0) + t * (math.sqrt(b1) - math.sqrt(b0))) ** 2
+    if self.schedule == "sigmoid":
+      return b0 + (b1 - b0) * jax.nn.sigmoid(self.SIGMOID_K * (2.0 * t - 1.0))
     return COSINE_T_MAX * math.pi / (1.0 + self.cosine_s) * jnp.tan(self._cos_arg(t))
+
+  def integral_beta(self, t: jax.Array) -> jax.Array:
+    """B(t) = int_0^t beta(s) ds = -2 log alpha(t)."""
+    if self.schedule == "cosine":
+      return -2.0 * self.log_alpha(t)
+    b0, b1 = self.beta_min, self.beta_max
+    if self.schedule == "linear":
+      return b0 * t + 0.5 * (b1 - b0) * t**2
+    if self.schedule == "quadratic":
+      # Expanded, (a + c t)^3 - a^3 = 3 a^2 c t + 3 a c^2 t^2 + c^3 t^3: no cancellation.
+      a, c = math.sqrt(b0), math.sqrt(b1) - math.sqrt(b0)
+      return a * a * t + a * c * t**2 + c * c * t**3 / 3.0
+    k = self.SIGMOID_K
+    # softplus(d - k) - softplus(-k), d = 2 k t: as log1p(sigmoid(-k) expm1(d)), free of the
+    # cancellation near t = 0 (float32 would lose 3 digits at t = 1e-5); the plain
+    # difference further out, where expm1 would overflow.
+    d = 2.0 * k * t
+    near = jnp.log1p(jax.nn.sigmoid(-k) * jnp.expm1(jnp.minimum(d, 20.0)))
+    far = jnp.logaddexp(0.0, d - k) - math.log1p(math.exp(-k))
+    return b0 * t + (b1 - b0) * jnp.where(d < 20.0, near, far) / (2.0 * k)
 
   def log_alpha(self, t: jax.Array) -> jax.Array:
     """log alpha(t) = -1/2 int_0^t beta(s) ds (the reference's `log_mean_coeff`)."""
-    if self.schedule == "linear":
-      return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+    if self.schedule != "cosine":
+      return -0.5 * self.integral_beta(t)
     # log(cos(a0 + d) / cos(a0)) with a0 = the angle at t = 0. Near t = 0 the ratio is
     # 1 - 2 sin^2(d/2) - tan(a0) sin(d), whose log1p keeps float32 precision; further out
     # the plain difference of logs is accurate.
@@ -258,11 +357,29 @@ class _BetaSchedule(SDE):
 
   def _t_from_log_alpha(self, log_alpha: jax.Array) -> jax.Array:
     """Inverse of `log_alpha`."""
+    b0, b1 = self.beta_min, self.beta_max
+    L = -2.0 * log_alpha  # = B(t)
     if self.schedule == "linear":
       # 1/2 t^2 (b1 - b0) + t b0 = L, solved without cancellation.
-      L = -2.0 * log_alpha
-      delta = self.beta_max - self.beta_min
-      return 2.0 * L / (self.beta_min + jnp.sqrt(self.beta_min**2 + 2.0 * delta * L))
+      return 2.0 * L / (b0 + jnp.sqrt(b0**2 + 2.0 * (b1 - b0) * L))
+    if self.schedule == "quadratic":
+      # (a + c t)^3 = a^3 + 3 c L; t = (u - a) / c = 3 L / (u^2 + u a + a^2) with u the cube
+      # root, free of the cancellation in u - a.
+      a, c = math.sqrt(b0), math.sqrt(b1) - math.sqrt(b0)
+      u = jnp.cbrt(a**3 + 3.0 * c * L)
+      return 3.0 * L / (u * u + u * a + a * a)
+    if self.schedule == "sigmoid":
+      # B is increasing and convex (beta increases), so Newton's method started above the
+      # root converges monotonically. Start: t <= L / b0 (B >= b0 t) on [0, 1]; beyond
+      # t = 1, B >= B(1) + beta(1) (t - 1).
+      b_one = float(self.integral_beta(1.0))
+      beta_one = float(self.beta(1.0))
+      t = jnp.where(L <= b_one, jnp.minimum(L / b0, 1.0), 1.0 + (L - b_one) / beta_one)
+
+      def newton(_, t):
+        return t - (self.integral_beta(t) - L) / self.beta(t)
+
+      return jax.lax.fori_loop(0, 40, newton, t)
     s = self.cosine_s
     log_cos0 = math.log(math.cos(s / (1 + s) * math.pi / 2))
     u = jnp.arccos(jnp.exp(log_alpha + log_cos0)) * 2.0 * (1.0 + s) / math.pi - s
@@ -308,6 +425,8 @@ class VPSDE(_BetaSchedule):
     """The N betas of the DDPM chain, `[N]`."""
     if self.schedule == "linear":
       return jnp.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N)
+    if self.schedule != "cosine":  # beta(i / (N - 1)) / N: DDPM's 'quad' and 'sigmoid' tables
+      return self.beta(jnp.linspace(0.0, 1.0, self.N)) / self.N
     # 1 - alpha_bar(t_i) / alpha_bar(t_{i-1}) on the grid t_i = (i + 1) / N, capped as in
     # Nichol & Dhariwal.
     grid = jnp.arange(self.N + 1) / self.N
@@ -319,9 +438,9 @@ class VPSDE(_BetaSchedule):
     log_ab = jnp.cumsum(jnp.log1p(-self.discrete_betas()))[timestep]
     return batch_scalar(jnp.exp(0.5 * log_ab), x) * x, jnp.sqrt(-jnp.expm1(log_ab))
 
-  def score_from_output(self, output, t, continuous=True):
-    if continuous:
-      return super().score_from_output(output, t)
+  def score_from_output(self, output, t, continuous=True, x=None):
+    if continuous or not self._native():
+      return super().score_from_output(output, t, continuous, x)
     timestep = jnp.round(t * (self.N - 1) / self.T).astype(jnp.int32)
     _, std = self.discrete_marginal(output, timestep)
     return -output / batch_scalar(std, output)
@@ -379,6 +498,7 @@ class VESDE(SDE):
   N: int = 1000
 
   def __post_init__(self):
+    self._check_parameterization()
     if not 0 < self.sigma_min < self.sigma_max:
       raise ValueError(f"Need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
     if self.N < 1:
@@ -435,10 +555,13 @@ class VESDE(SDE):
     # Discrete NCSN networks index their noise levels from the largest, as the reference does.
     return jnp.round((self.T - t) * (self.N - 1) / self.T)
 
-  def score_from_output(self, output, t, continuous=True):
+  native_parameterization = "score"
+
+  def score_from_output(self, output, t, continuous=True, x=None):
     # NCSN / NCSN++ predict the score directly (divided by sigma inside when scale_by_sigma).
-    del t, continuous
-    return output
+    if self._native():
+      return output
+    return self._score_from_any_output(output, t, continuous, x)
 
 
 SDES: dict[str, type[SDE]] = {"vpsde": VPSDE, "subvpsde": SubVPSDE, "vesde": VESDE}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: train a small DDPM++ with the VP SDE on Fashion-MNIST
-# on the CPU, then draw samples with a reverse-SDE predictor-corrector sampler and with the
-# probability-flow ODE from the same noise, and compute the test bits/dim.
+# on the CPU, then draw samples with every sampler (reverse-SDE predictor-corrector,
+# probability-flow ODE, DDIM, DPM-Solver++, EDM Heun) from the same noise, and compute the
+# test bits/dim.
 #
 #   bash scripts/demo.sh                      # about 20 minutes on 2 CPU cores (see README)
 #   STEPS=2000 WORKDIR=runs/fm bash scripts/demo.sh
@@ -54,14 +55,10 @@ $PY -m score_sde.main "${COMMON[@]}" --mode=train \
   --config.training.snapshot_freq=250 --config.training.snapshot_freq_for_preemption=250
 trained=$(date +%s)
 
-# 4. Samples from the same starting noise: reverse-SDE predictor-corrector and the ODE.
-$PY -m score_sde.main "${COMMON[@]}" --mode=sample --num_samples="$NUM_SAMPLES" \
-  --config.sampling.batch_size="$NUM_SAMPLES" --config.sampling.method=pc \
-  --config.sampling.predictor=reverse_diffusion --config.sampling.corrector=langevin \
-  --config.sampling.steps=150
-$PY -m score_sde.main "${COMMON[@]}" --mode=sample --num_samples="$NUM_SAMPLES" \
-  --config.sampling.batch_size="$NUM_SAMPLES" --config.sampling.method=ode \
-  --config.sampling.solver=tsit5 --config.sampling.rtol=1e-3 --config.sampling.atol=1e-3
+# 4. Samples from the same starting noise: every sampler side by side in one PNG, with the
+#    saturated-pixel fraction and pixel mean / std of each against the test images'.
+$PY scripts/sampler_panel.py --config="$CONFIG" --workdir="$WORKDIR" \
+  --out="$WORKDIR/all_samplers.png" --num_samples="$NUM_SAMPLES"
 sampled=$(date +%s)
 
 # 5. Test loss (whole test split) and bits/dim (probability-flow ODE at rtol = atol = 1e-4,
@@ -74,14 +71,11 @@ done_at=$(date +%s)
 # Eval never overwrites: a re-run writes metrics.<i>.json; show the newest.
 METRICS=$(ls -t "$WORKDIR"/eval/step_"$STEPS"/metrics*.json | head -1)
 
-# 6. One picture: both samplers side by side.
-$PY scripts/sample_grid.py --workdir="$WORKDIR" --out="$WORKDIR/pc_vs_ode.png" pc ode
-
 cat <<MSG
 
 Done in $((done_at - start)) s (train $((trained - start)) s, sampling $((sampled - trained)) s, eval $((done_at - sampled)) s).
-  PC vs ODE samples (same noise): $WORKDIR/pc_vs_ode.png
-  samples (.npz, .png):           $WORKDIR/samples/
+  every sampler (same noise):     $WORKDIR/all_samplers.png (numbers: all_samplers.json)
+  snapshot samples (.npz, .png):  $WORKDIR/samples/
   test loss and bits/dim:         $METRICS
   checkpoints:                    $WORKDIR/checkpoints/
   TensorBoard:                    .venv/bin/python -m tensorboard.main --logdir $WORKDIR/tensorboard (if installed)

@@ -41,7 +41,8 @@ def _expected_loss_at_optimum(sde, weighting, eps):
     tt = jnp.asarray([t], jnp.float64)
     a, s = float(sde.alpha(tt)[0]), float(sde.sigma(tt)[0])
     g = float(sde.sde(jnp.zeros((1, 1)), tt)[1][0])
-    w = 1.0 if weighting == "sigma2" else g**2 / s**2
+    w = {"sigma2": 1.0, "likelihood": g**2 / s**2, "x0": (s / a) ** 2, "v": 1 + (s / a) ** 2,
+         "edm": 1 + (s / a) ** 2 / sde.sigma_data**2}[weighting]
     return w * a**2 * S**2 / (a**2 * S**2 + s**2)
   # Integrate in log t (the likelihood weight grows like 1/t near 0), in float64.
   with jax.enable_x64(True):
@@ -60,7 +61,8 @@ def _loss_draws(loss_fn, score_fn, n_keys, batch):
 
 
 @pytest.mark.parametrize("weighting,importance_sampling", [
-    ("sigma2", False), ("likelihood", False), ("likelihood", True)])
+    ("sigma2", False), ("likelihood", False), ("likelihood", True), ("x0", False),
+    ("v", False), ("edm", False)])
 def test_loss_at_exact_score_matches_closed_form(weighting, importance_sampling):
   sde, eps = sde_lib.VPSDE(), 1e-3
   loss_fn = losses.get_loss_fn(sde, weighting=weighting, eps=eps,
@@ -79,6 +81,18 @@ def test_importance_sampling_reduces_variance():
   weighted = _loss_draws(losses.get_loss_fn(sde, weighting="likelihood", eps=eps,
                                             importance_sampling=True), score_fn, 2, 8192)
   assert weighted.std() < 0.5 * plain.std()
+
+
+def test_log_normal_times():
+  """EDM's training noise levels: log(sigma / alpha) at the drawn t is N(p_mean, p_std^2)
+  (clipping to [sigma_hat(eps), sigma_hat(T)] is negligible here: VP log sigma_hat spans
+  about [-6.9, 5.0])."""
+  sde = sde_lib.VPSDE()
+  sampler = losses.LogNormalSampler(sde, 1e-5, -1.2, 1.2)
+  t = sampler.sample(jax.random.key(0), 100_000)
+  log_sigma_hat = -np.asarray(sde.log_snr(t), np.float64)
+  assert abs(log_sigma_hat.mean() + 1.2) < 0.02 and abs(log_sigma_hat.std() - 1.2) < 0.02
+  assert float(t.min()) >= 1e-5 and float(t.max()) <= 1.0
 
 
 def test_importance_sampler_density():
@@ -135,3 +149,7 @@ def test_bad_arguments():
     losses.get_loss_fn(sde_lib.SubVPSDE(), weighting="ddpm")
   with pytest.raises(ValueError, match="eps"):
     losses.get_loss_fn(sde_lib.VPSDE(), eps=0.0)
+  with pytest.raises(ValueError, match="log_normal"):
+    losses.get_loss_fn(sde_lib.VPSDE(), time_sampling="beta")
+  with pytest.raises(ValueError, match="continuous weighting"):
+    losses.get_loss_fn(sde_lib.VPSDE(), weighting="ddpm", time_sampling="log_normal")

@@ -74,9 +74,9 @@ def test_prior(name):
   assert abs(float(sde.sigma(1.0)) / prior_std - 1) < 1e-3
 
 
-@pytest.mark.parametrize("name", [*SDES, "cosine"])
+@pytest.mark.parametrize("name", [*SDES, "cosine", "quadratic", "sigmoid"])
 def test_log_snr_inverse_roundtrip(name):
-  sde = SDES.get(name) or sde_lib.VPSDE(schedule="cosine")
+  sde = SDES.get(name) or sde_lib.VPSDE(schedule=name)
   t = jnp.asarray(TIMES, jnp.float32)
   lam = sde.log_snr(t)
   np.testing.assert_allclose(np.asarray(lam), np.log(sde.alpha(t) / sde.sigma(t)), rtol=1e-4,
@@ -101,6 +101,60 @@ def test_cosine_schedule_closed_form():
   _rel_close(sde.beta(jnp.asarray(tt, jnp.float32)), fd, 1e-5)
   # Ends at a nearly pure-noise prior without an infinite beta.
   assert float(sde.alpha(1.0)) ** 2 < 1e-4 and np.isfinite(float(sde.beta(1.0)))
+
+
+def _reference_beta(schedule, t):
+  """beta(t) of the lecture notes' schedules, float64."""
+  if schedule == "quadratic":
+    return (np.sqrt(B0) + t * (np.sqrt(B1) - np.sqrt(B0))) ** 2
+  return B0 + (B1 - B0) / (1.0 + np.exp(-6.0 * (2.0 * t - 1.0)))
+
+
+@pytest.mark.parametrize("schedule", ["quadratic", "sigmoid"])
+def test_new_beta_schedules_match_closed_forms(schedule):
+  """beta, int beta (by quadrature), alpha, sigma and log-SNR of the VP and sub-VP SDEs, in
+  float64; beta = -2 d log alpha / dt by central differences; float32 at t = 1e-5."""
+  from scipy import integrate
+  with jax.enable_x64(True):
+    vp, subvp = sde_lib.VPSDE(B0, B1, schedule=schedule), sde_lib.SubVPSDE(B0, B1,
+                                                                         schedule=schedule)
+    t = jnp.asarray(TIMES, jnp.float64)
+    beta = _reference_beta(schedule, TIMES)
+    _rel_close(vp.beta(t), beta, 1e-12)
+    int_beta = np.array([integrate.quad(lambda u: _reference_beta(schedule, u), 0.0, ti,
+                                        epsabs=0, epsrel=1e-13)[0] for ti in TIMES])
+    _rel_close(vp.integral_beta(t), int_beta, 1e-10)
+    alpha = np.exp(-0.5 * int_beta)
+    _rel_close(vp.alpha(t), alpha, 1e-10)
+    _rel_close(vp.sigma(t), np.sqrt(-np.expm1(-int_beta)), 1e-10)
+    _rel_close(subvp.sigma(t), -np.expm1(-int_beta), 1e-10)
+    _rel_close(vp.log_snr(t), np.log(alpha / np.sqrt(-np.expm1(-int_beta))), 1e-10)
+    _rel_close(vp.t_from_log_snr(vp.log_snr(t)), TIMES, 1e-9)
+    _rel_close(subvp.t_from_log_snr(subvp.log_snr(t)), TIMES, 1e-9)
+    h, tt = 1e-6, jnp.asarray([0.1, 0.5, 0.9], jnp.float64)
+    fd = -(vp.log_alpha(tt + h) - vp.log_alpha(tt - h)) / h
+    _rel_close(fd, _reference_beta(schedule, np.asarray(tt)), 1e-7)
+    _, g = vp.sde(jnp.zeros((len(TIMES), 1)), t)
+    _rel_close(g, np.sqrt(beta), 1e-12)
+  # float32 keeps its precision at t -> 0 (no 1 - exp cancellation).
+  t32 = jnp.asarray(TIMES, jnp.float32)
+  _rel_close(vp.sigma(t32), np.sqrt(-np.expm1(-int_beta)), 2e-5)
+
+
+@pytest.mark.parametrize("schedule", ["quadratic", "sigmoid"])
+def test_new_beta_schedules_discrete_chain(schedule):
+  """The DDPM code's tables: 'quad' = linspace(sqrt(b0), sqrt(b1), N)^2 and 'sigmoid' =
+  sigmoid(linspace(-6, 6, N)) (b1 - b0) + b0, with b = beta / N."""
+  n = 1000
+  sde = sde_lib.VPSDE(B0, B1, n, schedule=schedule)
+  if schedule == "quadratic":
+    expected = np.linspace(np.sqrt(B0 / n), np.sqrt(B1 / n), n) ** 2
+  else:
+    expected = (1 / (1 + np.exp(-np.linspace(-6, 6, n)))) * (B1 - B0) / n + B0 / n
+  _rel_close(sde.discrete_betas(), expected, 1e-5)
+  x = jnp.ones((2, 1))
+  _, std = sde.discrete_marginal(x, jnp.asarray([0, n - 1]))
+  _rel_close(std, np.sqrt(1 - np.cumprod(1 - expected)[[0, n - 1]]), 1e-4)
 
 
 def test_vp_discretize_is_the_ddpm_chain():
@@ -197,7 +251,7 @@ def test_sdes_are_static_hashable_and_validated():
   with pytest.raises(ValueError, match="vesde"):
     sde_lib.get_sde("vp")
   with pytest.raises(ValueError, match="linear"):
-    sde_lib.VPSDE(schedule="quadratic")
+    sde_lib.VPSDE(schedule="bogus")
   with pytest.raises(ValueError, match="sigma_min"):
     sde_lib.VESDE(sigma_min=1.0, sigma_max=0.5)
   assert isinstance(sde_lib.get_sde("subvpsde", beta_max=10.0), sde_lib.SubVPSDE)

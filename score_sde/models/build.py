@@ -119,9 +119,12 @@ def get_score_fn(sde: sde_lib.SDE, model: nn.Module, variables: Variables, train
                  ) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """Wraps a network into a score function by the SDE's parameterization.
 
-  `labels = sde.noise_labels(t, continuous)`, `output = model.apply(variables, x, labels)`,
-  `score = sde.score_from_output(output, t, continuous)` (VP / sub-VP: -output / std; VE:
-  the output itself, divided by sigma inside the network when `scale_by_sigma`).
+  `labels = sde.noise_labels(t, continuous)`, `output = model.apply(variables,
+  sde.network_input(x, t), labels)`, `score = sde.score_from_output(output, t, continuous,
+  x)`: the one place where a network output becomes a score. `sde.parameterization` says
+  what the network predicts ('auto': VP / sub-VP epsilon, score = -output / std; VE the
+  score, divided by sigma inside the network when `scale_by_sigma`; or 'epsilon', 'x0',
+  'v', 'score', 'edm', see `score_sde.parameterization`).
 
   Args:
     sde: the forward SDE.
@@ -134,13 +137,17 @@ def get_score_fn(sde: sde_lib.SDE, model: nn.Module, variables: Variables, train
 
   Returns:
     `score_fn(x [B, *D], t [B]) -> [B, *D]`.
+
+  Raises:
+    ValueError: a parameterization that needs continuous time with `continuous=False`.
   """
+  sde.check_network(continuous)
   rngs = {"dropout": rng} if rng is not None else None
 
   def score_fn(x: jax.Array, t: jax.Array) -> jax.Array:
     labels = sde.noise_labels(t, continuous)
-    output = model.apply(variables, x, labels, train=train, class_labels=class_labels,
-                         rngs=rngs)
-    return sde.score_from_output(output, t, continuous)
+    output = model.apply(variables, sde.network_input(x, t), labels, train=train,
+                         class_labels=class_labels, rngs=rngs)
+    return sde.score_from_output(output, t, continuous, x)
 
   return score_fn
