@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from score_sde import checkpoints, datasets, images, likelihood, models
+from score_sde import checkpoints, datasets, images, likelihood, models, quality
 from score_sde import train as train_lib
 
 
@@ -167,7 +167,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
   `eval.enable_loss`: the DSM loss over the test split; `eval.enable_bpd`: bits/dim on the
   test split (first `eval.bpd_num_examples`; offset 7 for centered data, 8 otherwise, after
   uniform dequantization, so comparable with published numbers); `eval.enable_sampling`:
-  `eval.num_samples` samples as in `sample`.
+  `eval.num_samples` samples as in `sample`; `eval.enable_fid`: FID / KID / IS / precision /
+  recall of those samples (`quality.sample_quality`), also written to TensorBoard.
 
   Returns:
     The metrics dict, also written to `workdir/eval/step_<k>/metrics.json`.
@@ -186,7 +187,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
                  metrics["bpd"], metrics["bpd_stderr"], metrics["bpd_num_examples"],
                  metrics["bpd_mean_nfe"])
   out_dir = os.path.join(workdir, "eval", f"step_{step}")
-  if e.enable_sampling:
+  if e.enable_sampling or e.get("enable_fid", False):
     x, nfe, seconds = _sample_batches(config, state, model, sde, int(e.num_samples), mesh,
                                       progress)
     metrics.update(samples_nfe=nfe, samples_seconds=seconds)
@@ -194,6 +195,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
       os.makedirs(out_dir, exist_ok=True)
       np.savez_compressed(os.path.join(out_dir, "samples.npz"), samples=x)
       images.save_grid(x[:64], os.path.join(out_dir, "samples.png"), scale=2)
+    if e.get("enable_fid", False):  # FID / KID / IS / precision / recall (score_sde.quality)
+      metrics.update(quality.sample_quality(config, x))
+      quality.log_metrics(metrics, step, workdir)
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:

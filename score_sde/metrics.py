@@ -387,3 +387,55 @@ def load_reference_stats(path: str | os.PathLike, *, feature_net: str | None = N
                        f"{meta.get(key)!r}, not {value!r}; recompute them with "
                        f"scripts/reference_stats.py for this {key}")
   return out
+
+
+# ---- All metrics of a set of samples ----------------------------------------------------
+
+
+def class_histogram(logits, num_classes: int | None = None) -> np.ndarray:
+  """Fraction of samples whose argmax class is c, for each class c: [num_classes]."""
+  z = np.asarray(logits)
+  num_classes = z.shape[1] if num_classes is None else num_classes
+  return np.bincount(z.argmax(axis=1), minlength=num_classes) / len(z)
+
+
+def sample_quality(features, logits, reference: dict, *, kid_subsets: int = 100,
+                   kid_subset_size: int = 1000, pr_k: int = 3, pr_num_real: int = 10_000,
+                   is_splits: int = 10, seed: int = 0) -> dict:
+  """FID, KID, IS, precision / recall and class histogram of samples against reference stats.
+
+  Args:
+    features: [N, d] features of the samples; logits: [N, C] their classifier logits.
+    reference: dict with `mu`, `sigma`, `features` (and optionally `logits`) of the data, as
+      `load_reference_stats` returns.
+    kid_subsets, kid_subset_size: KID's subsets.
+    pr_k: precision / recall neighbour rank.
+    pr_num_real: precision / recall use at most this many data features (a random subset
+      drawn with `seed`; the k-NN radii cost O(N^2)) and at most as many samples.
+    is_splits: Inception Score splits (fewer if N < is_splits).
+    seed: seed of the KID subsets and the precision / recall subsets.
+
+  Returns:
+    dict(fid, kid, kid_std, inception_score, inception_score_std, precision, recall,
+    class_histogram (list), num_samples[, data_class_histogram]).
+  """
+  feats = _features(features, "sample features")
+  mu, sigma = feature_statistics(feats)
+  out = dict(num_samples=int(len(feats)))
+  out["fid"] = frechet_distance(mu, sigma, reference["mu"], reference["sigma"])
+  out["kid"], out["kid_std"] = kernel_inception_distance(
+      feats, reference["features"], num_subsets=kid_subsets, subset_size=kid_subset_size,
+      seed=seed)
+  out["inception_score"], out["inception_score_std"] = inception_score(
+      logits, splits=min(is_splits, len(feats)))
+  rng = np.random.default_rng([seed, 1])
+  real = np.asarray(reference["features"])
+  n_pr = min(pr_num_real, len(real), len(feats))
+  if n_pr > pr_k:
+    out["precision"], out["recall"] = precision_recall(
+        real[rng.choice(len(real), n_pr, replace=False)],
+        feats[rng.choice(len(feats), n_pr, replace=False)], k=pr_k)
+  out["class_histogram"] = class_histogram(logits).round(5).tolist()
+  if reference.get("logits") is not None:
+    out["data_class_histogram"] = class_histogram(reference["logits"]).round(5).tolist()
+  return out
