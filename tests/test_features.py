@@ -116,3 +116,26 @@ def test_reference_stats_cached_and_checked(tmp_path):
   other.data.image_size = 32
   with pytest.raises(ValueError, match="image_size='28', not '32'"):
     quality.reference_stats(other, net)
+
+
+@pytest.mark.slow
+def test_eval_mode_writes_sample_quality(tmp_path, monkeypatch):
+  from score_sde import main as main_lib, train
+
+  monkeypatch.setitem(features.FEATURE_NETS, "fmnist", lambda **kw: _random_fmnist_net())
+  config = _config(tmp_path, enable_fid=True, enable_loss=False, num_samples=40,
+                   kid_subset_size=20, kid_subsets=5, pr_num_real=40)
+  config.model.nf, config.model.ch_mult, config.model.attn_resolutions = 8, (1, 2), ()
+  config.training.n_iters, config.training.snapshot_freq = 2, 2
+  config.training.snapshot_sampling = False
+  config.sampling.batch_size, config.sampling.steps = 20, 3
+  workdir = str(tmp_path / "run")
+  train.train(config, workdir, progress=False)
+  result = main_lib.run(config, workdir, "eval")
+  saved = json.load(open(os.path.join(workdir, "eval", "step_2", "metrics.json")))
+  for key in ("fmnist_fd", "fmnist_kid", "fmnist_inception_score", "fmnist_precision",
+              "fmnist_recall"):
+    assert np.isfinite(saved[key]) and saved[key] == pytest.approx(result[key])
+  assert saved["fmnist_fd"] > 0 and len(saved["fmnist_class_histogram"]) == 10
+  assert sum(saved["fmnist_class_histogram"]) == pytest.approx(1.0)
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
