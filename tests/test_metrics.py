@@ -59,6 +59,28 @@ def test_frechet_distance_of_gaussian_samples_approaches_truth():
   assert estimate == pytest.approx(truth, rel=0.03)
 
 
+def test_frechet_distance_retries_a_singular_product_with_eps_offset(monkeypatch):
+  # pytorch-fid's rule: a non-finite sqrtm(S1 S2) is retried as sqrtm((S1 + eps I)(S2 + eps I)).
+  rng = np.random.default_rng(14)
+  d, eps = 5, 1e-3
+  q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+  a, b = rng.uniform(0.5, 2.0, d), rng.uniform(0.5, 2.0, d)
+  s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
+  calls = []
+  real_sqrtm = scipy.linalg.sqrtm
+
+  def flaky_sqrtm(m):
+    calls.append(m)
+    return np.full_like(m, np.nan) if len(calls) == 1 else real_sqrtm(m)
+
+  monkeypatch.setattr(metrics.scipy.linalg, "sqrtm", flaky_sqrtm)
+  fd = metrics.frechet_distance(np.zeros(d), s1, np.zeros(d), s2, eps=eps)
+  assert len(calls) == 2
+  # Traces of the unshifted covariances, the root of the shifted product.
+  expected = np.sum(a + b - 2 * np.sqrt((a + eps) * (b + eps)))
+  assert fd == pytest.approx(expected, rel=1e-9)
+
+
 def test_frechet_distance_bad_inputs():
   with pytest.raises(ValueError, match="imaginary"):
     metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), -np.eye(3))
