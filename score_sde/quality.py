@@ -139,9 +139,15 @@ def sample_quality(config: ml_collections.ConfigDict, images: np.ndarray,
       kid_subset_size=int(e.get("kid_subset_size", 1000)), pr_k=int(e.get("pr_k", 3)),
       pr_num_real=int(e.get("pr_num_real", 10_000)), seed=int(config.get("seed", 0)))
   out["seconds"] = time.perf_counter() - start
-  prefix = "" if net.name == "inception" else f"{net.name}_"
-  renamed = {("fd" if k == "fid" and prefix else k): v for k, v in out.items()}
-  return {f"{prefix}{k}": v for k, v in renamed.items()}
+  return name_by_network(out, net.name)
+
+
+def name_by_network(result: dict, feature_net: str) -> dict:
+  """Prefixes metric names by the feature network unless it is Inception (`fid` -> `fmnist_fd`,
+  `kid` -> `fmnist_kid`, ...)."""
+  if feature_net == "inception":
+    return dict(result)
+  return {f"{feature_net}_{'fd' if k == 'fid' else k}": v for k, v in result.items()}
 
 
 def log_metrics(result: dict, step: int, workdir: str) -> None:

@@ -93,6 +93,7 @@ def main(argv=None) -> dict:
                                  pr_k=int(e.get("pr_k", 3)),
                                  pr_num_real=int(e.get("pr_num_real", 10_000)))
   floor["seconds"] = time.perf_counter() - start
+  floor = quality.name_by_network(floor, net.name)
   print(f"floor: {config.data.dataset} {args.split} ({len(stats['features'])} images) vs "
         f"{args.floor_against} ({len(other['features'])}), {net.name} features:")
   print(json.dumps(floor, indent=2))
