@@ -5,8 +5,8 @@ yang-song/score_sde so its users feel at home; additions: `training.weighting`,
 `training.ema_warmup`, `training.importance_sampling`, `training.eps`,
 `training.{time_sampling, p_mean, p_std}`, `sampling.{steps, rtol, atol, solver, eta, order,
 rho, s_churn, eps, batch_size, threshold, threshold_percentile}`, `eval.{bpd_num_examples,
-bpd_rtol, bpd_atol}`, `model.{schedule, num_classes, parameterization, sigma_data}`,
-`data.data_dir`.
+bpd_rtol, bpd_atol}`, `eval.{enable_fid, fid_*, kid_*, pr_*, inception_weights}`,
+`model.{schedule, num_classes, parameterization, sigma_data}`, `data.data_dir`.
 """
 
 from __future__ import annotations
@@ -80,6 +80,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   evaluate.bpd_num_examples = config_dict.placeholder(int)  # None: the whole test split
   evaluate.bpd_rtol = 1e-5  # probability-flow ODE tolerances for bits/dim
   evaluate.bpd_atol = 1e-5
+  # Sample quality (score_sde.quality): FID / KID / IS / precision / recall of the
+  # eval.num_samples samples against cached statistics of the data.
+  evaluate.enable_fid = False
+  evaluate.fid_feature_net = "auto"  # 'auto' (fashion_mnist -> 'fmnist', else) | 'inception'
+  evaluate.inception_weights = config_dict.placeholder(str)  # pt_inception-2015-12-05-*.pth
+  evaluate.fid_stats = config_dict.placeholder(str)  # None: computed once, cached in ~/.cache
+  evaluate.fid_split = "train"  # the data split the samples are compared with
+  evaluate.kid_subsets = 100
+  evaluate.kid_subset_size = 1000
+  evaluate.pr_k = 3  # precision / recall: k-th nearest neighbour radii
+  evaluate.pr_num_real = 10_000  # ... on at most this many data (and sample) features
 
   # Data.
   config.data = data = ml_collections.ConfigDict()

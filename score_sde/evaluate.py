@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from score_sde import checkpoints, experiment, images, likelihood, models, parallel
+from score_sde import checkpoints, experiment, images, likelihood, models, parallel, quality
 from score_sde import datasets
 from score_sde import workdir as workdir_lib
 from score_sde.train import make_eval_loss_fn, make_sample_fn, restore_state
@@ -200,7 +200,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
   `eval.enable_loss`: the DSM loss over the test split; `eval.enable_bpd`: bits/dim on the
   test split (first `eval.bpd_num_examples`; offset 7 for centered data, 8 otherwise, after
   uniform dequantization, so comparable with published numbers); `eval.enable_sampling`:
-  `eval.num_samples` samples as in `sample`.
+  `eval.num_samples` samples as in `sample`; `eval.enable_fid`: FID / KID / IS / precision /
+  recall of those samples (`quality.sample_quality`), also written to TensorBoard.
 
   Returns:
     The metrics dict, also written to `workdir/eval/step_<k>/metrics.json` (or
@@ -223,7 +224,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
                  metrics["bpd"], metrics["bpd_stderr"], metrics["bpd_num_examples"],
                  metrics["bpd_mean_nfe"])
   out_dir = os.path.join(workdir, "eval", f"step_{step}")
-  if e.enable_sampling:
+  if e.enable_sampling or e.get("enable_fid", False):
     x, nfe, seconds = _sample_batches(config, state, spec, int(e.num_samples), mesh,
                                       progress)
     metrics.update(samples_nfe=nfe, samples_seconds=seconds)
@@ -233,6 +234,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
           out_dir, f"samples_{sampler_tag(config)}_n{int(e.num_samples)}", (".npz", ".png"))
       np.savez_compressed(stem + ".npz", samples=x)
       images.save_grid(x[:64], stem + ".png", scale=2)
+    if e.get("enable_fid", False):  # FID / KID / IS / precision / recall (score_sde.quality)
+      metrics.update(quality.sample_quality(config, x))
+      quality.log_metrics(metrics, step, workdir)
   path = workdir_lib.fresh_stem(out_dir, "metrics", (".json",)) + ".json"
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)

@@ -31,6 +31,14 @@ For each sampler of `SAMPLER_GRID` and each NFE budget it runs
   score dominate). The table header also gives the bare time per call over a run of 50 calls,
   which on a busy machine sees the same noise as a sampler run.
 
+* `fd` and `kid` (trained checkpoints, `--problem=checkpoint`): the Frechet distance and KID
+  (`score_sde.metrics`) of the samples, inverse-scaled to [0, 1], against cached statistics
+  of the run's dataset (`config.eval.fid_split`, default train) on the config's feature
+  network (`config.eval.fid_feature_net`: the shipped Fashion-MNIST classifier for
+  Fashion-MNIST, Inception-v3 with `--inception_weights` otherwise). The table header gives
+  their floor: as many real test images against the same statistics. `--no_quality` skips
+  them. FD on 10 classifier features is noisy below a few thousand samples.
+
 All samplers return denoised samples (`denoise=True`, their default: the last step is the
 Tweedie estimate at eps), and so does the reference. Writes `results.csv`, `results.md` and
 `results.png` (error and distance vs NFE, log-log) under `--out`.
@@ -57,7 +65,7 @@ from score_sde import mixtures, sampling
 from score_sde import sde as sde_lib
 
 COLUMNS = ("sampler", "method", "options", "nfe", "ms_per_sample", "ms_per_nfe",
-           "ratio_to_bare_score", "rmse_vs_reference", "sliced_w1", "mode_tv")
+           "ratio_to_bare_score", "rmse_vs_reference", "sliced_w1", "mode_tv", "fd", "kid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +232,38 @@ def build_problem(args):
   return score_fn, sde, mixture.event_shape, mixture, what
 
 
+class _QualityMeter:
+  """FD and KID of samples of a checkpoint's config against its cached data statistics."""
+
+  def __init__(self, config, num_samples: int, seed: int):
+    from score_sde import datasets, quality  # noqa: PLC0415 (checkpoint mode only)
+
+    self.config, self.seed = config, seed
+    self.net = quality.get_feature_net(config)
+    self.stats = quality.reference_stats(config, self.net)
+    self.inverse_scaler = datasets.get_data_inverse_scaler(config.data.centered)
+    test_config = type(config)(config.to_dict())
+    test_config.data.uniform_dequantization = False
+    n = min(num_samples, datasets.get_dataset(test_config, "test", batch_size=1).num_examples)
+    real = next(datasets.get_dataset(test_config, "test", batch_size=n).iterate_once())["image"]
+    self.floor = self._measure(real, scaled=False)
+
+  def _measure(self, x, scaled: bool = True) -> tuple[float, float]:
+    from score_sde import metrics  # noqa: PLC0415
+
+    images = np.clip(np.asarray(self.inverse_scaler(x)) if scaled else x, 0.0, 1.0)
+    feats, _ = self.net(images)
+    fd = metrics.frechet_distance(*metrics.feature_statistics(feats), self.stats["mu"],
+                                  self.stats["sigma"])
+    kid, _ = metrics.kernel_inception_distance(
+        feats, self.stats["features"], num_subsets=int(self.config.eval.kid_subsets),
+        subset_size=int(self.config.eval.kid_subset_size), seed=self.seed)
+    return fd, kid
+
+  def __call__(self, x) -> tuple[float, float]:
+    return self._measure(x)
+
+
 def run_comparison(args) -> tuple[list[dict], dict]:
   """Runs the grid. Returns (rows keyed by COLUMNS, summary dict)."""
   from tqdm import tqdm
@@ -263,6 +303,18 @@ def run_comparison(args) -> tuple[list[dict], dict]:
       return None, None
     return (sliced_wasserstein1(k_proj, x, truth, args.projections), mode_weight_tv(mixture, x))
 
+  meter = None
+  if args.problem == "checkpoint" and args.quality:
+    config = load_config(args.config)
+    if args.inception_weights:
+      config.eval.inception_weights = args.inception_weights
+    meter = _QualityMeter(config, args.num_samples, args.seed)
+    summary["feature_net"] = meter.net.name
+    summary["fd_floor"], summary["kid_floor"] = meter.floor
+
+  def quality_of(x):
+    return meter(x) if meter is not None else (None, None)
+
   # One bare score evaluation on the same batch, jitted, best of many calls.
   t_mid = jnp.full((args.num_samples,), 0.5 * (sde.T + eps), jnp.float32)
   bare = jax.jit(score_fn).lower(x_T, t_mid).compile()
@@ -279,10 +331,12 @@ def run_comparison(args) -> tuple[list[dict], dict]:
                                                          args.repeats) / 50
 
   ref_sw, ref_tv = distances(x_ref)
+  ref_fd, ref_kid = quality_of(x_ref)
   rows = [dict(sampler="reference", method="ode",
                options=f"solver={args.reference_solver}, rtol=atol={args.reference_tol:g}",
                nfe=int(ref_nfe), ms_per_sample=None, ms_per_nfe=None, ratio_to_bare_score=None,
-               rmse_vs_reference=0.0, sliced_w1=ref_sw, mode_tv=ref_tv)]
+               rmse_vs_reference=0.0, sliced_w1=ref_sw, mode_tv=ref_tv, fd=ref_fd,
+               kid=ref_kid)]
 
   jobs = []
   for name in args.samplers:
@@ -305,12 +359,13 @@ def run_comparison(args) -> tuple[list[dict], dict]:
     seconds = _time_compiled(compiled, (k_sample, x_T), args.repeats)
     x = np.asarray(x, np.float64)
     sw, tv = distances(x)
+    fd, kid = quality_of(x)
     rows.append(dict(
         sampler=name, method=spec.method, options=_options_text(options), nfe=nfe,
         ms_per_sample=1e3 * seconds / args.num_samples, ms_per_nfe=1e3 * seconds / nfe,
         ratio_to_bare_score=seconds / nfe / bare_s,
         rmse_vs_reference=rmse(x, x_ref) if spec.deterministic else None,
-        sliced_w1=sw, mode_tv=tv))
+        sliced_w1=sw, mode_tv=tv, fd=fd, kid=kid))
   return rows, summary
 
 
@@ -336,6 +391,10 @@ def markdown_table(rows, summary) -> str:
   if "sliced_w1_floor" in summary:
     lines.append(f"Finite-sample floors (fresh truth vs truth): sliced W1 "
                  f"{summary['sliced_w1_floor']:.3g}, mode TV {summary['mode_tv_floor']:.3g}.")
+  if summary.get("feature_net"):
+    lines.append(f"fd / kid: on {summary['feature_net']} features against the data's cached "
+                 f"statistics; floor ({summary['num_samples']} real test images): FD "
+                 f"{_fmt(summary['fd_floor'])}, KID {_fmt(summary['kid_floor'])}.")
   lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
   for row in rows:
     lines.append("| " + " | ".join(row[k] if isinstance(row[k], str) else _fmt(row[k])
@@ -349,8 +408,9 @@ def plot(rows, summary, path):
   import matplotlib.pyplot as plt
 
   has_dist = any(r["sliced_w1"] is not None for r in rows)
-  fig, axes = plt.subplots(1, 2 if has_dist else 1, figsize=(12 if has_dist else 6, 4.5),
-                           squeeze=False)
+  has_fd = any(r.get("fd") is not None for r in rows)
+  panels = 1 + has_dist + has_fd
+  fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
   names = [n for n in dict.fromkeys(r["sampler"] for r in rows) if n != "reference"]
   for name in names:
     rs = sorted((r for r in rows if r["sampler"] == name), key=lambda r: r["nfe"])
@@ -371,6 +431,19 @@ def plot(rows, summary, path):
                label="finite-sample floor")
     ax.set(xlabel="NFE (score evaluations)", ylabel="sliced W1 to fresh data samples",
            title="Distribution distance")
+    ax.legend(fontsize=8)
+  if has_fd:
+    ax = axes[0, -1]
+    for name in names:
+      rs = sorted((r for r in rows if r["sampler"] == name), key=lambda r: r["nfe"])
+      ax.loglog([r["nfe"] for r in rs], [max(r["fd"], 1e-6) for r in rs], "o-", label=name)
+    ref = next(r for r in rows if r["sampler"] == "reference")
+    ax.axhline(ref["fd"], color="k", ls="--", lw=1, label="reference ODE")
+    if summary.get("fd_floor") is not None:
+      ax.axhline(summary["fd_floor"], color="gray", ls=":", lw=1, label="data floor")
+    ax.set(xlabel="NFE (score evaluations)",
+           ylabel=f"FD ({summary.get('feature_net')} features)",
+           title="Sample quality vs NFE")
     ax.legend(fontsize=8)
   for ax in axes.ravel():
     ax.grid(True, which="both", alpha=0.3)
@@ -435,6 +508,10 @@ def parse_args(argv=None):
   p.add_argument("--projections", type=int, default=256, help="directions of sliced W1")
   p.add_argument("--repeats", type=int, default=3, help="timed runs per sampler (best kept)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--no_quality", dest="quality", action="store_false",
+                 help="checkpoints: skip FD / KID (feature network, data statistics)")
+  p.add_argument("--inception_weights", default=None,
+                 help="pt_inception-2015-12-05-*.pth (feature net 'inception')")
   p.add_argument("--out", default="runs/compare_samplers")
   args = p.parse_args(argv)
   if args.problem is None:
