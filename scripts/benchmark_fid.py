@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from score_sde import datasets, metrics, quality  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from reference_stats import DEFAULT_CONFIG, load_config  # noqa: E402
+import common  # scripts/common.py: the repository root on sys.path, config files
+from reference_stats import DEFAULT_CONFIG
+from score_sde import datasets, metrics, quality
 
 
 def main(argv=None) -> dict:
@@ -35,7 +31,7 @@ def main(argv=None) -> dict:
   p.add_argument("--config", default=DEFAULT_CONFIG)
   args = p.parse_args(argv)
 
-  config = load_config(args.config)
+  config = common.load_config(args.config)
   net = quality.get_feature_net(config)
   stats = quality.reference_stats(config, net)
   images, _ = datasets.load_idx(config.data.data_dir or datasets.FASHION_MNIST_DIR, "test")

@@ -305,7 +305,7 @@ def run_comparison(args) -> tuple[list[dict], dict]:
 
   meter = None
   if args.problem == "checkpoint" and args.quality:
-    config = load_config(args.config)
+    config = common.load_config(args.config)
     if args.inception_weights:
       config.eval.inception_weights = args.inception_weights
     meter = _QualityMeter(config, args.num_samples, args.seed)

@@ -17,7 +17,6 @@ Writes three PNGs into `out_dir` (EMA weights of the latest checkpoint):
 from __future__ import annotations
 
 import pathlib
-import sys
 import time
 
 import common  # noqa: F401  scripts/common.py: the repository root on sys.path
@@ -28,7 +27,6 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from score_sde import datasets, evaluate, images, likelihood, models, sampling  # noqa: E402
-from score_sde import parallel  # noqa: E402
 from score_sde.sde import batch_scalar  # noqa: E402
 
 # Sampler settings of the sampler panel (NFE about 300 / adaptive / 51 / 26 / 35 / 200).

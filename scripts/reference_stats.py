@@ -18,28 +18,15 @@ number with this many samples.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from score_sde import metrics, quality  # noqa: E402
+import common  # scripts/common.py: the repository root on sys.path, config files
+from score_sde import metrics, quality
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "fashion_mnist_vp.py")
-
-
-def load_config(path: str, arg: str | None = None):
-  """`get_config(arg)` of a config file."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"No config file {path!r}")
-  spec = importlib.util.spec_from_file_location("_reference_stats_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
 
 
 def stats_for_split(config, net, split: str, out: str | None, recompute: bool,
@@ -73,7 +60,8 @@ def main(argv=None) -> dict:
                  help="another split: print the metrics of --split against it")
   args = p.parse_args(argv)
 
-  config = load_config(args.config, args.config_arg)
+  spec = f"{args.config}:{args.config_arg}" if args.config_arg else args.config
+  config = common.load_config(spec)
   if args.feature_net:
     config.eval.fid_feature_net = args.feature_net
   if args.inception_weights:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 import time
 
 import common  # noqa: F401  scripts/common.py: the repository root on sys.path

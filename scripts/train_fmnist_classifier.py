@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import jax
@@ -23,10 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from score_sde import datasets  # noqa: E402
-from score_sde.models import fmnist_classifier as fc  # noqa: E402
+import common  # noqa: F401  scripts/common.py: the repository root on sys.path
+from score_sde import datasets
+from score_sde.models import fmnist_classifier as fc
 
 
 def augment(rng: np.random.Generator, x: np.ndarray, shift: int = 0) -> np.ndarray:
