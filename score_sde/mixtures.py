@@ -117,3 +117,123 @@ def image_mixture(event_shape=(8, 8, 1), seed: int = 0) -> GaussianMixture:
   means = tuple(tuple(float(v) for v in rng.uniform(-0.8, 0.8, d)) for _ in range(2))
   return GaussianMixture(weights=(0.6, 0.4), means=means, stds=(0.1, 0.15),
                          event_shape=tuple(event_shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassConditionalMixture:
+  """Labelled data: class y has prior `class_weights[y]` and data p_0(x | y) = `classes[y]`.
+
+  Everything guidance needs is exact at every t: the conditional score grad log p_t(x | y),
+  the unconditional score grad log p_t(x) (the mixture of all classes), and the noisy
+  classifier log p_t(y | x). Label `num_classes` is the null label (unconditional), as for
+  the networks.
+
+  Attributes:
+    classes: one `GaussianMixture` per class, all with the same `event_shape`.
+    class_weights: the class priors p(y), summing to 1.
+  """
+
+  classes: tuple[GaussianMixture, ...]
+  class_weights: tuple[float, ...]
+
+  def __post_init__(self):
+    if len(self.classes) != len(self.class_weights) or not self.classes:
+      raise ValueError(f"need one weight per class, got {len(self.classes)} classes and "
+                       f"{len(self.class_weights)} weights")
+    shapes = {m.event_shape for m in self.classes}
+    if len(shapes) != 1:
+      raise ValueError(f"all classes need the same event_shape, got {sorted(shapes)}")
+    if not math.isclose(sum(self.class_weights), 1.0, rel_tol=1e-6):
+      raise ValueError(f"class_weights must sum to 1, got {sum(self.class_weights)}")
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.classes)
+
+  @property
+  def event_shape(self) -> tuple[int, ...]:
+    return self.classes[0].event_shape
+
+  def marginal(self) -> GaussianMixture:
+    """The unconditional data p_0(x) = sum_y p(y) p_0(x | y), one flat mixture."""
+    return GaussianMixture(
+        weights=tuple(p * w for p, m in zip(self.class_weights, self.classes)
+                      for w in m.weights),
+        means=tuple(mu for m in self.classes for mu in m.means),
+        stds=tuple(s for m in self.classes for s in m.stds), event_shape=self.event_shape)
+
+  def component_classes(self) -> np.ndarray:
+    """The class of each component of `marginal()`: `[K]` ints."""
+    return np.concatenate([np.full(len(m.weights), y) for y, m in enumerate(self.classes)])
+
+  def sample(self, key: jax.Array, n: int, y: int | None = None
+             ) -> tuple[jax.Array, jax.Array]:
+    """`n` draws of p_0(x | y) (of p_0(x) when y is None or the null label).
+
+    Returns `(x [n, *event_shape], labels [n] int)`.
+    """
+    if y is None or y == self.num_classes:
+      x, comp = self.marginal().sample(key, n)
+      return x, jnp.asarray(self.component_classes())[comp]
+    x, _ = self.classes[y].sample(key, n)
+    return x, jnp.full((n,), y, jnp.int32)
+
+  def _masked_logps(self, sde: SDE | None, x: jax.Array, t, y: jax.Array
+                    ) -> tuple[jax.Array, jax.Array]:
+    """(all component log-densities of the marginal `[B, K]`, the same with the components
+    of other classes than y set to -inf; y == num_classes keeps all)."""
+    logps = self.marginal()._component_logps(sde, x, t)
+    comp_class = jnp.asarray(self.component_classes())
+    y = jnp.broadcast_to(jnp.asarray(y, jnp.int32), x.shape[:1])
+    keep = (comp_class[None, :] == y[:, None]) | (y[:, None] == self.num_classes)
+    return logps, jnp.where(keep, logps, -jnp.inf)
+
+  def cond_score(self, x: jax.Array, t, y, sde: SDE | None = None) -> jax.Array:
+    """grad_x log p_t(x | y), shaped like x; `y` an int or `[B]` ints, num_classes = null."""
+    shape = x.shape
+    flat = x.reshape(shape[0], -1)
+    marginal = self.marginal()
+    _, mu, s = marginal._params(x.dtype)
+    alpha, sigma = _kernel(sde, t, flat)
+    var = alpha[:, None] ** 2 * s[None, :] ** 2 + sigma[:, None] ** 2  # [B, K]
+    r = jax.nn.softmax(self._masked_logps(sde, x, t, y)[1], axis=-1)
+    comp_scores = -(flat[:, None, :] - alpha[:, None, None] * mu[None]) / var[..., None]
+    return jnp.sum(r[..., None] * comp_scores, axis=1).reshape(shape)
+
+  def class_log_prob(self, x: jax.Array, t, y, sde: SDE | None = None) -> jax.Array:
+    """The exact noisy classifier log p_t(y | x_t) in nats, `[B]` (0 for the null label)."""
+    logps, masked = self._masked_logps(sde, x, t, y)
+    return jax.nn.logsumexp(masked, axis=-1) - jax.nn.logsumexp(logps, axis=-1)
+
+  def cond_score_fn(self, sde: SDE):
+    """The exact `cond_score_fn(x, t, y)` of the diffused data under `sde`."""
+    return lambda x, t, y: self.cond_score(x, t, y, sde)
+
+  def log_prob_fn(self, sde: SDE):
+    """The exact classifier `log_prob_fn(x, t, y) -> [B]` = log p_t(y | x) under `sde`."""
+    return lambda x, t, y: self.class_log_prob(x, t, y, sde)
+
+
+def conditional_on_known(mix: GaussianMixture, known_mask: np.ndarray, known: np.ndarray
+                         ) -> GaussianMixture:
+  """The exact p_0(x_u | x_k = known) of an isotropic mixture: a mixture over the unknown
+  coordinates (flattened), with weights w_k N(known; mu_k[known], s_k^2 I) renormalized.
+
+  Args:
+    mix: the data mixture.
+    known_mask: bool, shaped like one example (or flat): True where the value is known.
+    known: the known values, shaped like one example (values at unknown places ignored).
+
+  Returns:
+    A `GaussianMixture` with `event_shape = (number of unknown coordinates,)`.
+  """
+  m = np.asarray(known_mask, bool).reshape(-1)
+  v = np.asarray(known, np.float64).reshape(-1)[m]
+  w, mu, s = (np.asarray(a, np.float64) for a in (mix.weights, mix.means, mix.stds))
+  logw = (np.log(w) - 0.5 * m.sum() * np.log(2 * np.pi * s**2)
+          - 0.5 * np.sum((v[None] - mu[:, m]) ** 2, axis=1) / s**2)
+  post = np.exp(logw - logw.max())
+  post /= post.sum()
+  return GaussianMixture(weights=tuple(float(p) for p in post),
+                         means=tuple(tuple(float(a) for a in row) for row in mu[:, ~m]),
+                         stds=tuple(float(a) for a in s), event_shape=(int((~m).sum()),))

@@ -312,10 +312,23 @@ CORRECTORS: dict[str, Callable | None] = {
 }
 
 
+_HOOK_STREAM = 0x686F6F6B  # folded into the key for step-hook draws (apart from the steps')
+
+
+def _apply_hook(step_hook, key, index, x, x_mean, t):
+  """(step_hook(k, x, t), step_hook(None, x_mean, t)) with k drawn for `index`; unchanged
+  when there is no hook."""
+  if step_hook is None:
+    return x, x_mean
+  hook_key = jax.random.fold_in(jax.random.fold_in(key, _HOOK_STREAM), index)
+  return step_hook(hook_key, x, t), step_hook(None, x_mean, t)
+
+
 def pc_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *,
               predictor: str = "euler_maruyama", corrector: str = "none", snr: float = 0.16,
               n_steps: int = 1, steps: int | None = None, probability_flow: bool = False,
-              denoise: bool = True, eps: float | None = None, x_T: Array | None = None
+              denoise: bool = True, eps: float | None = None, x_T: Array | None = None,
+              step_hook: Callable | None = None
               ) -> tuple[Array, int]:
   """Predictor-corrector sampling of the reverse SDE (Song et al. 2021, Algorithm 1).
 
@@ -344,6 +357,10 @@ def pc_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *,
     denoise: return the mean of the last step (no noise), i.e. the denoised sample.
     eps: the last grid time (default `default_eps(sde)`).
     x_T: optional starting noise `[B, *D]`.
+    step_hook: optional `step_hook(key, x, t) -> x`, called inside the loop after every
+      corrector step (t = the step's time) and predictor step (t = the next time, 0 at the
+      data end) on the sample x, and with `key=None` on the noise-free x_mean; used by
+      `guidance.inpaint` to re-impose known pixels. Pure; no extra score evaluations.
 
   Returns:
     `(x [B, *D], nfe)` with nfe = steps * ([predictor != 'none'] + n_steps [corrector !=
@@ -377,8 +394,10 @@ def pc_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *,
     corrector_key, predictor_key = jax.random.split(jax.random.fold_in(key, step.index))
     if corrector_fn is not None:
       x, x_mean = corrector_fn(corrector_key, score_fn, sde, x, step, snr, n_steps)
+      x, x_mean = _apply_hook(step_hook, key, 2 * step.index, x, x_mean, step.t)
     if predictor_fn is not None:
       x, x_mean = predictor_fn(predictor_key, score_fn, sde, x, step, probability_flow)
+      x, x_mean = _apply_hook(step_hook, key, 2 * step.index + 1, x, x_mean, step.t_next)
     return (x, x_mean), None
 
   (x, x_mean), _ = jax.lax.scan(body, (x, x), grid)
