@@ -7,6 +7,8 @@ yang-song/score_sde so its users feel at home; additions: `training.weighting`,
 rho, s_churn, eps, batch_size, threshold, threshold_percentile}`, `eval.{bpd_num_examples,
 bpd_rtol, bpd_atol}`, `eval.{enable_fid, fid_*, kid_*, pr_*, inception_weights}`,
 `model.{schedule, num_classes, parameterization, sigma_data}`, `data.data_dir`.
+Guidance adds `training.label_dropout`, `sampling.{guidance, guidance_scale, class_label}` and
+the `classifier` section (the noise-conditional classifier of classifier guidance).
 """
 
 from __future__ import annotations
@@ -149,6 +151,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   optim.grad_clip = 1.0
   optim.weight_decay = 0.0
 
+  # Guidance (score_sde.guidance): label dropout for classifier-free guidance, and how
+  # --mode=sample guides. The noise-conditional classifier (--mode=train_classifier).
+  training.label_dropout = 0.0  # fraction of labels replaced by the null label (CFG training)
+  sampling.guidance = "none"  # 'none' | 'cfg' | 'classifier'
+  sampling.guidance_scale = 0.0  # w of CFG ((1 + w) s(y) - w s(null)); scale of classifier
+  sampling.class_label = 0  # the class to sample (num_classes: unconditional, CFG only)
+  config.classifier = classifier = ml_collections.ConfigDict()
+  classifier.num_classes = 10
+  classifier.nf = 32
+  classifier.ch_mult = (1, 2, 2)
+  classifier.num_res_blocks = 1
+  classifier.dropout = 0.0
+  classifier.batch_size = 128
+  classifier.n_iters = 5000
+  classifier.lr = 1e-3
+  classifier.warmup = 100
+  classifier.eps = 1e-3  # smallest noise time of the training data
+  classifier.log_freq = 50
+  classifier.snapshot_freq = 1000
+
   return apply_variant(config, arg)
 
 
@@ -182,4 +204,6 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None
     config.eval.batch_size = 8
     config.eval.num_samples = 8
     config.optim.warmup = 2
+    config.classifier.update(nf=8, batch_size=8, n_iters=4, log_freq=1, snapshot_freq=2,
+                             warmup=2)
   return config

@@ -48,7 +48,7 @@ def _restore(config, spec: experiment.RunSpec, workdir: str, step: int | None,
 
 
 def _sample_batches(config, state, spec: experiment.RunSpec, num_samples: int, mesh: Mesh,
-                    progress: bool) -> tuple[np.ndarray, int, float]:
+                    progress: bool, sample_fn=None) -> tuple[np.ndarray, int, float]:
   """`num_samples` images in [0, 1] drawn in batches of `sampling.batch_size` with the
   configured sampler; returns (images, NFE per sample, seconds)."""
   from tqdm import tqdm
@@ -56,7 +56,8 @@ def _sample_batches(config, state, spec: experiment.RunSpec, num_samples: int, m
   method, options = experiment.sampler_settings(config)
   batch = int(config.sampling.batch_size)
   shape = (batch, *models.image_shape(config))
-  sample_fn = make_sample_fn(spec, shape, method, options, mesh=mesh)
+  if sample_fn is None:  # else a guided one (score_sde.controllable)
+    sample_fn = make_sample_fn(spec, shape, method, options, mesh=mesh)
   _, _, sample_key, _ = experiment.run_keys(config)
   variables = state.variables(ema=True)
   out, nfe, start = [], 0, time.perf_counter()
@@ -113,13 +114,19 @@ def sample(config: ml_collections.ConfigDict, workdir: str, *, step: int | None 
   workdir_lib.check_workdir(workdir, must_exist=True)
   mesh = parallel.make_mesh() if mesh is None else mesh
   experiment.check_config(config, mesh, "sample")
+  from score_sde import controllable  # guidance: config.sampling.guidance
+  controllable.check_guidance_config(config, workdir)
   spec = experiment.run_spec(config)
   state, step = _restore(config, spec, workdir, step, mesh)
-  x, nfe, seconds = _sample_batches(config, state, spec, n, mesh, progress)
+  guided = controllable.make_guided_sample_fn(
+      config, workdir, spec, (int(config.sampling.batch_size), *models.image_shape(config)),
+      mesh)
+  x, nfe, seconds = _sample_batches(config, state, spec, n, mesh, progress, guided)
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
   stem = workdir_lib.fresh_stem(
-      out_dir, f"{config.sampling.method}_step_{step}_{sampler_tag(config)}_n{n}",
+      out_dir, f"{config.sampling.method}{controllable.sample_tag(config)}_step_{step}_"
+      f"{sampler_tag(config)}_n{n}",
       (".npz", ".png"))
   result = dict(step=step, method=config.sampling.method, nfe=nfe, seconds=seconds,
                 npz=stem + ".npz", png=stem + ".png")

@@ -160,6 +160,9 @@ class RunSpec:
     continuous: continuous-time network labels (vs. discrete step indices).
     conditional: pass the batch's class labels to the network.
     centered: model inputs in [-1, 1] (data in [0, 1] are scaled inside the compiled code).
+    label_dropout: with `conditional`, the probability that a training label becomes the
+      null label `num_classes` (classifier-free guidance).
+    num_classes: the model's number of classes (0: unconditional).
   """
   sde: sde_lib.SDE
   model: nn.Module
@@ -171,6 +174,8 @@ class RunSpec:
   continuous: bool = True
   conditional: bool = False
   centered: bool = False
+  label_dropout: float = 0.0
+  num_classes: int = 0
 
   @property
   def scaler(self) -> Callable[[Any], Any]:
@@ -192,7 +197,9 @@ def run_spec(config: ml_collections.ConfigDict) -> RunSpec:
       ema_rate=float(config.model.ema_rate),
       ema_warmup=bool(config.training.get("ema_warmup", False)),
       continuous=bool(config.training.continuous), conditional=is_conditional(config),
-      centered=bool(config.data.centered))
+      centered=bool(config.data.centered),
+      label_dropout=float(config.training.get("label_dropout", 0.0)),
+      num_classes=int(config.model.get("num_classes", 0)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -253,6 +260,13 @@ def _check_training(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) ->
     if training[field] % training.n_jitted_steps:
       raise ValueError(f"config.training.{field}={training[field]} must be a multiple of "
                        f"config.training.n_jitted_steps={training.n_jitted_steps}")
+  label_dropout = float(training.get("label_dropout", 0.0))
+  if not 0.0 <= label_dropout < 1.0:
+    raise ValueError(f"config.training.label_dropout must lie in [0, 1), got {label_dropout}")
+  if label_dropout > 0 and not is_conditional(config):
+    raise ValueError(f"config.training.label_dropout={label_dropout} needs a class-conditional "
+                     f"model (config.model.num_classes > 0), got num_classes="
+                     f"{config.model.get('num_classes', 0)}")
 
 
 def _check_data(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> None:
@@ -318,6 +332,8 @@ def _check_optim(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> No
 
 def _check_sampling(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> None:
   del mode
+  from score_sde import controllable  # guidance settings (that module imports this one)
+  controllable.check_guidance_config(config)
   s = config.sampling
   _number("sampling", config, "batch_size", minimum=1, integer=True)
   parallel.check_batch(int(s.batch_size), mesh, "config.sampling.batch_size")

@@ -94,6 +94,13 @@ def _batch_labels(y, b: int) -> Array:
   return y
 
 
+def drop_labels(key: Array, labels: Array, rate: float, null_label: int) -> Array:
+  """Classifier-free guidance training: each of `labels [B]` becomes `null_label` with
+  probability `rate` (independently), so one network learns s(x, t, y) and s(x, t, null)."""
+  drop = jax.random.bernoulli(key, rate, labels.shape)
+  return jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)
+
+
 # --------------------------------------------------------------------------------------------
 # Classifier-free and classifier guidance
 # --------------------------------------------------------------------------------------------

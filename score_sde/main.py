@@ -33,7 +33,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isdir(os.path.join(_REPO, "configs")) and _REPO not in sys.path:
   sys.path.append(_REPO)
 
-MODES = ("train", "eval", "sample")
+MODES = ("train", "eval", "sample", "train_classifier")
 EXIT_BAD_INPUT, EXIT_NON_FINITE = 2, 3
 
 FLAGS = flags.FLAGS
@@ -81,11 +81,16 @@ def run(config, workdir: str, mode: str, *, step: int | None = None,
     raise ValueError(f"Unknown --mode {mode!r}; valid: {MODES}")
   from score_sde import experiment, workdir as workdir_lib  # Heavy imports after parsing.
 
-  workdir_lib.check_workdir(workdir, must_exist=mode != "train")
+  workdir_lib.check_workdir(workdir, must_exist=mode not in ("train", "train_classifier"))
   if num_samples is not None and (isinstance(num_samples, bool) or num_samples < 1):
     raise ValueError(f"--num_samples must be an integer >= 1, got {num_samples!r}")
   if step is not None and step < 0:
     raise ValueError(f"--step must be >= 0, got {step}")
+  if mode == "train_classifier":  # the noise-conditional classifier of classifier guidance
+    from score_sde import classifier_training
+    experiment.check_config(config, mode="train")
+    state = classifier_training.train_classifier(config, workdir)
+    return dict(step=int(state.step))
   if mode == "train":
     from score_sde import train
     state = train.train(config, workdir, step=step)

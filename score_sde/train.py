@@ -36,7 +36,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from score_sde import checkpoints, datasets, experiment, images, models, parallel, sampling
+from score_sde import checkpoints, datasets, experiment, guidance, images, models, parallel
+from score_sde import sampling
 from score_sde import workdir as workdir_lib
 from score_sde.experiment import RunSpec
 
@@ -106,6 +107,9 @@ def make_train_step(spec: RunSpec, *, mesh: Mesh | None = None) -> Callable:
     key = jax.random.fold_in(base_key, state.step)
     k_loss, k_dropout = jax.random.split(key)
     labels = batch["label"] if spec.conditional else None
+    if labels is not None and spec.label_dropout > 0:  # classifier-free guidance training
+      labels = guidance.drop_labels(jax.random.fold_in(key, 2), labels, spec.label_dropout,
+                                    spec.num_classes)
 
     def param_score_fn(params, x, t):
       variables = {"params": params, **state.constants}

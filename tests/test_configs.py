@@ -67,6 +67,9 @@ EXPECTED_DIFFS["cifar10_vp_deep"] = {**EXPECTED_DIFFS["cifar10_vp"],
                                      "training.n_iters": 950_001, "model.num_res_blocks": 8}
 EXPECTED_DIFFS["cifar10_ve_deep"] = {**EXPECTED_DIFFS["cifar10_ve"],
                                      "training.n_iters": 950_001, "model.num_res_blocks": 8}
+EXPECTED_DIFFS["cifar10_vp_cond"] = {**EXPECTED_DIFFS["cifar10_vp"], "model.num_classes": 10,
+                                     "training.label_dropout": 0.1, "sampling.guidance": "cfg",
+                                     "sampling.guidance_scale": 1.0}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_DIFFS))

@@ -1,0 +1,249 @@
+"""The config edge of guided and controllable generation: config -> checks, guided sample
+functions, inpainting / colorization of test images.
+
+`score_sde.guidance` holds the math (pure score-function transformations); this module reads
+`config.sampling.{guidance, guidance_scale, class_label}`, `config.model.num_classes` and the
+classifier checkpoint, and builds the compiled programs `evaluate.sample` and
+`scripts/inpaint.py` run. Every check happens before anything compiles.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from score_sde import datasets, experiment, guidance, images, models, parallel, sampling
+
+GUIDANCE = ("none", "cfg", "classifier")
+TASKS = ("inpaint", "colorize")
+MASKS = ("left_half", "right_half", "top_half", "bottom_half", "center", "checkerboard")
+
+
+def guidance_settings(config: ml_collections.ConfigDict) -> tuple[str, float, int]:
+  """`(guidance, scale, class_label)` from `config.sampling` (defaults: none, 0, 0)."""
+  s = config.sampling
+  return (str(s.get("guidance", "none")).lower(), float(s.get("guidance_scale", 0.0)),
+          s.get("class_label", 0))
+
+
+def check_guidance_config(config: ml_collections.ConfigDict, workdir: str | None = None
+                          ) -> None:
+  """Validates the guidance settings (and, for classifier guidance with a `workdir`, that a
+  classifier for this config's data is there) before anything compiles.
+
+  Raises:
+    ValueError: unknown guidance name, CFG asked of an unconditional model
+      (`model.num_classes == 0`), a class label out of range, a classifier for other data.
+    FileNotFoundError: classifier guidance without a trained classifier in `workdir`.
+  """
+  name, _, label = guidance_settings(config)
+  if name not in GUIDANCE:
+    raise ValueError(f"Unknown config.sampling.guidance {name!r}; valid: {GUIDANCE}")
+  if name == "none":
+    return
+  if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+    raise ValueError(f"config.sampling.class_label must be an int, got {label!r}")
+  num_classes = int(config.model.get("num_classes", 0))
+  if name == "cfg":
+    if num_classes < 1:
+      raise ValueError("config.sampling.guidance='cfg' needs a class-conditional model "
+                       "(config.model.num_classes > 0, trained with training.label_dropout > "
+                       f"0), but config.model.num_classes={num_classes}; use guidance='none' "
+                       "or 'classifier'")
+    guidance.check_labels(label, num_classes, allow_null=True,
+                          what="config.sampling.class_label")
+    return
+  from score_sde import classifier_training
+  classifier_training.check_config(config)
+  guidance.check_labels(label, int(config.classifier.num_classes), allow_null=False,
+                        what="config.sampling.class_label")
+  if workdir is not None:
+    classifier_training.check_checkpoint(config, workdir)
+
+
+def sample_tag(config: ml_collections.ConfigDict) -> str:
+  """A file-name suffix for guided samples ('' without guidance), e.g. '_cfg3.0_y7'."""
+  name, scale, label = guidance_settings(config)
+  return "" if name == "none" else f"_{name}{scale:g}_y{label}"
+
+
+def make_guided_sample_fn(config: ml_collections.ConfigDict, workdir: str,
+                          spec: experiment.RunSpec, shape: tuple[int, ...],
+                          mesh: Mesh | None = None) -> Callable | None:
+  """`sample_fn(variables, key) -> (images in [0, 1], nfe)` with the config's guidance, one
+  compiled program (as `train.make_sample_fn`; the same starting noise for the same key), or
+  None when `config.sampling.guidance == 'none'`. `spec` is the run's `experiment.run_spec`.
+
+  Raises:
+    ValueError / FileNotFoundError: as `check_guidance_config`.
+  """
+  check_guidance_config(config, workdir)
+  name, scale, label = guidance_settings(config)
+  if name == "none":
+    return None
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  parallel.check_batch(shape[0], mesh, "sampling batch size")
+  method, options = experiment.sampler_settings(config)
+  sde, model, continuous = spec.sde, spec.model, spec.continuous
+  inverse_scaler = spec.inverse_scaler
+  batch_sharding = NamedSharding(mesh, P("batch"))
+  classifier_variables = None
+  if name == "classifier":
+    from score_sde import classifier_training
+    classifier, classifier_variables, step = classifier_training.load_classifier(
+        config, workdir, mesh=mesh)
+    logging.info("classifier guidance (scale %g) with the classifier of step %d", scale, step)
+
+  def score_fn_of(variables, cvars):
+    if name == "cfg":
+      def cond_score_fn(x, t, y):
+        return models.get_score_fn(sde, model, variables, train=False, continuous=continuous,
+                                   class_labels=y)(x, t)
+      return guidance.classifier_free(cond_score_fn, label, w=scale,
+                                      null_label=int(config.model.num_classes))
+    # Classifier guidance of the model's unconditional score (the null label, if the model
+    # is class-conditional).
+    score_fn = models.get_score_fn(sde, model, variables, train=False, continuous=continuous)
+    log_prob_fn = classifier_training.get_log_prob_fn(sde, classifier, cvars)
+    return guidance.classifier_guided(score_fn, log_prob_fn, label, scale=scale)
+
+  @jax.jit
+  def sample_fn(variables, cvars, key):
+    x_T = sde.prior_sampling(jax.random.fold_in(key, 0), shape)
+    x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
+    x, nfe = sampling.sample(jax.random.fold_in(key, 1), score_fn_of(variables, cvars), sde,
+                             shape, method=method, x_T=x_T, **options)
+    return jnp.clip(inverse_scaler(x), 0.0, 1.0), nfe
+
+  return lambda variables, key: sample_fn(variables, classifier_variables, key)
+
+
+# --------------------------------------------------------------------------------------------
+# Inpainting and colorization of test images
+# --------------------------------------------------------------------------------------------
+
+
+def make_mask(name: str, image_shape: tuple[int, int, int]) -> np.ndarray:
+  """A `[H, W, 1]` float mask, 1 = known, by name (see `MASKS`).
+
+  Raises:
+    ValueError: unknown name.
+  """
+  h, w, _ = image_shape
+  mask = np.ones((h, w, 1), np.float32)
+  if name == "left_half":  # the left half is known; fill in the right
+    mask[:, w // 2:] = 0
+  elif name == "right_half":
+    mask[:, :w // 2] = 0
+  elif name == "top_half":
+    mask[h // 2:] = 0
+  elif name == "bottom_half":
+    mask[:h // 2] = 0
+  elif name == "center":
+    mask[h // 4: h - h // 4, w // 4: w - w // 4] = 0
+  elif name == "checkerboard":
+    mask[(np.add.outer(np.arange(h) // 4, np.arange(w) // 4) % 2) == 1] = 0
+  else:
+    raise ValueError(f"Unknown mask {name!r}; valid: {MASKS} or a .npy file")
+  return mask
+
+
+def load_mask(spec: str, image_shape: tuple[int, int, int]) -> np.ndarray:
+  """A named mask (`MASKS`) or a `.npy` file of 0/1 values broadcastable to `[H, W, C]`.
+
+  Raises:
+    FileNotFoundError: a missing file. ValueError: a mask of another shape, or not 0/1.
+  """
+  if not spec.endswith(".npy"):
+    return make_mask(spec, image_shape)
+  if not os.path.exists(spec):
+    raise FileNotFoundError(f"No mask file {spec}")
+  mask = np.load(spec).astype(np.float32)
+  try:
+    np.broadcast_shapes(mask.shape, tuple(image_shape))
+  except ValueError:
+    raise ValueError(f"mask of shape {mask.shape} in {spec} does not match the images of "
+                     f"shape {tuple(image_shape)} (it must broadcast to [H, W, C])") from None
+  if mask.ndim > 3 or not np.all((mask == 0) | (mask == 1)):
+    raise ValueError(f"mask in {spec} must hold only 0 (unknown) and 1 (known), at most "
+                     f"[H, W, C]; got shape {mask.shape}")
+  return mask
+
+
+def complete_test_images(config: ml_collections.ConfigDict, workdir: str, task: str, *,
+                         mask: str = "right_half", num_images: int = 16,
+                         scheme: str | None = None, step: int | None = None,
+                         mesh: Mesh | None = None) -> dict:
+  """Inpaints or colorizes the first `num_images` test images with checkpoint `step`.
+
+  Writes `workdir/<task>/<mask or gray>_step_<k>.{npz,png}`: the png shows three rows
+  (originals, inputs with the unknown part grey / the gray-scale input, completions);
+  the npz holds `original`, `completed` (both [N, H, W, C] in [0, 1]) and `mask`.
+
+  Returns:
+    dict(npz, png, nfe, step, known_error = max |completed - original| on the known part
+    (inpainting; 0 up to rounding)).
+
+  Raises:
+    ValueError / FileNotFoundError: unknown task / mask, a mask of another shape, colorizing
+      one-channel images, a missing checkpoint (all before compiling).
+  """
+  from score_sde import evaluate
+
+  if task not in TASKS:
+    raise ValueError(f"Unknown task {task!r}; valid: {TASKS}")
+  shape = models.image_shape(config)
+  if task == "colorize" and shape[-1] != 3:
+    raise ValueError(f"colorize needs RGB images, config.data.num_channels="
+                     f"{shape[-1]}")
+  mask_array = load_mask(mask, shape) if task == "inpaint" else None
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  experiment.check_config(config, mesh)
+  check_guidance_config(config, workdir)
+  state, step, model, sde = evaluate.load_checkpoint(config, workdir, step, mesh)
+  data = datasets.get_dataset(config, "test", batch_size=num_images)
+  original = data.batch(0)["image"][:num_images]
+  scaler = datasets.get_data_scaler(config.data.centered)
+  inverse_scaler = datasets.get_data_inverse_scaler(config.data.centered)
+  method, options = experiment.sampler_settings(config)
+  continuous = bool(config.training.continuous)
+
+  @jax.jit
+  def run(variables, key, x01):
+    score_fn = models.get_score_fn(sde, model, variables, train=False, continuous=continuous)
+    if task == "inpaint":
+      x, nfe = guidance.inpaint(key, score_fn, sde, scaler(x01), mask_array, method=method,
+                                scheme=scheme, **options)
+    else:
+      x, nfe = guidance.colorize(key, score_fn, sde, scaler(x01), method=method,
+                                 scheme=scheme, **options)
+    return jnp.clip(inverse_scaler(x), 0.0, 1.0), nfe
+
+  _, _, sample_key, _ = experiment.run_keys(config)
+  completed, nfe = run(state.variables(ema=True), jax.random.fold_in(sample_key, 1 << 29),
+                       jnp.asarray(original))
+  completed = np.asarray(completed)
+  if task == "inpaint":
+    shown = original * mask_array + 0.5 * (1 - mask_array)
+    known_error = float(np.max(np.abs((completed - original) * mask_array)))
+    tag = os.path.basename(mask).removesuffix(".npy")
+  else:
+    shown = np.broadcast_to(original.mean(-1, keepdims=True), original.shape)
+    known_error = float(np.max(np.abs(completed.mean(-1) - original.mean(-1))))
+    tag = "gray"
+  out_dir = os.path.join(workdir, task)
+  os.makedirs(out_dir, exist_ok=True)
+  stem = os.path.join(out_dir, f"{tag}_step_{step}")
+  np.savez_compressed(stem + ".npz", original=original, completed=completed,
+                      mask=mask_array if mask_array is not None else np.zeros(0))
+  images.save_grid(np.concatenate([original, shown, completed]), stem + ".png",
+                   nrow=len(original), scale=2)
+  return dict(npz=stem + ".npz", png=stem + ".png", nfe=int(nfe), step=step,
+              known_error=known_error)
