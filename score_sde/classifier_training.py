@@ -1,7 +1,8 @@
 """The noise-conditional classifier: training on noised data of the config's SDE, its own
 checkpoints, and the `log_prob_fn` that classifier guidance takes.
 
-    python -m score_sde.main --config=configs/fashion_mnist_vp.py --workdir=W --mode=train_classifier
+    python -m score_sde.main --config=configs/fashion_mnist_vp.py --workdir=W \
+        --mode=train_classifier
 
 trains `models.classifier.NoiseConditionalClassifier` (sized by `config.classifier`) with the
 cross-entropy of p_t(y | x_t), x_t = alpha(t) x_0 + sigma(t) z, t ~ U(classifier.eps, T), and

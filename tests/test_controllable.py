@@ -26,8 +26,8 @@ CLASSIFIER_TINY = {"classifier.nf": 8, "classifier.ch_mult": (1, 2), "classifier
 def cond_config(**overrides):
   return tiny_config(**{"model.num_classes": 10, "training.label_dropout": 0.5,
                         "training.n_iters": 2, "training.snapshot_freq": 2,
-                        "training.snapshot_freq_for_preemption": 2, "training.snapshot_sampling": False,
-                        **CLASSIFIER_TINY,
+                        "training.snapshot_freq_for_preemption": 2,
+                        "training.snapshot_sampling": False, **CLASSIFIER_TINY,
                         **overrides})
 
 
