@@ -69,6 +69,7 @@ def test_classifier_shapes_and_log_probs():
   assert guided(x, t).shape == x.shape and np.all(np.isfinite(guided(x, t)))
 
 
+@pytest.mark.slow
 def test_classifier_train_step_learns_noisy_labels():
   """On two constant images (label = which one), after 40 steps the classifier tells them
   apart at a moderate noise level (t = 0.3), where it started at chance."""
