@@ -4,6 +4,8 @@
     python -m score_sde.main --config=configs/cifar10_vp.py --workdir=runs/cifar10_vp --mode=eval
     python -m score_sde.main --config=configs/cifar10_vp.py --workdir=runs/cifar10_vp \\
         --mode=sample --config.sampling.method=dpm_solver --config.sampling.steps=20
+    python -m score_sde.main --config=configs/fashion_mnist_vp.py --workdir=runs/fmnist \
+        --mode=train_classifier   # the noise-conditional classifier (docs/guidance.md)
 
 Any config field can be overridden with `--config.<section>.<field>=value`, and
 `--config=configs/<file>.py:tiny` picks the file's tiny variant. The config is validated
