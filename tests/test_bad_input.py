@@ -127,6 +127,15 @@ ROWS = [
      {}, "new", "cifar10"),
     ("sample_step_missing", "sample", {}, {"step": 5}, "run", "available steps: [2, 4]"),
     ("mode", "bogus", {}, {}, "new", "Unknown --mode 'bogus'"),
+    # Guidance (issue 11).
+    ("cfg_unconditional", "sample", {"sampling.guidance": "cfg"}, {}, "run",
+     "config.sampling.guidance='cfg' needs a class-conditional model"),
+    ("class_label", "sample", {"sampling.guidance": "classifier", "sampling.class_label": 10},
+     {}, "run", "config.sampling.class_label [10] out of range: valid 0..9"),
+    ("no_classifier", "sample", {"sampling.guidance": "classifier"}, {}, "run",
+     "No classifier in"),
+    ("label_dropout", "train", {"training.label_dropout": 0.1}, {}, "new",
+     "config.training.label_dropout=0.1 needs a class-conditional model"),
 ]
 
 

@@ -178,5 +178,5 @@ def test_inpainting_bad_input_raises(cond_run, tmp_path):
     controllable.complete_test_images(config, cond_run, "inpaint", mask="round")
   with pytest.raises(ValueError, match="colorize needs RGB"):
     controllable.complete_test_images(config, cond_run, "colorize")
-  with pytest.raises(ValueError, match="Unknown mode"):
+  with pytest.raises(ValueError, match="Unknown --mode"):
     main_lib.run(config, cond_run, "paint")
