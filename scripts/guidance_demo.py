@@ -21,17 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import shutil
-import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
+import common  # noqa: E402,F401  scripts/common.py: the repository root on sys.path
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The conditional experiment's config file.",

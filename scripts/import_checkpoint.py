@@ -17,15 +17,12 @@ code, and without torch. A workdir that already has checkpoints is refused unles
 from __future__ import annotations
 
 import logging
-import pathlib
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))  # so config files can `from configs import default`
+import common  # noqa: E402,F401  scripts/common.py: the repository root on sys.path
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py) whose "

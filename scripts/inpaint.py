@@ -15,15 +15,12 @@ Writes `workdir/<task>/<mask|gray>_step_<k>.{png,npz}`: originals, inputs and co
 from __future__ import annotations
 
 import json
-import pathlib
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
+import common  # noqa: E402,F401  scripts/common.py: the repository root on sys.path
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",

@@ -144,8 +144,8 @@ def main() -> None:
   parser.add_argument("--out", default=None, help="Markdown file for the table")
   args = parser.parse_args()
   sde = sde_lib.get_sde(args.sde)
-  lines = [f"| problem | scheme / sampler | NFE | mode-0 weight (exact) | weight error "
-           f"(+- 1 s.e.) | mean error / std |", "|---|---|---|---|---|---|"]
+  lines = ["| problem | scheme / sampler | NFE | mode-0 weight (exact) | weight error "
+           "(+- 1 s.e.) | mean error / std |", "|---|---|---|---|---|---|"]
   for name, make in PROBLEMS.items():
     problem = make()
     control = exact_control(problem, sde, args.n, jax.random.key(7))

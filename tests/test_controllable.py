@@ -10,7 +10,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from score_sde import classifier_training, controllable, evaluate, experiment, guidance, train
