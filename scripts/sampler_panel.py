@@ -53,6 +53,10 @@ def _define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "Seed of the shared starting noise.")
   flags.DEFINE_enum("threshold", "none", list(sampling.THRESHOLDS),
                     "Clipping of the denoised estimate for ddpm / ddim / heun / dpm_solver.")
+  flags.DEFINE_bool("quality", False, "Also score each sampler's samples (clipped to [0, 1]) "
+                    "with the config's feature network against the train-split statistics "
+                    "(FD, KID, precision / recall; docs/metrics.md), next to the same number "
+                    "of test images: the floor at this sample count.")
   flags.mark_flags_as_required(["config", "workdir", "out"])
 
 
@@ -104,11 +108,29 @@ def run_samplers(config, workdir: str, methods, num_samples: int, seed: int = 0,
   return samples, dict(step=step, methods=stats), data_stats
 
 
+def sample_quality(config, samples: dict, num_samples: int) -> dict:
+  """Per method the quality metrics of its samples (`quality.sample_quality`), and under
+  'test data' those of as many test images: what a perfect sampler would score."""
+  from score_sde import quality
+  net = quality.get_feature_net(config)
+  test = datasets.get_dataset(config.copy_and_resolve_references(), "test",
+                              process_index=0, process_count=1, batch_size=num_samples)
+  out = {"test data": quality.sample_quality(config, next(iter(test))["image"], net)}
+  for method, x in samples.items():
+    out[method] = quality.sample_quality(config, np.clip(x, 0.0, 1.0), net)
+  for name, result in out.items():
+    print(f"{name:11s} " + "  ".join(f"{k} {v:.4g}" for k, v in result.items()
+                                     if isinstance(v, float) and "seconds" not in k), flush=True)
+  return out
+
+
 def main(argv) -> None:
   del argv
   config = FLAGS.config
   samples, stats, data_stats = run_samplers(config, FLAGS.workdir, FLAGS.methods,
                                             FLAGS.num_samples, FLAGS.seed, FLAGS.threshold)
+  if FLAGS.quality:
+    stats["quality"] = sample_quality(config, samples, FLAGS.num_samples)
   panels = {f"{m} (NFE {stats['methods'][m]['nfe']}, sat. "
             f"{100 * stats['methods'][m]['saturated']:.0f}%)": x for m, x in samples.items()}
   print(images.save_side_by_side(panels, FLAGS.out))
