@@ -21,13 +21,14 @@ Exit status: 0 done, 2 bad input (one line on stderr, nothing compiled, nothing 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from typing import Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from score_sde import logs
 
 # Config files import their defaults as `from configs import default`: make the repository's
 # `configs` package importable wherever the command is started from.
@@ -137,55 +138,6 @@ def execute(config, workdir: str, mode: str, **kwargs) -> int:
 
 
 # ----------------------------------------------------------------------------------------
-# Quiet, readable logs.
-
-
-class QuietLogs(logging.Filter):
-  """Drops the noise of every run: orbax's INFO chatter (it logs every save phase), its
-  'read only' warnings (evaluation opens checkpoints read-only on purpose) and its errors
-  about unreadable step metadata (`checkpoints.restore` reports those), and JAX's INFO line
-  about a TPU backend it probed for and did not find."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    message = record.getMessage()
-    if "/orbax/" in record.pathname:
-      # Unreadable step metadata: `checkpoints.restore` warns itself, naming the checkpoint.
-      said = ("read only", "read_only=True", "Metadata file")
-      return record.levelno >= logging.WARNING and not any(s in message for s in said)
-    return not message.startswith("Unable to initialize backend")
-
-
-class _TqdmStream:
-  """A log stream that writes through `tqdm.write`, so log lines and progress bars do not
-  interleave."""
-
-  def __init__(self, stream):
-    self._stream = stream
-
-  def write(self, text: str) -> None:
-    from tqdm import tqdm
-    if text.strip():
-      tqdm.write(text.rstrip("\n"), file=self._stream)
-
-  def flush(self) -> None:
-    self._stream.flush()
-
-  def close(self) -> None:  # the stream (stderr) is not ours to close
-    self.flush()
-
-
-def setup_logging() -> None:
-  """INFO logs through absl's handler, filtered by `QuietLogs`, written around tqdm bars."""
-  from absl import logging as absl_logging
-  logging.getLogger().setLevel(logging.INFO)
-  handler = absl_logging.get_absl_handler()
-  for h in {*logging.getLogger().handlers, *logging.getLogger("absl").handlers, handler}:
-    h.addFilter(QuietLogs())
-  python_handler = handler.python_handler
-  python_handler.stream = _TqdmStream(python_handler.stream)
-
-
-# ----------------------------------------------------------------------------------------
 # Flags.
 
 
@@ -230,7 +182,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 def main(argv) -> None:
   del argv
-  setup_logging()
+  logs.setup_logging()
   from score_sde import compilation_cache
   compilation_cache.enable()  # before anything compiles; SCORE_SDE_CACHE_DIR= turns it off
   if FLAGS.distributed:

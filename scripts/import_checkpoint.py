@@ -16,13 +16,13 @@ code, and without torch. A workdir that already has checkpoints is refused unles
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 import common  # noqa: E402,F401  scripts/common.py: the repository root on sys.path
+from score_sde import logs  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py) whose "
@@ -33,16 +33,9 @@ flags.DEFINE_bool("overwrite", False, "Replace the workdir's existing checkpoint
 flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
 
 
-def _not_orbax_info(record: logging.LogRecord) -> bool:
-  """Drops orbax's INFO chatter (it logs every save phase), keeps its warnings."""
-  return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv) -> None:
   del argv
-  logging.getLogger().setLevel(logging.INFO)
-  for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
-    handler.addFilter(_not_orbax_info)
+  logs.setup_logging()
   from score_sde import reference_checkpoints  # heavy imports after flag parsing
 
   try:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_sde import checkpoints, experiment, main as main_lib, train
+from score_sde import checkpoints, experiment, logs, main as main_lib, train
 from score_sde import workdir as workdir_lib
 from test_train import REPO, tiny_config
 
@@ -257,7 +257,7 @@ def test_quiet_logs_drop_tpu_probe_and_orbax_read_only():
   def record(message, pathname, level=logging.WARNING):
     return logging.LogRecord("x", level, pathname, 1, message, None, None)
 
-  quiet = main_lib.QuietLogs()
+  quiet = logs.QuietLogs()
   assert not quiet.filter(record("Unable to initialize backend 'tpu': no TPU", "/jax/x.py",
                                  logging.INFO))
   assert not quiet.filter(record("Given directory is read only=/w", "/site/orbax/m.py"))
