@@ -97,6 +97,8 @@ def make_judge(config, workdir: str, name: str):
 
 def main(argv) -> None:
   del argv
+  from score_sde import logs
+  logs.setup_logging()
   import jax
   import numpy as np
 

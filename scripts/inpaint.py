@@ -36,6 +36,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv) -> None:
   del argv
+  from score_sde import logs
+  logs.setup_logging()
   from score_sde import controllable
 
   try:

@@ -113,6 +113,8 @@ def _save_rows(rows: list[tuple[str, np.ndarray]], path: pathlib.Path, column_ti
 
 def main(argv) -> None:
   del argv
+  from score_sde import logs
+  logs.setup_logging()
   config = FLAGS.config
   out_dir = pathlib.Path(FLAGS.out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)

@@ -126,6 +126,8 @@ def sample_quality(config, samples: dict, num_samples: int) -> dict:
 
 def main(argv) -> None:
   del argv
+  from score_sde import logs
+  logs.setup_logging()
   config = FLAGS.config
   samples, stats, data_stats = run_samplers(config, FLAGS.workdir, FLAGS.methods,
                                             FLAGS.num_samples, FLAGS.seed, FLAGS.threshold)
