@@ -5,15 +5,15 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+
+import gaussian_problem
 from scipy import integrate
 
 from score_sde import losses
 from score_sde import sde as sde_lib
 
-MU = np.array([1.0, -0.5])
-S = 0.5  # data ~ N(MU, S^2 I) in 2 dimensions
+MU, S = gaussian_problem.MU, gaussian_problem.S  # data ~ N(MU, S^2 I) in 2 dimensions
 
 
 def gaussian_score(sde):
@@ -28,9 +28,6 @@ def gaussian_score(sde):
 
 TRUE_PARAMS = {"m": jnp.asarray(MU, jnp.float32), "log_v": jnp.asarray(math.log(S**2))}
 
-
-def _data(key, n):
-  return jnp.asarray(MU, jnp.float32) + S * jax.random.normal(key, (n, 2))
 
 
 def _expected_loss_at_optimum(sde, weighting, eps):
@@ -55,7 +52,8 @@ def _loss_draws(loss_fn, score_fn, n_keys, batch):
   @jax.jit
   def per_example(key):
     k_x, k_l = jax.random.split(key)
-    return loss_fn(k_l, score_fn, TRUE_PARAMS, _data(k_x, batch))[1]["per_example_loss"]
+    x0 = gaussian_problem.data(k_x, batch)
+    return loss_fn(k_l, score_fn, TRUE_PARAMS, x0)[1]["per_example_loss"]
   keys = jax.random.split(jax.random.key(0), n_keys)
   return np.concatenate([np.asarray(per_example(k)) for k in keys])
 
@@ -120,24 +118,7 @@ def test_training_recovers_the_gaussian_score(sde_name, weighting, importance_sa
   loss_fn = losses.get_loss_fn(sde, weighting=weighting, eps=1e-3,
                                importance_sampling=importance_sampling)
   score_fn = gaussian_score(sde)
-  opt = optax.adam(optax.cosine_decay_schedule(0.05, 800, alpha=0.01))
-  params = {"m": jnp.zeros(2), "log_v": jnp.asarray(0.0)}
-
-  @jax.jit
-  def train(params, key):
-    def step(carry, key):
-      params, opt_state = carry
-      k_x, k_l = jax.random.split(key)
-      loss, grads = jax.value_and_grad(
-          lambda p: loss_fn(k_l, score_fn, p, _data(k_x, 1024))[0])(params)
-      updates, opt_state = opt.update(grads, opt_state)
-      return (optax.apply_updates(params, updates), opt_state), loss
-    (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), jax.random.split(key, 800))
-    return params
-
-  params = train(params, jax.random.key(1))
-  np.testing.assert_allclose(np.asarray(params["m"]), MU, atol=0.04)
-  assert float(jnp.exp(params["log_v"])) == pytest.approx(S**2, rel=0.1)
+  gaussian_problem.assert_recovers_the_data(gaussian_problem.fit(loss_fn, score_fn))
 
 
 def test_bad_arguments():

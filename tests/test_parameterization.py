@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
+
+import gaussian_problem
 
 from configs import default
 from score_sde import losses, models
@@ -16,8 +17,7 @@ from score_sde import parameterization as param_lib
 from score_sde import sde as sde_lib
 from score_sde import experiment
 
-MU = np.array([1.0, -0.5])
-S = 0.5  # data ~ N(MU, S^2 I) in 2 dimensions
+MU, S = gaussian_problem.MU, gaussian_problem.S  # data ~ N(MU, S^2 I) in 2 dimensions
 NAMES = ("epsilon", "x0", "v", "score", "edm")
 SDES = {"vp": lambda **kw: sde_lib.VPSDE(**kw), "subvp": lambda **kw: sde_lib.SubVPSDE(**kw),
         "ve": lambda **kw: sde_lib.VESDE(**kw)}
@@ -137,9 +137,6 @@ def test_optimal_network_gives_the_exact_score(sde_name, name):
     np.testing.assert_allclose(np.asarray(score), np.asarray(exact), rtol=1e-6)
 
 
-def _data(key, n):
-  return jnp.asarray(MU, jnp.float32) + S * jax.random.normal(key, (n, 2))
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sde_name,name,weighting,time_sampling", [
@@ -152,23 +149,7 @@ def test_training_each_parameterization_recovers_the_gaussian_score(sde_name, na
   sde = SDES[sde_name](parameterization=name)
   loss_fn = losses.get_loss_fn(sde, weighting=weighting, eps=1e-3, time_sampling=time_sampling)
   score_fn = param_score_fn(sde, name)
-  opt = optax.adam(optax.cosine_decay_schedule(0.05, 800, alpha=0.01))
-  params = {"m": jnp.zeros(2), "log_v": jnp.asarray(0.0)}
-
-  @jax.jit
-  def train(params, key):
-    def step(carry, key):
-      params, opt_state = carry
-      k_x, k_l = jax.random.split(key)
-      grads = jax.grad(lambda p: loss_fn(k_l, score_fn, p, _data(k_x, 1024))[0])(params)
-      updates, opt_state = opt.update(grads, opt_state)
-      return (optax.apply_updates(params, updates), opt_state), None
-    (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), jax.random.split(key, 800))
-    return params
-
-  params = train(params, jax.random.key(1))
-  np.testing.assert_allclose(np.asarray(params["m"]), MU, atol=0.04)
-  assert float(jnp.exp(params["log_v"])) == pytest.approx(S**2, rel=0.1)
+  gaussian_problem.assert_recovers_the_data(gaussian_problem.fit(loss_fn, score_fn))
 
 
 def test_get_score_fn_feeds_c_in_and_applies_the_preconditioning():
