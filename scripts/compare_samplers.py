@@ -535,4 +535,6 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
+  from score_sde import logs
+  logs.setup_logging()  # no orbax / JAX chatter between the progress bars
   main()
