@@ -241,6 +241,10 @@ def _check_training(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) ->
   training = config.training
   _check_parameterization(config)  # before the SDE is built: it takes these fields
   sde = make_sde(config)
+  try:
+    sde.check_network(bool(training.continuous))
+  except ValueError as e:
+    raise ValueError(f"config.model.parameterization={sde.parameterization!r}: {e}") from None
   _choice("training", config, "weighting", losses.WEIGHTINGS)
   _choice("training", config, "time_sampling", losses.TIME_SAMPLINGS, "uniform")
   try:
@@ -299,23 +303,20 @@ def _check_model(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> No
 
 
 def _check_parameterization(config: ml_collections.ConfigDict) -> None:
-  """`model.parameterization` / `schedule` by name, and that the parameterization fits the
-  network: a non-native one needs continuous labels, and a network that divides its output
-  by sigma (`scale_by_sigma`) predicts a score."""
-  m, training = config.model, config.training
+  """`model.parameterization` / `schedule` by name, and that a network that divides its
+  output by sigma (`scale_by_sigma`) predicts a score. (Whether the parameterization fits
+  discrete labels the SDE answers: `SDE.check_network`.)"""
+  m = config.model
   _choice("model", config, "parameterization", param_lib.PARAMETERIZATIONS, "auto")
-  if str(training.sde).lower() != "vesde":
-    _choice("model", config, "schedule", sde_lib.VPSDE.SCHEDULES, "linear")
+  schedules = getattr(sde_lib.SDES.get(str(config.training.sde).lower()), "SCHEDULES", None)
+  if schedules is not None:  # the SDEs with a beta schedule name theirs
+    _choice("model", config, "schedule", schedules, "linear")
   _number("model", config, "sigma_data", minimum=0, min_open=True, optional=True)
   name = m.get("parameterization", "auto")
   if name not in ("auto", "score") and m.scale_by_sigma:
     raise ValueError(f"config.model.scale_by_sigma=True makes the network divide its output "
                      f"by sigma (a score); it does not fit config.model.parameterization="
                      f"{name!r}: set scale_by_sigma=False or parameterization 'auto' / 'score'")
-  native = "score" if str(training.sde).lower() == "vesde" else "epsilon"
-  if not training.continuous and name not in ("auto", native):
-    raise ValueError(f"config.model.parameterization={name!r} needs continuous-time training "
-                     f"(config.training.continuous=True); discrete labels fit 'auto' only")
 
 
 def _check_optim(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> None:
