@@ -130,8 +130,14 @@ def sampler_settings(config: ml_collections.ConfigDict) -> tuple[str, dict]:
     if name in valid and value is not None:
       options[name] = tuple(value) if isinstance(value, list) else value
   if "data_range" in valid:  # clipping / thresholding range: the scaled data's
-    options["data_range"] = (-1.0, 1.0) if config.data.centered else (0.0, 1.0)
+    options["data_range"] = data_range(config)
   return method, options
+
+
+def data_range(config: ml_collections.ConfigDict) -> tuple[float, float]:
+  """The range of the data as the network sees it: [-1, 1] if `data.centered`, else [0, 1]
+  (what clipping / thresholding of the denoised estimate clips to)."""
+  return (-1.0, 1.0) if config.data.centered else (0.0, 1.0)
 
 
 def is_conditional(config: ml_collections.ConfigDict) -> bool:

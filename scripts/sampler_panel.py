@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from score_sde import datasets, evaluate, images, models, sampling  # noqa: E402
-from score_sde import parallel  # noqa: E402
+from score_sde import experiment, parallel  # noqa: E402
 
 # The demo's sampler settings: NFE in brackets (with denoising).
 SETTINGS = {
@@ -81,7 +81,7 @@ def run_samplers(config, workdir: str, methods, num_samples: int, seed: int = 0,
   sharding = NamedSharding(mesh, P("batch"))
   key = jax.random.PRNGKey(seed)
   x_T = jax.device_put(sde.prior_sampling(jax.random.fold_in(key, 0), shape), sharding)
-  data_range = (-1.0, 1.0) if config.data.centered else (0.0, 1.0)
+  data_range = experiment.data_range(config)
   samples, stats = {}, {}
   for method in methods:
     options = dict(SETTINGS[method])
