@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from score_sde import datasets, experiment, guidance, images, models, parallel, sampling
+from score_sde import datasets, experiment, guidance, images, models, parallel
+from score_sde import train
 
 GUIDANCE = ("none", "cfg", "classifier")
 TASKS = ("inpaint", "colorize")
@@ -88,12 +89,8 @@ def make_guided_sample_fn(config: ml_collections.ConfigDict, workdir: str,
   name, scale, label = guidance_settings(config)
   if name == "none":
     return None
-  mesh = parallel.make_mesh() if mesh is None else mesh
-  parallel.check_batch(shape[0], mesh, "sampling batch size")
   method, options = experiment.sampler_settings(config)
   sde, model, continuous = spec.sde, spec.model, spec.continuous
-  inverse_scaler = spec.inverse_scaler
-  batch_sharding = NamedSharding(mesh, P("batch"))
   classifier_variables = None
   if name == "classifier":
     from score_sde import classifier_training
@@ -101,7 +98,8 @@ def make_guided_sample_fn(config: ml_collections.ConfigDict, workdir: str,
         config, workdir, mesh=mesh)
     logging.info("classifier guidance (scale %g) with the classifier of step %d", scale, step)
 
-  def score_fn_of(variables, cvars):
+  def score_fn_of(both):
+    variables, cvars = both
     if name == "cfg":
       def cond_score_fn(x, t, y):
         return models.get_score_fn(sde, model, variables, train=False, continuous=continuous,
@@ -114,15 +112,9 @@ def make_guided_sample_fn(config: ml_collections.ConfigDict, workdir: str,
     log_prob_fn = classifier_training.get_log_prob_fn(sde, classifier, cvars)
     return guidance.classifier_guided(score_fn, log_prob_fn, label, scale=scale)
 
-  @jax.jit
-  def sample_fn(variables, cvars, key):
-    x_T = sde.prior_sampling(jax.random.fold_in(key, 0), shape)
-    x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
-    x, nfe = sampling.sample(jax.random.fold_in(key, 1), score_fn_of(variables, cvars), sde,
-                             shape, method=method, x_T=x_T, **options)
-    return jnp.clip(inverse_scaler(x), 0.0, 1.0), nfe
-
-  return lambda variables, key: sample_fn(variables, classifier_variables, key)
+  sample_fn = train.make_sample_fn(spec, shape, method, options, mesh=mesh,
+                                   score_fn_of=score_fn_of)
+  return lambda variables, key: sample_fn((variables, classifier_variables), key)
 
 
 # --------------------------------------------------------------------------------------------

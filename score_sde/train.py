@@ -181,20 +181,27 @@ def make_eval_loss_fn(spec: RunSpec, *, mesh: Mesh | None = None) -> Callable:
 
 
 def make_sample_fn(spec: RunSpec, shape: tuple[int, ...], method: str, options: dict, *,
-                   mesh: Mesh | None = None) -> Callable:
+                   mesh: Mesh | None = None, score_fn_of: Callable | None = None
+                   ) -> Callable:
   """`sample_fn(variables, key) -> (images [B, H, W, C] in [0, 1], nfe)`, one compiled
   program with the batch `shape[0]` sharded over devices. `method` and `options` as for
   `sampling.sample` (e.g. from `experiment.sampler_settings`). The starting noise is
   `sde.prior_sampling(fold_in(key, 0), shape)`, so calls with the same key but different
-  methods start from the same x_T."""
+  methods start from the same x_T. `score_fn_of(variables) -> score_fn` makes the score
+  function from `variables` (any pytree; default: the network's score with the network's
+  variables), e.g. a guided one."""
   mesh = parallel.make_mesh() if mesh is None else mesh
   parallel.check_batch(shape[0], mesh, "sampling batch size")
   batch_sharding = NamedSharding(mesh, P("batch"))
   sde = spec.sde
 
+  if score_fn_of is None:
+    def score_fn_of(variables):
+      return models.get_score_fn(sde, spec.model, variables, train=False,
+                                 continuous=spec.continuous)
+
   def sample_fn(variables, key):
-    score_fn = models.get_score_fn(sde, spec.model, variables, train=False,
-                                   continuous=spec.continuous)
+    score_fn = score_fn_of(variables)
     x_T = sde.prior_sampling(jax.random.fold_in(key, 0), shape)
     x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
     x, nfe = sampling.sample(jax.random.fold_in(key, 1), score_fn, sde, shape, method=method,
