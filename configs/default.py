@@ -16,7 +16,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-VARIANTS = (None, "", "tiny")
+VARIANTS = (None, "", "tiny", "small")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -181,13 +181,21 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None
   `None` / '': unchanged. 'tiny': the same experiment with a small network (nf <= 16, one
   residual block per resolution, no dropout) and short, small-batch training and sampling,
   for tests and smoke runs; the architecture options (block type, FIR, pyramids,
-  embeddings) stay as they are.
+  embeddings) stay as they are. 'small': the same experiment with a CPU-sized network
+  (nf=32, ch_mult=(1, 2, 2), 2 residual blocks, attention at 16x16; 1.75M parameters for
+  DDPM++ on CIFAR-10), the network of the CPU benchmark against the reference
+  (docs/benchmarks.md).
 
   Raises:
     ValueError: unknown variant.
   """
   if arg not in VARIANTS:
     raise ValueError(f"Unknown config variant {arg!r}; valid: {VARIANTS}")
+  if arg == "small":
+    config.model.nf = 32
+    config.model.ch_mult = (1, 2, 2)
+    config.model.num_res_blocks = 2
+    config.model.attn_resolutions = (16,)
   if arg == "tiny":
     config.model.nf = min(16, config.model.nf // 2)
     config.model.num_res_blocks = 1

@@ -1,0 +1,178 @@
+"""The reference PyTorch implementation's forward pass and train step, measured like
+`scripts/benchmark.py` measures this project's, on the same network.
+
+    python scripts/benchmark_reference.py --reference_dir=PATH/score_sde_pytorch \\
+        --config=configs/cifar10_vp.py:small --batch_size=32 --threads=2
+
+Needs torch and a checkout of yang-song/score_sde_pytorch (not part of this project; used
+only to measure it). The reference network is built from the reference's own config file for
+the experiment (`--reference_config`, relative to the checkout) with every `config.model`
+field that both projects name the same copied from this project's config, and the parameter
+counts of the two networks are checked to be equal, so both sides measure the same network.
+The reference's custom CUDA kernels are compiled at import in the reference; on a CPU their
+loader is replaced by a stub, and the reference runs its own native PyTorch paths.
+
+Prints one JSON line per measurement, with the fields of `scripts/benchmark.py`'s lines:
+images/s from the median of `--runs` timed calls after one warm-up call. The forward pass is
+the network in eval mode under `torch.no_grad()`; the train step is the reference's
+`losses.get_step_fn` (loss, backward, Adam with gradient clipping, EMA update).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import resource
+import statistics
+import sys
+import time
+
+import common  # noqa: F401  scripts/common.py: the repository root on sys.path
+
+# config.model fields that are this project's only (or mean something else here).
+NOT_IN_REFERENCE = ("schedule", "num_classes", "parameterization", "sigma_data", "norm_groups")
+
+
+def import_reference(reference_dir: pathlib.Path):
+  """The reference's modules (`losses`, `sde_lib`, `models.utils`, `models.ema`), imported
+  from `reference_dir` with its CUDA-extension loader stubbed out."""
+  import torch.utils.cpp_extension
+
+  if not (reference_dir / "models" / "ncsnpp.py").is_file():
+    raise FileNotFoundError(f"--reference_dir={str(reference_dir)!r} is not a checkout of "
+                            "score_sde_pytorch (no models/ncsnpp.py)")
+  sys.path.insert(0, str(reference_dir))
+  real_load = torch.utils.cpp_extension.load
+  torch.utils.cpp_extension.load = lambda *args, **kwargs: None  # CUDA kernels: unused on CPU
+  try:
+    import losses
+    import sde_lib
+    from models import ddpm, ema, ncsnpp, utils  # noqa: F401  (registers the networks)
+  finally:
+    torch.utils.cpp_extension.load = real_load
+  return losses, sde_lib, utils, ema
+
+
+def reference_config(reference_dir: pathlib.Path, config_path: str, ours):
+  """The reference's config for the experiment, with the shared model fields of `ours`."""
+  path = reference_dir / config_path
+  # Both projects have a `configs` package: the reference's config imports its own.
+  ours_modules = {n: m for n, m in sys.modules.items() if n.split(".")[0] == "configs"}
+  for name in ours_modules:
+    del sys.modules[name]
+  saved_path = list(sys.path)
+  # The reference's `configs` has no __init__.py: this project's package would win over it.
+  sys.path[:] = [str(reference_dir)] + [p for p in sys.path if p not in ("", str(common.ROOT))
+                                        and pathlib.Path(p or ".").resolve() != common.ROOT]
+  try:
+    spec = importlib.util.spec_from_file_location("_reference_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+  finally:
+    sys.path[:] = saved_path
+    for name in [n for n in sys.modules if n.split(".")[0] == "configs"]:
+      del sys.modules[name]
+    sys.modules.update(ours_modules)
+  for name, value in ours.model.items():
+    if name in config.model and name not in NOT_IN_REFERENCE:
+      old = config.model[name]
+      # Same value, the reference's type (it has e.g. the integer fourier_scale = 16).
+      config.model[name] = type(old)(value) if isinstance(old, (int, float)) else value
+  config.training.batch_size = ours.training.batch_size
+  return config
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--reference_dir", required=True, type=pathlib.Path,
+                      help="checkout of yang-song/score_sde_pytorch")
+  parser.add_argument("--config", required=True, help="this project's config, optionally ':variant'")
+  parser.add_argument("--reference_config", default="configs/vp/cifar10_ddpmpp_continuous.py",
+                      help="the reference's config file of the same experiment")
+  parser.add_argument("--batch_size", type=int, default=8)
+  parser.add_argument("--runs", type=int, default=5)
+  parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+  parser.add_argument("--mode", choices=("forward", "train", "both"), default="both")
+  args = parser.parse_args(argv)
+
+  import numpy as np
+  import torch
+
+  import jax
+
+  from score_sde import models
+
+  if args.threads:
+    torch.set_num_threads(args.threads)
+  ours = common.load_config(args.config)
+  ours_params = models.count_params(
+      jax.eval_shape(lambda k: models.init_model(k, ours), jax.random.key(0)))
+  losses, sde_lib, mutils, ema_lib = import_reference(args.reference_dir)
+  config = reference_config(args.reference_dir, args.reference_config, ours)
+  config.device = torch.device("cpu")
+  torch.manual_seed(config.seed)
+  net = mutils.get_model(config.model.name)(config)
+  n_params = sum(p.numel() for p in net.parameters())
+  if n_params != ours_params:
+    raise ValueError(f"the reference network has {n_params} parameters, this project's "
+                     f"{ours_params}: not the same network (check --reference_config)")
+  base = {"project": "score_sde_pytorch", "config": args.config, "model": config.model.name,
+          "n_params": n_params, "batch_size": args.batch_size, "platform": "cpu",
+          "torch": torch.__version__, "threads": torch.get_num_threads()}
+  shape = (args.batch_size, config.data.num_channels, config.data.image_size,
+           config.data.image_size)
+  gen = torch.Generator().manual_seed(0)
+
+  def timed(call) -> float:
+    call()  # warm-up
+    times = []
+    for _ in range(args.runs):
+      start = time.perf_counter()
+      call()
+      times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+  def report(mode: str, seconds: float) -> None:
+    print(json.dumps({**base, "mode": mode, "median_s": round(seconds, 5),
+                      "images_per_s": round(args.batch_size / seconds, 2),
+                      "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                      * 1024, "memory_source": "process_max_rss"}), flush=True)
+
+  if args.mode in ("forward", "both"):
+    net.eval()
+    x = torch.randn(shape, generator=gen)
+    labels = torch.linspace(0.1, 0.9, args.batch_size) * 999
+
+    def forward():
+      with torch.no_grad():
+        net(x, labels)
+
+    report("forward", timed(forward))
+
+  if args.mode in ("train", "both"):
+    net.train()
+    sde = sde_lib.VPSDE(beta_min=config.model.beta_min, beta_max=config.model.beta_max,
+                        N=config.model.num_scales)
+    if config.training.sde.lower() != "vpsde":
+      raise ValueError(f"only VP-SDE experiments are measured; got {config.training.sde!r}")
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.optim.lr,
+                                 betas=(config.optim.beta1, 0.999), eps=config.optim.eps,
+                                 weight_decay=config.optim.weight_decay)
+    state = dict(optimizer=optimizer, model=net, step=0,
+                 ema=ema_lib.ExponentialMovingAverage(net.parameters(),
+                                                      decay=config.model.ema_rate))
+    step_fn = losses.get_step_fn(sde, train=True,
+                                 optimize_fn=losses.optimization_manager(config),
+                                 reduce_mean=config.training.reduce_mean,
+                                 continuous=config.training.continuous,
+                                 likelihood_weighting=config.training.likelihood_weighting)
+    batch = torch.from_numpy(
+        np.random.default_rng(0).random(shape, dtype=np.float32) * 2 - 1)
+    report("train_step", timed(lambda: step_fn(state, batch)))
+
+
+if __name__ == "__main__":
+  main()
