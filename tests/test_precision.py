@@ -2,8 +2,9 @@
 convolutions and matmuls, float32 normalization statistics, softmax, output and loss.
 
 Every comparison is bfloat16 against float32 on the same variables, keys and data. The bounds
-are the constants below (with what they measured on CPU): bfloat16 keeps 8 significant bits (relative rounding 2^-8 ~ 4e-3
-per operation), so a few-layer network lands at a relative error of about 1e-2.
+are the constants below, with what they measured on CPU: bfloat16 keeps 8 significant bits
+(relative rounding 2^-8 ~ 4e-3 per operation), so a few-layer network lands at a relative
+error of about 1e-2.
 """
 
 import dataclasses
