@@ -9,6 +9,8 @@ bpd_rtol, bpd_atol}`, `eval.{enable_fid, fid_*, kid_*, pr_*, inception_weights}`
 `model.{schedule, num_classes, parameterization, sigma_data}`, `data.data_dir`.
 Guidance adds `training.label_dropout`, `sampling.{guidance, guidance_scale, class_label}` and
 the `classifier` section (the noise-conditional classifier of classifier guidance).
+Mixed precision adds `training.precision`, `eval.precision` and `sampling.precision`
+('float32' | 'bfloat16': the networks' compute dtype; see docs/precision.md).
 """
 
 from __future__ import annotations
@@ -170,6 +172,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   classifier.eps = 1e-3  # smallest noise time of the training data
   classifier.log_freq = 50
   classifier.snapshot_freq = 1000
+
+  # Mixed precision (docs/precision.md): the score network's compute dtype when training,
+  # evaluating (the loss, bits/dim) and sampling, 'float32' | 'bfloat16'. Parameters,
+  # optimizer state and EMA are float32 at every precision.
+  training.precision = "float32"
+  evaluate.precision = "float32"
+  sampling.precision = "float32"
 
   return apply_variant(config, arg)
 

@@ -90,7 +90,7 @@ def make_guided_sample_fn(config: ml_collections.ConfigDict, workdir: str,
   if name == "none":
     return None
   method, options = experiment.sampler_settings(config)
-  sde, model, continuous = spec.sde, spec.model, spec.continuous
+  sde, model, continuous = spec.sde, spec.network("sample"), spec.continuous
   classifier_variables = None
   if name == "classifier":
     from score_sde import classifier_training

@@ -25,14 +25,15 @@ from score_sde.train import make_eval_loss_fn, make_sample_fn, restore_state
 
 def load_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
                     mesh: Mesh | None = None):
-  """`(state, step, model, sde)` of checkpoint `step` (None: latest) of `workdir`.
+  """`(state, step, model, sde)` of checkpoint `step` (None: latest) of `workdir`; `model` at
+  the sampling precision (`config.sampling.precision`).
 
   Raises:
     FileNotFoundError: no checkpoint (or not that step) in `workdir/checkpoints`.
   """
   spec = experiment.run_spec(config)
   state, step = _restore(config, spec, workdir, step, mesh)
-  return state, step, spec.model, spec.sde
+  return state, step, spec.network("sample"), spec.sde
 
 
 def _restore(config, spec: experiment.RunSpec, workdir: str, step: int | None,
@@ -168,7 +169,7 @@ def _test_bpd(config, state, spec: experiment.RunSpec, mesh: Mesh, progress: boo
                               process_count=jax.process_count())
   limit = e.get("bpd_num_examples", None) or data.num_examples
   score_variables = state.variables(ema=True)
-  sde, model, continuous = spec.sde, spec.model, spec.continuous
+  sde, model, continuous = spec.sde, spec.network("eval"), spec.continuous
   replicated = NamedSharding(mesh, P())
 
   @jax.jit

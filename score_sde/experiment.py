@@ -169,6 +169,9 @@ class RunSpec:
     label_dropout: with `conditional`, the probability that a training label becomes the
       null label `num_classes` (classifier-free guidance).
     num_classes: the model's number of classes (0: unconditional).
+    train_precision, eval_precision, sample_precision: the network's compute precision
+      ('float32' | 'bfloat16', `models.PRECISIONS`) in the train step, the evaluation
+      (loss, bits/dim) and sampling; `network(purpose)` gives the network at it.
   """
   sde: sde_lib.SDE
   model: nn.Module
@@ -182,6 +185,18 @@ class RunSpec:
   centered: bool = False
   label_dropout: float = 0.0
   num_classes: int = 0
+  train_precision: str = "float32"
+  eval_precision: str = "float32"
+  sample_precision: str = "float32"
+
+  def network(self, purpose: str) -> nn.Module:
+    """`model` at the precision of `purpose` ('train' | 'eval' | 'sample'); the same
+    variables serve every precision."""
+    precisions = {"train": self.train_precision, "eval": self.eval_precision,
+                  "sample": self.sample_precision}
+    if purpose not in precisions:
+      raise ValueError(f"Unknown purpose {purpose!r}; valid: {sorted(precisions)}")
+    return models.with_precision(self.model, precisions[purpose])
 
   @property
   def scaler(self) -> Callable[[Any], Any]:
@@ -205,7 +220,10 @@ def run_spec(config: ml_collections.ConfigDict) -> RunSpec:
       continuous=bool(config.training.continuous), conditional=is_conditional(config),
       centered=bool(config.data.centered),
       label_dropout=float(config.training.get("label_dropout", 0.0)),
-      num_classes=int(config.model.get("num_classes", 0)))
+      num_classes=int(config.model.get("num_classes", 0)),
+      train_precision=str(config.training.get("precision", "float32")),
+      eval_precision=str(config.eval.get("precision", "float32")),
+      sample_precision=str(config.sampling.get("precision", "float32")))
 
 
 # ----------------------------------------------------------------------------------------
@@ -253,6 +271,7 @@ def _check_training(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) ->
     raise ValueError(f"config.model.parameterization={sde.parameterization!r}: {e}") from None
   _choice("training", config, "weighting", losses.WEIGHTINGS)
   _choice("training", config, "time_sampling", losses.TIME_SAMPLINGS, "uniform")
+  _choice("training", config, "precision", models.PRECISIONS, "float32")
   try:
     make_loss_fn(config, sde)
   except ValueError as e:
@@ -342,6 +361,7 @@ def _check_sampling(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) ->
   from score_sde import controllable  # guidance settings (that module imports this one)
   controllable.check_guidance_config(config)
   s = config.sampling
+  _choice("sampling", config, "precision", models.PRECISIONS, "float32")
   _number("sampling", config, "batch_size", minimum=1, integer=True)
   parallel.check_batch(int(s.batch_size), mesh, "config.sampling.batch_size")
   method, options = sampler_settings(config)
@@ -377,6 +397,7 @@ def _check_sampling(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) ->
 
 def _check_eval(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> None:
   del mode
+  _choice("eval", config, "precision", models.PRECISIONS, "float32")
   _number("eval", config, "batch_size", minimum=1, integer=True)
   parallel.check_batch(int(config.eval.batch_size), mesh, "config.eval.batch_size")
   _number("eval", config, "num_samples", minimum=1, integer=True)
@@ -410,10 +431,11 @@ def check_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
 
   Raises:
     ValueError: naming the field, its value and the valid ones: unknown SDE / model /
-      sampler / predictor / corrector / solver / weighting / optimizer names, sampler options
-      out of range, batch sizes or sample counts < 1 or not divisible by the device count,
-      a learning rate that is not finite and > 0, an EMA rate outside [0, 1), impossible
-      image shapes, or snapshot frequencies that are not multiples of `n_jitted_steps`.
+      sampler / predictor / corrector / solver / weighting / optimizer / precision names,
+      sampler options out of range, batch sizes or sample counts < 1 or not divisible by the
+      device count, a learning rate that is not finite and > 0, an EMA rate outside [0, 1),
+      impossible image shapes, or snapshot frequencies that are not multiples of
+      `n_jitted_steps`.
   """
   if mode not in MODES:
     raise ValueError(f"Unknown mode {mode!r}; valid: {MODES}")

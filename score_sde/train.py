@@ -101,7 +101,8 @@ def make_train_step(spec: RunSpec, *, mesh: Mesh | None = None) -> Callable:
     state is donated.
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
-  sde, model, optimizer, scaler = spec.sde, spec.model, spec.optimizer, spec.scaler
+  sde, optimizer, scaler = spec.sde, spec.optimizer, spec.scaler
+  model = spec.network("train")  # at training precision; params, opt_state, EMA float32
 
   def one_step(base_key, state: TrainState, batch):
     key = jax.random.fold_in(base_key, state.step)
@@ -160,14 +161,15 @@ def make_train_step(spec: RunSpec, *, mesh: Mesh | None = None) -> Callable:
 def make_eval_loss_fn(spec: RunSpec, *, mesh: Mesh | None = None) -> Callable:
   """`eval_fn(variables, key, batch) -> (loss_sum, count)` on one sharded batch (`image
   [B, ...]` in [0, 1], `label [B]`, optional `mask [B]`), network in eval mode (no
-  dropout)."""
+  dropout), at `spec.eval_precision`."""
   mesh = parallel.make_mesh() if mesh is None else mesh
+  model = spec.network("eval")
 
   def eval_fn(variables, key, batch):
     labels = batch["label"] if spec.conditional else None
 
     def param_score_fn(params, x, t):
-      return models.get_score_fn(spec.sde, spec.model, {**variables, "params": params},
+      return models.get_score_fn(spec.sde, model, {**variables, "params": params},
                                  train=False, continuous=spec.continuous,
                                  class_labels=labels)(x, t)
 
@@ -189,7 +191,7 @@ def make_sample_fn(spec: RunSpec, shape: tuple[int, ...], method: str, options: 
   `sde.prior_sampling(fold_in(key, 0), shape)`, so calls with the same key but different
   methods start from the same x_T. `score_fn_of(variables) -> score_fn` makes the score
   function from `variables` (any pytree; default: the network's score with the network's
-  variables), e.g. a guided one."""
+  variables, at `spec.sample_precision`), e.g. a guided one."""
   mesh = parallel.make_mesh() if mesh is None else mesh
   parallel.check_batch(shape[0], mesh, "sampling batch size")
   batch_sharding = NamedSharding(mesh, P("batch"))
@@ -197,7 +199,7 @@ def make_sample_fn(spec: RunSpec, shape: tuple[int, ...], method: str, options: 
 
   if score_fn_of is None:
     def score_fn_of(variables):
-      return models.get_score_fn(sde, spec.model, variables, train=False,
+      return models.get_score_fn(sde, spec.network("sample"), variables, train=False,
                                  continuous=spec.continuous)
 
   def sample_fn(variables, key):

@@ -11,7 +11,9 @@ peak memory (device `memory_stats()` where
 the backend has them, else the process's max RSS). The train step is the one `train.py`
 runs: the config's loss, forward + backward, gradient clipping, the Adam update and the EMA,
 one optimizer step per call, data-parallel over a `"batch"` mesh of `--devices` devices.
-A config path may end in `:tiny` for its tiny variant.
+`--precision bfloat16` runs both in mixed precision (bfloat16 convolutions and matmuls,
+float32 parameters; docs/precision.md) and takes the peak fraction against the device's
+bfloat16 peak. A config path may end in `:tiny` for its tiny variant.
 """
 
 from __future__ import annotations
@@ -83,9 +85,12 @@ def main(argv=None) -> None:
   parser.add_argument("--devices", type=int, default=1, help="data-parallel devices (train)")
   parser.add_argument("--runs", type=int, default=5)
   parser.add_argument("--mode", choices=("forward", "train", "both"), default="both")
+  parser.add_argument("--precision", choices=tuple(models.PRECISIONS), default="float32",
+                      help="compute precision of the network (forward and train step)")
   args = parser.parse_args(argv)
 
   config = common.load_config(args.config)
+  config.training.precision = args.precision  # the train step's (run_spec reads it)
   available = jax.devices()
   if not 1 <= args.devices <= len(available):
     raise ValueError(f"--devices={args.devices}, but {len(available)} devices are visible "
@@ -94,7 +99,7 @@ def main(argv=None) -> None:
     raise ValueError(f"--batch_size={args.batch_size} is not divisible by "
                      f"--devices={args.devices}")
 
-  model = models.get_model(config)
+  model = models.with_precision(models.get_model(config), args.precision)
   sde = experiment.make_sde(config)
   continuous = bool(config.training.continuous)
   key = jax.random.key(config.seed)
@@ -103,7 +108,8 @@ def main(argv=None) -> None:
   t = jnp.linspace(0.1, 0.9, args.batch_size)
   base = {"config": args.config, "model": config.model.name,
           "n_params": models.count_params(variables), "batch_size": args.batch_size,
-          "platform": available[0].platform, "device_kind": available[0].device_kind}
+          "platform": available[0].platform, "device_kind": available[0].device_kind,
+          "precision": args.precision}
 
   if args.mode in ("forward", "both"):
     labels = sde.noise_labels(t, continuous)
@@ -112,7 +118,8 @@ def main(argv=None) -> None:
     print(json.dumps({**base, "mode": "forward", "devices": 1, "compile_s": round(compile_s, 3),
                       "median_s": round(run_s, 5),
                       "images_per_s": round(args.batch_size / run_s, 2),
-                      **utilization(compiled, run_s, base["device_kind"]), **peak_memory()}),
+                      **utilization(compiled, run_s, base["device_kind"],
+                                    dtype=args.precision), **peak_memory()}),
           flush=True)
 
   if args.mode in ("train", "both"):
@@ -140,7 +147,8 @@ def main(argv=None) -> None:
     print(json.dumps({**base, "mode": "train_step", "devices": args.devices,
                       "compile_s": round(compile_s, 3), "median_s": round(run_s, 5),
                       "images_per_s": round(args.batch_size / run_s, 2),
-                      **utilization(compiled, run_s, base["device_kind"], args.devices),
+                      **utilization(compiled, run_s, base["device_kind"], args.devices,
+                                    dtype=args.precision),
                       **peak_memory()}),
           flush=True)
 

@@ -58,7 +58,7 @@ def make_sampler(config, spec):
   @jax.jit
   def sample(variables, key, labels, w):
     def cond_score_fn(x, t, y):
-      return models.get_score_fn(spec.sde, spec.model, variables, train=False,
+      return models.get_score_fn(spec.sde, spec.network("sample"), variables, train=False,
                                  continuous=spec.continuous, class_labels=y)(x, t)
 
     score_fn = guidance.classifier_free(cond_score_fn, labels, w=w, null_label=null_label)

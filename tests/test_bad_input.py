@@ -136,6 +136,13 @@ ROWS = [
      "No classifier in"),
     ("label_dropout", "train", {"training.label_dropout": 0.1}, {}, "new",
      "config.training.label_dropout=0.1 needs a class-conditional model"),
+    # Mixed precision (issue 13).
+    ("train_precision", "train", {"training.precision": "float16"}, {}, "new",
+     "Unknown config.training.precision 'float16'; valid: ['bfloat16', 'float32']"),
+    ("eval_precision", "eval", {"eval.precision": "bf16"}, {}, "run",
+     "Unknown config.eval.precision 'bf16'; valid: ['bfloat16', 'float32']"),
+    ("sample_precision", "sample", {"sampling.precision": "fp32"}, {}, "run",
+     "Unknown config.sampling.precision 'fp32'; valid: ['bfloat16', 'float32']"),
 ]
 
 

@@ -79,6 +79,35 @@ def get_model(config: ml_collections.ConfigDict) -> nn.Module:
   return MODELS[m.name](config)
 
 
+# Precision name -> the networks' compute dtype (`dtype` field). Parameters, optimizer state
+# and EMA stay float32 at every precision; see docs/precision.md.
+PRECISIONS: dict[str, jnp.dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def with_precision(model: nn.Module, precision: str) -> nn.Module:
+  """The network `model` computing in `precision` ('float32' | 'bfloat16').
+
+  Only the compute dtype changes (`model.clone(dtype=...)`): the variables are the same tree
+  of float32 arrays at every precision, so one checkpoint serves all of them, and the output
+  is float32.
+
+  Raises:
+    ValueError: an unknown precision, or a network without a `dtype` field (only 'float32'
+      is then valid).
+  """
+  if precision not in PRECISIONS:
+    raise ValueError(f"Unknown precision {precision!r}; valid: {sorted(PRECISIONS)}")
+  dtype = PRECISIONS[precision]
+  if not hasattr(model, "dtype"):
+    if precision == "float32":
+      return model
+    raise ValueError(f"{type(model).__name__} has no compute dtype field; precision "
+                     f"{precision!r} needs a network with one (NCSNpp, DDPM)")
+  if model.dtype == dtype:
+    return model
+  return model.clone(dtype=dtype)
+
+
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   """`(H, W, C)` of the config's images."""
   return (config.data.image_size, config.data.image_size, config.data.num_channels)

@@ -11,6 +11,10 @@ Each block exists once, with options, and takes plain typed fields (no configs):
   `Combine`.
 
 Images are NHWC float arrays `[B, H, W, C]`; a noise-level embedding is `[B, E]`.
+
+Mixed precision: every convolution, dense layer and module takes a compute `dtype` (default
+float32). Parameters stay float32 (Flax's `param_dtype`) and are cast to `dtype` where they are
+used; GroupNorm statistics and the attention softmax are float32 whatever `dtype` is.
 """
 
 from __future__ import annotations
@@ -69,28 +73,37 @@ def embedding_init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> j
 
 
 def conv3x3(x: jax.Array, features: int, *, stride: int = 1, init_scale: float = 1.0,
-            use_bias: bool = True) -> jax.Array:
-  """3x3 convolution with 'SAME' padding and DDPM initialization (zero bias).
+            use_bias: bool = True, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+  """3x3 convolution with 'SAME' padding and DDPM initialization (zero bias), computed in
+  `dtype` (float32 parameters cast to it; the output is `dtype`).
 
   Must be called inside a compact Flax module (it creates an `nn.Conv` there).
   """
   return nn.Conv(features, kernel_size=(3, 3), strides=(stride, stride), padding="SAME",
                  use_bias=use_bias, kernel_init=default_init(init_scale),
-                 bias_init=nn.initializers.zeros)(x)
+                 bias_init=nn.initializers.zeros, dtype=dtype)(x)
 
 
-def conv1x1(x: jax.Array, features: int, *, init_scale: float = 1.0) -> jax.Array:
-  """1x1 convolution (a dense layer on the channel axis) with DDPM initialization.
+def conv1x1(x: jax.Array, features: int, *, init_scale: float = 1.0,
+            dtype: jnp.dtype = jnp.float32) -> jax.Array:
+  """1x1 convolution (a dense layer on the channel axis) with DDPM initialization, computed
+  in `dtype`.
 
   A 1x1 kernel `[C_in, C_out]` has the same fan_in / fan_out as DDPM's `NIN` and 1x1 conv, so
   this is both. Must be called inside a compact Flax module.
   """
   return nn.Dense(features, kernel_init=default_init(init_scale),
-                  bias_init=nn.initializers.zeros)(x)
+                  bias_init=nn.initializers.zeros, dtype=dtype)(x)
 
 
-def group_norm(x: jax.Array, groups: int | None = None) -> jax.Array:
-  """GroupNorm over the channels of `x` `[..., C]`.
+def group_norm(x: jax.Array, groups: int | None = None, dtype: jnp.dtype = jnp.float32
+               ) -> jax.Array:
+  """GroupNorm over the channels of `x` `[..., C]`, output in `dtype`.
+
+  The statistics and the normalization are float32 for any `dtype`: flax 0.12's
+  `nn.GroupNorm` (`force_float32_reductions=True`, the default) promotes the input to at least
+  float32 in `_compute_stats` and normalizes with those float32 statistics and float32 scale /
+  bias in `_normalize`, casting only the result to `dtype`.
 
   Args:
     x: the input.
@@ -98,11 +111,12 @@ def group_norm(x: jax.Array, groups: int | None = None) -> jax.Array:
       groups, as the reference DDPM's fixed 32; where it does not divide C (channel counts
       the reference DDPM cannot build, in tiny test networks) the NCSN++ rule instead. The
       two agree for C >= 128 (every layer of the CIFAR-10 networks) and differ below.
+    dtype: the output dtype.
   """
   channels = x.shape[-1]
   if groups is None or channels % groups:
     groups = max(1, min(channels // 4, 32))
-  return nn.GroupNorm(num_groups=groups, epsilon=1e-6)(x)
+  return nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype)(x)
 
 
 # --- noise-level embeddings -----------------------------------------------------------------
@@ -258,22 +272,25 @@ def naive_downsample_2d(x: jax.Array, factor: int = 2) -> jax.Array:
 
 
 class FIRConv(nn.Module):
-  """3x3 (or k x k) convolution fused with FIR up- or down-sampling by 2 (StyleGAN2)."""
+  """3x3 (or k x k) convolution fused with FIR up- or down-sampling by 2 (StyleGAN2),
+  computed in `dtype` (float32 parameters cast to it)."""
 
   features: int
   up: bool = False
   kernel_size: int = 3
   fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     w = self.param("kernel", default_init(),
                    (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
     b = self.param("bias", nn.initializers.zeros, (self.features,))
+    x, w, b = x.astype(self.dtype), w.astype(self.dtype), b.astype(self.dtype)
     if self.up:
-      y = upsample_conv_2d(x, w.astype(x.dtype), self.fir_kernel)
+      y = upsample_conv_2d(x, w, self.fir_kernel)
     else:
-      y = conv_downsample_2d(x, w.astype(x.dtype), self.fir_kernel)
+      y = conv_downsample_2d(x, w, self.fir_kernel)
     return y + b
 
 
@@ -291,7 +308,8 @@ def dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
 def residual_sum(x: jax.Array, h: jax.Array, rescale: bool) -> jax.Array:
   """`x + h`, divided by sqrt(2) when `rescale` (NCSN++'s `skip_rescale`)."""
   out = x + h
-  return out / np.sqrt(2.0) if rescale else out
+  # A Python float (weakly typed) keeps `out`'s dtype; a NumPy scalar would promote bfloat16.
+  return out / math.sqrt(2.0) if rescale else out
 
 
 class _Resample(nn.Module):
@@ -302,12 +320,14 @@ class _Resample(nn.Module):
     with_conv: resample with a (fused) 3x3 convolution.
     fir, fir_kernel: FIR filtering (StyleGAN2) and its 1-D kernel, instead of nearest /
       average pooling.
+    dtype: compute dtype of the convolution.
   """
 
   out_ch: int | None = None
   with_conv: bool = False
   fir: bool = False
   fir_kernel: tuple[int, ...] = (1, 3, 3, 1)
+  dtype: jnp.dtype = jnp.float32
 
 
 class Upsample(_Resample):
@@ -321,10 +341,10 @@ class Upsample(_Resample):
     out_ch = self.out_ch or x.shape[-1]
     if self.fir:
       if self.with_conv:
-        return FIRConv(out_ch, up=True, fir_kernel=self.fir_kernel)(x)
+        return FIRConv(out_ch, up=True, fir_kernel=self.fir_kernel, dtype=self.dtype)(x)
       return upsample_2d(x, self.fir_kernel)
     h = naive_upsample_2d(x)
-    return conv3x3(h, out_ch) if self.with_conv else h
+    return conv3x3(h, out_ch, dtype=self.dtype) if self.with_conv else h
 
 
 class Downsample(_Resample):
@@ -338,10 +358,10 @@ class Downsample(_Resample):
     out_ch = self.out_ch or x.shape[-1]
     if self.fir:
       if self.with_conv:
-        return FIRConv(out_ch, up=False, fir_kernel=self.fir_kernel)(x)
+        return FIRConv(out_ch, up=False, fir_kernel=self.fir_kernel, dtype=self.dtype)(x)
       return downsample_2d(x, self.fir_kernel)
     if self.with_conv:
-      return conv3x3(x, out_ch, stride=2)
+      return conv3x3(x, out_ch, stride=2, dtype=self.dtype)
     return nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2), padding="SAME")
 
 
@@ -367,6 +387,7 @@ class ResnetBlock(nn.Module):
     init_scale: init scale of the last convolution (0: near-zero residual branch).
     conv_shortcut: 3x3 instead of 1x1 skip projection ('ddpm' only).
     norm_groups: GroupNorm groups (see `group_norm`; None: min(C // 4, 32)).
+    dtype: compute dtype of the convolutions and the output (GroupNorm statistics float32).
   """
 
   out_ch: int | None = None
@@ -379,6 +400,7 @@ class ResnetBlock(nn.Module):
   init_scale: float = 0.0
   conv_shortcut: bool = False
   norm_groups: int | None = None
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array | None = None, train: bool = False
@@ -391,7 +413,9 @@ class ResnetBlock(nn.Module):
                        f"resample={self.resample!r}")
     in_ch = x.shape[-1]
     out_ch = self.out_ch or in_ch
-    h = nn.swish(group_norm(x, self.norm_groups))
+    dtype = self.dtype
+    x = x.astype(dtype)
+    h = nn.swish(group_norm(x, self.norm_groups, dtype))
     if self.resample == "up":
       resample = ((lambda v: upsample_2d(v, self.fir_kernel)) if self.fir
                   else naive_upsample_2d)
@@ -400,19 +424,21 @@ class ResnetBlock(nn.Module):
       resample = ((lambda v: downsample_2d(v, self.fir_kernel)) if self.fir
                   else naive_downsample_2d)
       h, x = resample(h), resample(x)
-    h = conv3x3(h, out_ch)
+    h = conv3x3(h, out_ch, dtype=dtype)
     if temb is not None:
-      h = h + nn.Dense(out_ch, kernel_init=default_init())(nn.swish(temb))[:, None, None, :]
-    h = nn.swish(group_norm(h, self.norm_groups))
+      h = h + nn.Dense(out_ch, kernel_init=default_init(), dtype=dtype)(
+          nn.swish(temb))[:, None, None, :]
+    h = nn.swish(group_norm(h, self.norm_groups, dtype))
     if train and self.dropout > 0:
       h = dropout(self.make_rng("dropout"), h, self.dropout)
-    h = conv3x3(h, out_ch, init_scale=self.init_scale)
+    h = conv3x3(h, out_ch, init_scale=self.init_scale, dtype=dtype)
     if self.kind == "ddpm":
       if in_ch != out_ch:
         # DDPM's NIN shortcut is initialized at scale 0.1.
-        x = conv3x3(x, out_ch) if self.conv_shortcut else conv1x1(x, out_ch, init_scale=0.1)
+        x = (conv3x3(x, out_ch, dtype=dtype) if self.conv_shortcut
+             else conv1x1(x, out_ch, init_scale=0.1, dtype=dtype))
     elif in_ch != out_ch or self.resample != "none":
-      x = conv1x1(x, out_ch)
+      x = conv1x1(x, out_ch, dtype=dtype)
     return residual_sum(x, h, self.skip_rescale)
 
 
@@ -421,24 +447,30 @@ class AttnBlock(nn.Module):
 
   `[B, H, W, C] -> [B, H, W, C]`. The output projection is initialized at `init_scale`
   (0: the block starts as the identity); `skip_rescale` divides the sum by sqrt(2);
-  `norm_groups` sets the GroupNorm groups (see `group_norm`).
+  `norm_groups` sets the GroupNorm groups (see `group_norm`). `dtype` is the compute dtype
+  of the projections and the two attention products; the logits are accumulated and the
+  softmax taken in float32, and the weights cast back to `dtype`.
   """
 
   skip_rescale: bool = False
   init_scale: float = 0.0
   norm_groups: int | None = None
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, height, width, c = x.shape
-    h = group_norm(x, self.norm_groups)
-    q = conv1x1(h, c, init_scale=0.1)
-    k = conv1x1(h, c, init_scale=0.1)
-    v = conv1x1(h, c, init_scale=0.1)
-    logits = jnp.einsum("bhwc,bHWc->bhwHW", q, k) * (c ** -0.5)
+    dtype = self.dtype
+    x = x.astype(dtype)
+    h = group_norm(x, self.norm_groups, dtype)
+    q = conv1x1(h, c, init_scale=0.1, dtype=dtype)
+    k = conv1x1(h, c, init_scale=0.1, dtype=dtype)
+    v = conv1x1(h, c, init_scale=0.1, dtype=dtype)
+    logits = jnp.einsum("bhwc,bHWc->bhwHW", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (c ** -0.5)
     weights = jax.nn.softmax(logits.reshape(b, height, width, height * width), axis=-1)
-    h = jnp.einsum("bhwn,bnc->bhwc", weights, v.reshape(b, height * width, c))
-    h = conv1x1(h, c, init_scale=self.init_scale)
+    h = jnp.einsum("bhwn,bnc->bhwc", weights.astype(dtype), v.reshape(b, height * width, c))
+    h = conv1x1(h, c, init_scale=self.init_scale, dtype=dtype)
     return residual_sum(x, h, self.skip_rescale)
 
 
@@ -449,9 +481,11 @@ class Combine(nn.Module):
   """
 
   method: str = "cat"
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
     _check_choice("combine method", self.method, COMBINE_METHODS)
-    h = conv1x1(x, y.shape[-1])
+    h = conv1x1(x, y.shape[-1], dtype=self.dtype)
+    y = y.astype(self.dtype)
     return h + y if self.method == "sum" else jnp.concatenate([h, y], axis=-1)

@@ -24,8 +24,8 @@ EMBEDDING_TYPES = ("fourier", "positional")
 
 
 def label_embedding(class_labels: jax.Array | None, batch: int, num_classes: int,
-                    features: int) -> jax.Array:
-  """Class embedding `[B, features]` (call inside a compact module).
+                    features: int, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+  """Class embedding `[B, features]` in `dtype` (call inside a compact module).
 
   Index `num_classes` is the null label of classifier-free guidance; `class_labels=None`
   means null labels for the whole batch.
@@ -33,7 +33,7 @@ def label_embedding(class_labels: jax.Array | None, batch: int, num_classes: int
   if class_labels is None:
     class_labels = jnp.full((batch,), num_classes, dtype=jnp.int32)
   return nn.Embed(num_classes + 1, features, embedding_init=layers.embedding_init,
-                  name="class_embed")(class_labels.astype(jnp.int32))
+                  dtype=dtype, name="class_embed")(class_labels.astype(jnp.int32))
 
 
 class NCSNpp(nn.Module):
@@ -69,6 +69,10 @@ class NCSNpp(nn.Module):
       embedding.
     norm_groups: GroupNorm groups of every layer (None: min(C // 4, 32), NCSN++'s rule; the
       reference DDPM uses 32, see `layers.group_norm`).
+    dtype: compute dtype of the convolutions and dense layers (float32 or bfloat16). The
+      parameters are float32 whatever it is (the variables do not depend on it), the noise
+      embeddings, GroupNorm statistics and attention softmax are float32, and the output is
+      cast to float32 before `scale_by_sigma`: the network returns float32.
   """
 
   nf: int = 128
@@ -95,6 +99,7 @@ class NCSNpp(nn.Module):
   num_scales: int = 1000
   num_classes: int = 0
   norm_groups: int | None = None
+  dtype: jnp.dtype = jnp.float32
 
   def __post_init__(self):
     layers._check_choice("resblock_type", self.resblock_type, layers.RESBLOCK_TYPES)
@@ -119,40 +124,45 @@ class NCSNpp(nn.Module):
     """
     nf, num_resolutions = self.nf, len(self.ch_mult)
     act = nn.swish
+    dtype = self.dtype
 
-    # Noise-level embedding.
+    # Noise-level embedding: the sinusoidal / Fourier features in float32, the dense layers
+    # in the compute dtype.
     if self.embedding_type == "fourier":
-      temb = layers.GaussianFourierProjection(nf, self.fourier_scale)(jnp.log(labels))
+      temb = layers.GaussianFourierProjection(nf, self.fourier_scale)(
+          jnp.log(labels.astype(jnp.float32)))
     else:
       temb = layers.timestep_embedding(labels, nf)
     if self.conditional:
-      temb = nn.Dense(nf * 4, kernel_init=layers.default_init())(temb)
-      temb = nn.Dense(nf * 4, kernel_init=layers.default_init())(act(temb))
+      temb = nn.Dense(nf * 4, kernel_init=layers.default_init(), dtype=dtype)(temb)
+      temb = nn.Dense(nf * 4, kernel_init=layers.default_init(), dtype=dtype)(act(temb))
     else:
       temb = None
     if self.num_classes > 0:
-      cemb = label_embedding(class_labels, x.shape[0], self.num_classes, nf * 4)
+      cemb = label_embedding(class_labels, x.shape[0], self.num_classes, nf * 4, dtype)
       temb = cemb if temb is None else temb + cemb
 
     resnet = functools.partial(
         layers.ResnetBlock, kind=self.resblock_type, fir=self.fir, fir_kernel=self.fir_kernel,
         dropout=self.dropout, skip_rescale=self.skip_rescale, init_scale=self.init_scale,
-        norm_groups=self.norm_groups)
+        norm_groups=self.norm_groups, dtype=dtype)
     attn = functools.partial(layers.AttnBlock, skip_rescale=self.skip_rescale,
-                             init_scale=self.init_scale, norm_groups=self.norm_groups)
-    resample = dict(fir=self.fir, fir_kernel=self.fir_kernel)
+                             init_scale=self.init_scale, norm_groups=self.norm_groups,
+                             dtype=dtype)
+    resample = dict(fir=self.fir, fir_kernel=self.fir_kernel, dtype=dtype)
 
     def output_conv(h, features, init_scale):
-      return layers.conv3x3(act(layers.group_norm(h, self.norm_groups)), features,
-                            init_scale=init_scale)
+      return layers.conv3x3(act(layers.group_norm(h, self.norm_groups, dtype)), features,
+                            init_scale=init_scale, dtype=dtype)
 
     if not self.centered:
       x = 2.0 * x - 1.0  # [0, 1] -> [-1, 1]
+    x = x.astype(dtype)
     out_ch = x.shape[-1]
 
     # Down path.
     input_pyramid = x if self.progressive_input != "none" else None
-    hs = [layers.conv3x3(x, nf)]
+    hs = [layers.conv3x3(x, nf, dtype=dtype)]
     for i_level in range(num_resolutions):
       for _ in range(self.num_res_blocks):
         h = resnet(out_ch=nf * self.ch_mult[i_level])(hs[-1], temb, train)
@@ -167,7 +177,7 @@ class NCSNpp(nn.Module):
         h = resnet(resample="down")(hs[-1], temb, train)
       if self.progressive_input == "input_skip":
         input_pyramid = layers.Downsample(with_conv=False, **resample)(input_pyramid)
-        h = layers.Combine(method=self.progressive_combine)(input_pyramid, h)
+        h = layers.Combine(method=self.progressive_combine, dtype=dtype)(input_pyramid, h)
       elif self.progressive_input == "residual":
         input_pyramid = layers.Downsample(out_ch=h.shape[-1], with_conv=True,
                                           **resample)(input_pyramid)
@@ -215,6 +225,9 @@ class NCSNpp(nn.Module):
       h = pyramid
     else:
       h = output_conv(h, out_ch, self.init_scale)
+    # The output leaves in float32: the division by sigma, the score conversion and the loss
+    # are float32 at any compute dtype.
+    h = h.astype(jnp.float32)
 
     if self.scale_by_sigma:
       if self.embedding_type == "fourier":
