@@ -20,6 +20,7 @@ import collections
 import glob
 import json
 import re
+import statistics
 import tempfile
 
 import common  # scripts/common.py; puts the repository root on sys.path
@@ -107,8 +108,10 @@ def category(op_name: str, ops: list[str]) -> str:
 
 
 def profile(call, runs: int) -> tuple[float, list[tuple[str, float]]]:
-  """(wall ms per call, [(kernel name, ms per call)]) of `runs` traced calls of `call()`."""
+  """(median wall ms per call, [(kernel name, ms per call)]): `runs` timed calls of
+  `call()`, then `runs` traced ones."""
   jax.block_until_ready(call())
+  wall_ms = statistics.median(common.call_times(call, runs)) * 1e3
   with tempfile.TemporaryDirectory() as directory:
     jax.profiler.start_trace(directory)
     for _ in range(runs):
@@ -117,16 +120,15 @@ def profile(call, runs: int) -> tuple[float, list[tuple[str, float]]]:
     path = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)[0]
     data = jax.profiler.ProfileData.from_file(path)
   kernels: collections.Counter = collections.Counter()
-  wall = 0.0
   for plane in data.planes:
     for line in plane.lines:
+      if line.name.startswith("python"):
+        continue
       for event in line.events:
-        if event.name.startswith("ThunkExecutor::Execute"):
-          if event.name == "ThunkExecutor::Execute":
-            wall += event.duration_ns
-        elif not line.name.startswith("python"):
+        # Executor, thread-pool and end-of-kernel markers are not kernels.
+        if not event.name.startswith(("ThunkExecutor", "ThreadpoolListener", "end: ")):
           kernels[event.name] += event.duration_ns
-  return wall / runs / 1e6, [(k, ns / runs / 1e6) for k, ns in kernels.most_common()]
+  return wall_ms, [(k, ns / runs / 1e6) for k, ns in kernels.most_common()]
 
 
 def main(argv=None) -> None:

@@ -246,6 +246,32 @@ def ve_variables():
   return tiny_ncsnpp(embedding_type="fourier").init(jax.random.key(0), x, 0.01 + t)
 
 
+@pytest.mark.parametrize("shape,groups", [((3, 5, 5, 16), 4), ((2, 8, 8, 12), 3), ((4, 6), 2)])
+def test_group_norm_matches_float64_and_flax_parameters(shape, groups):
+  """`layers.GroupNorm` against a float64 NumPy GroupNorm, with random scale / bias, on
+  inputs far from zero mean (the one-pass variance must still be accurate); its parameters
+  are flax `nn.GroupNorm`'s (same names, shapes, initial values), so checkpoints carry over."""
+  import flax.linen as nn
+
+  rng = np.random.default_rng(0)
+  x = rng.normal(3.0, 2.0, shape).astype(np.float32)
+  module = layers.GroupNorm(num_groups=groups)
+  variables = module.init(jax.random.key(0), jnp.asarray(x))
+  flax_variables = nn.GroupNorm(num_groups=groups, epsilon=1e-6).init(jax.random.key(0), x)
+  assert (jax.tree_util.tree_structure(variables)
+          == jax.tree_util.tree_structure(flax_variables))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, variables, flax_variables)
+  scale = rng.normal(1.0, 0.3, shape[-1])
+  bias = rng.normal(0.0, 0.3, shape[-1])
+  got = module.apply({"params": {"scale": jnp.asarray(scale, jnp.float32),
+                                 "bias": jnp.asarray(bias, jnp.float32)}}, jnp.asarray(x))
+  xg = x.astype(np.float64).reshape(shape[0], -1, groups, shape[-1] // groups)
+  mean = xg.mean(axis=(1, 3), keepdims=True)
+  var = xg.var(axis=(1, 3), keepdims=True)
+  want = ((xg - mean) / np.sqrt(var + 1e-6)).reshape(shape) * scale + bias
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-5)
+
+
 def test_init_and_apply_are_deterministic(vp_variables):
   model = tiny_ncsnpp()
   x, t = tiny_inputs()

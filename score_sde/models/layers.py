@@ -91,19 +91,60 @@ def conv1x1(x: jax.Array, features: int, *, init_scale: float = 1.0,
 
   A 1x1 kernel `[C_in, C_out]` has the same fan_in / fan_out as DDPM's `NIN` and 1x1 conv, so
   this is both. Must be called inside a compact Flax module.
+
+  The pixels are flattened into one matrix dimension first: the same parameters and
+  result, but XLA:CPU runs the backward pass of a 2-D matmul 1.6-1.8x faster than that of
+  the 4-D `dot_general` (it transposes the 4-D operands; see docs/benchmarks.md).
   """
-  return nn.Dense(features, kernel_init=default_init(init_scale),
-                  bias_init=nn.initializers.zeros, dtype=dtype)(x)
+  y = nn.Dense(features, kernel_init=default_init(init_scale),
+               bias_init=nn.initializers.zeros, dtype=dtype)(x.reshape(-1, x.shape[-1]))
+  return y.reshape(*x.shape[:-1], features)
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm (Wu & He 2018) over the channels of `x` `[B, ..., C]`: per example and group
+  of C / num_groups consecutive channels, subtract the mean and divide by
+  sqrt(variance + epsilon) over the group's channels and all positions; then a learned
+  per-channel `scale` and `bias`.
+
+  The same parameters (`scale` [C] ones, `bias` [C] zeros) and function as flax's
+  `nn.GroupNorm` (one-pass variance E[x^2] - E[x]^2, clamped at 0), computed so that XLA:CPU
+  runs it fast: per-channel sums of x and x^2 over the positions first, then the groups, and
+  the normalization folded with scale and bias into one per-channel affine map `x a + b`
+  (GroupNorm + swish: forward 1.9x, backward 1.1x faster than with `nn.GroupNorm`, measured;
+  see docs/benchmarks.md). Statistics and normalization are float32 for any input dtype; the
+  output is `dtype`.
+  """
+
+  num_groups: int
+  epsilon: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, channels, groups = x.shape[0], x.shape[-1], self.num_groups
+    if channels % groups:
+      raise ValueError(f"GroupNorm: {groups} groups do not divide {channels} channels")
+    scale = self.param("scale", nn.initializers.ones, (channels,))
+    bias = self.param("bias", nn.initializers.zeros, (channels,))
+    x32 = x.astype(jnp.float32)
+    flat = x32.reshape(batch, -1, channels)  # [B, N, C]
+    count = flat.shape[1] * (channels // groups)
+    sums = jnp.sum(flat, axis=1).reshape(batch, groups, -1).sum(-1)
+    squares = jnp.sum(flat * flat, axis=1).reshape(batch, groups, -1).sum(-1)
+    mean = sums / count
+    inv_std = jax.lax.rsqrt(jnp.maximum(squares / count - mean * mean, 0.0) + self.epsilon)
+    per_channel = lambda v: jnp.repeat(v, channels // groups, axis=1)  # noqa: E731  [B, C]
+    a = per_channel(inv_std) * scale
+    b = bias - per_channel(mean * inv_std) * scale
+    shape = (batch,) + (1,) * (x.ndim - 2) + (channels,)
+    return (x32 * a.reshape(shape) + b.reshape(shape)).astype(self.dtype)
 
 
 def group_norm(x: jax.Array, groups: int | None = None, dtype: jnp.dtype = jnp.float32
                ) -> jax.Array:
-  """GroupNorm over the channels of `x` `[..., C]`, output in `dtype`.
-
-  The statistics and the normalization are float32 for any `dtype`: flax 0.12's
-  `nn.GroupNorm` (`force_float32_reductions=True`, the default) promotes the input to at least
-  float32 in `_compute_stats` and normalizes with those float32 statistics and float32 scale /
-  bias in `_normalize`, casting only the result to `dtype`.
+  """`GroupNorm` over the channels of `x` `[B, ..., C]`, output in `dtype` (statistics and
+  normalization in float32).
 
   Args:
     x: the input.
@@ -116,7 +157,7 @@ def group_norm(x: jax.Array, groups: int | None = None, dtype: jnp.dtype = jnp.f
   channels = x.shape[-1]
   if groups is None or channels % groups:
     groups = max(1, min(channels // 4, 32))
-  return nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype)(x)
+  return GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype)(x)
 
 
 # --- noise-level embeddings -----------------------------------------------------------------
@@ -466,10 +507,12 @@ class AttnBlock(nn.Module):
     q = conv1x1(h, c, init_scale=0.1, dtype=dtype)
     k = conv1x1(h, c, init_scale=0.1, dtype=dtype)
     v = conv1x1(h, c, init_scale=0.1, dtype=dtype)
-    logits = jnp.einsum("bhwc,bHWc->bhwHW", q, k, preferred_element_type=jnp.float32)
-    logits = logits * (c ** -0.5)
-    weights = jax.nn.softmax(logits.reshape(b, height, width, height * width), axis=-1)
-    h = jnp.einsum("bhwn,bnc->bhwc", weights.astype(dtype), v.reshape(b, height * width, c))
+    # Positions flattened to one axis: [B, N, C] products are 2.6x faster than the same
+    # einsums on [B, H, W, C] on XLA:CPU (forward; measured, see docs/benchmarks.md).
+    q, k, v = (a.reshape(b, height * width, c) for a in (q, k, v))
+    logits = jnp.einsum("bnc,bmc->bnm", q, k, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits * (c ** -0.5), axis=-1)
+    h = jnp.einsum("bnm,bmc->bnc", weights.astype(dtype), v).reshape(b, height, width, c)
     h = conv1x1(h, c, init_scale=self.init_scale, dtype=dtype)
     return residual_sum(x, h, self.skip_rescale)
 
