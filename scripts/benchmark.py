@@ -7,10 +7,11 @@
 Prints one JSON line per measurement: images/s from the median of `--runs` timed calls after
 compilation, the compile time separately, the FLOPs of one call from XLA's cost analysis with
 the achieved TFLOP/s (and the fraction of the device's peak on known GPUs / TPUs), and the
-peak memory (device `memory_stats()` where
-the backend has them, else the process's max RSS). The train step is the one `train.py`
-runs: the config's loss, forward + backward, gradient clipping, the Adam update and the EMA,
-one optimizer step per call, data-parallel over a `"batch"` mesh of `--devices` devices.
+peak memory (device `memory_stats()` where the backend has them, else the process's max RSS).
+The forward pass is the network in eval mode; the train step is the one `train.py` runs: the
+config's loss, forward + backward, gradient clipping, the Adam update and the EMA, one
+optimizer step per call. Both shard the batch over a `"batch"` mesh of `--devices` devices
+(on a CPU, simulated ones: each runs its share on one core, see docs/benchmarks.md).
 `--precision bfloat16` runs both in mixed precision (bfloat16 convolutions and matmuls,
 float32 parameters; docs/precision.md) and takes the peak fraction against the device's
 bfloat16 peak. A config path may end in `:tiny` for its tiny variant.
@@ -82,7 +83,8 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", required=True, help="config file, optionally ':tiny'")
   parser.add_argument("--batch_size", type=int, default=8)
-  parser.add_argument("--devices", type=int, default=1, help="data-parallel devices (train)")
+  parser.add_argument("--devices", type=int, default=1,
+                      help="data-parallel devices (the batch is sharded over them)")
   parser.add_argument("--runs", type=int, default=5)
   parser.add_argument("--mode", choices=("forward", "train", "both"), default="both")
   parser.add_argument("--precision", choices=tuple(models.PRECISIONS), default="float32",
@@ -111,20 +113,25 @@ def main(argv=None) -> None:
           "platform": available[0].platform, "device_kind": available[0].device_kind,
           "precision": args.precision}
 
+  mesh = parallel.make_mesh(available[:args.devices])
+  replicated = NamedSharding(mesh, P())
   if args.mode in ("forward", "both"):
-    labels = sde.noise_labels(t, continuous)
+    # The batch sharded over the devices, as the samplers do (`train.make_sample_fn`).
+    batch_sharding = NamedSharding(mesh, P("batch"))
+    labels = jax.device_put(sde.noise_labels(t, continuous), batch_sharding)
     forward = jax.jit(lambda v, x, labels: model.apply(v, x, labels, train=False))
-    compiled, compile_s, run_s = time_compiled(forward, (variables, x, labels), args.runs)
-    print(json.dumps({**base, "mode": "forward", "devices": 1, "compile_s": round(compile_s, 3),
+    compiled, compile_s, run_s = time_compiled(
+        forward, (jax.device_put(variables, replicated), jax.device_put(x, batch_sharding),
+                  labels), args.runs)
+    print(json.dumps({**base, "mode": "forward", "devices": args.devices,
+                      "compile_s": round(compile_s, 3),
                       "median_s": round(run_s, 5),
                       "images_per_s": round(args.batch_size / run_s, 2),
-                      **utilization(compiled, run_s, base["device_kind"],
+                      **utilization(compiled, run_s, base["device_kind"], args.devices,
                                     dtype=args.precision), **peak_memory()}),
           flush=True)
 
   if args.mode in ("train", "both"):
-    mesh = parallel.make_mesh(available[:args.devices])
-    replicated = NamedSharding(mesh, P())
     spec = experiment.run_spec(config)
     optimizer = spec.optimizer
     step_fn = train.make_train_step(spec, mesh=mesh)

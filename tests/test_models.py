@@ -272,6 +272,20 @@ def test_group_norm_matches_float64_and_flax_parameters(shape, groups):
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.5])
+def test_dropout_rate_and_expectation(rate):
+  """The fraction of zeros is `rate` and the mean is kept (inverted dropout), each within
+  5 standard errors over 2^20 entries (an odd count, for the last half-used random word)."""
+  x = jnp.ones((1, 1023, 1025), jnp.float32)
+  y = np.asarray(layers.dropout(jax.random.key(3), x, rate))
+  n = y.size
+  zeros = np.mean(y == 0)
+  assert abs(zeros - rate) <= 5 * np.sqrt(rate * (1 - rate) / n) + 1e-5, zeros
+  assert abs(y.mean() - 1.0) <= 5 * np.sqrt(rate / (1 - rate) / n) + 1e-5, y.mean()
+  if rate == 0:
+    np.testing.assert_array_equal(y, np.asarray(x))
+
+
 def test_init_and_apply_are_deterministic(vp_variables):
   model = tiny_ncsnpp()
   x, t = tiny_inputs()

@@ -339,11 +339,23 @@ class FIRConv(nn.Module):
 
 
 def dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
-  """Inverted dropout: zeroes each entry with probability `rate`, scales the rest by
-  1 / (1 - rate). The mask is drawn flat and reshaped (see `default_init`: much faster to
-  compile on CPU than a 4-D draw)."""
-  keep = jax.random.bernoulli(key, 1.0 - rate, (x.size,)).reshape(x.shape)
-  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+  """Inverted dropout: zeroes each entry with probability `rate` (to 1 / 65536), scales the
+  rest by 1 / P(keep), so the expectation is exactly `x`.
+
+  Each 32 random bits give two entries' 16-bit uniforms: half the random-number work of a
+  `jax.random.bernoulli` mask, which on a CPU is a large part of a training step (threefry;
+  dropout was 9% of the CPU step of the small DDPM++ benchmark network, measured). The mask
+  is drawn flat and reshaped (see `default_init`: much faster to compile on CPU than a 4-D
+  draw).
+  """
+  n = x.size
+  bits = jax.random.bits(key, ((n + 1) // 2,), jnp.uint32)
+  uniform16 = jnp.concatenate([bits & 0xFFFF, bits >> 16])[:n].reshape(x.shape)
+  threshold = round((1.0 - rate) * 65536)  # keep where the 16-bit uniform is below it
+  if threshold == 0:
+    return jnp.zeros_like(x)
+  keep = uniform16 < threshold
+  return jnp.where(keep, x * (65536 / threshold), jnp.zeros_like(x))
 
 
 def residual_sum(x: jax.Array, h: jax.Array, rescale: bool) -> jax.Array:

@@ -1,0 +1,75 @@
+"""This project against the reference PyTorch implementation on the same network, one command:
+forward and train-step images/s side by side, as a Markdown table.
+
+    python scripts/compare_reference.py --reference_dir=PATH/score_sde_pytorch \\
+        --config=configs/cifar10_vp.py:small --batch_size=32
+
+Runs, one after the other, each in a fresh process: `scripts/benchmark.py` on 1 device and
+on `--devices` simulated devices (XLA:CPU runs each simulated device's share of the batch on
+one core, so on a CPU the devices are how this project uses the cores; the demo uses as many
+as there are cores), then `scripts/benchmark_reference.py` with `--threads` torch threads.
+Prints each measurement's JSON line as it comes and the table at the end. Needs torch and a
+checkout of yang-song/score_sde_pytorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import common  # noqa: F401  scripts/common.py: the repository root on sys.path
+
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def run(args: list[str], env: dict | None = None) -> list[dict]:
+  """The JSON lines a script prints (echoed as they come)."""
+  out = subprocess.run([sys.executable, *args], env={**os.environ, **(env or {})},
+                       capture_output=True, text=True, check=True).stdout
+  lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+  for line in lines:
+    print(json.dumps(line), flush=True)
+  return lines
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--reference_dir", required=True)
+  parser.add_argument("--config", default="configs/cifar10_vp.py:small")
+  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--runs", type=int, default=5)
+  parser.add_argument("--devices", type=int, default=os.cpu_count(),
+                      help="simulated devices of this project's data-parallel run")
+  parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+  args = parser.parse_args(argv)
+
+  common_args = [f"--config={args.config}", f"--batch_size={args.batch_size}",
+                 f"--runs={args.runs}"]
+  rows = []  # (label, forward images/s, train images/s)
+  for devices in sorted({1, args.devices}):
+    flags = os.environ.get("XLA_FLAGS", "")
+    env = {"XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}"}
+    lines = run([os.path.join(SCRIPTS, "benchmark.py"), *common_args, f"--devices={devices}"],
+                env)
+    by_mode = {line["mode"]: line["images_per_s"] for line in lines}
+    rows.append((f"this project, {devices} device{'s' * (devices > 1)}",
+                 by_mode["forward"], by_mode["train_step"]))
+  lines = run([os.path.join(SCRIPTS, "benchmark_reference.py"), *common_args,
+               f"--reference_dir={args.reference_dir}", f"--threads={args.threads}"])
+  by_mode = {line["mode"]: line["images_per_s"] for line in lines}
+  reference = (by_mode["forward"], by_mode["train_step"])
+  rows.append((f"score_sde_pytorch, {args.threads} threads", *reference))
+
+  print(f"\n{args.config}, batch {args.batch_size}, images/s (median of {args.runs} calls)\n")
+  print("| | forward | train step | forward vs reference | train vs reference |")
+  print("|---|---|---|---|---|")
+  for label, forward, train in rows:
+    print(f"| {label} | {forward:.1f} | {train:.1f} | {forward / reference[0]:.2f}x | "
+          f"{train / reference[1]:.2f}x |")
+
+
+if __name__ == "__main__":
+  main()
