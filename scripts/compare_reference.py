@@ -10,11 +10,17 @@ one core, so on a CPU the devices are how this project uses the cores; the demo 
 as there are cores), then `scripts/benchmark_reference.py` with `--threads` torch threads.
 Prints each measurement's JSON line as it comes and the table at the end. Needs torch and a
 checkout of yang-song/score_sde_pytorch.
+
+Each side runs with its project's CPU default: this project with TCMalloc preloaded when
+Debian's libtcmalloc-minimal4 is installed (as `scripts/cpu_env.sh` does for the demo and the
+tests), the reference with the system allocator. `--preload_ours` / `--preload_reference`
+set the library each side preloads ('' for none), e.g. the same for both.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import subprocess
@@ -23,6 +29,7 @@ import sys
 import common  # noqa: F401  scripts/common.py: the repository root on sys.path
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+TCMALLOC = next(iter(sorted(glob.glob("/usr/lib/*/libtcmalloc_minimal.so.4"))), "")
 
 
 def run(args: list[str], env: dict | None = None) -> list[dict]:
@@ -44,6 +51,10 @@ def main(argv=None) -> None:
   parser.add_argument("--devices", type=int, default=os.cpu_count(),
                       help="simulated devices of this project's data-parallel run")
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+  parser.add_argument("--preload_ours", default=TCMALLOC,
+                      help="LD_PRELOAD of this project's runs ('' for none)")
+  parser.add_argument("--preload_reference", default="",
+                      help="LD_PRELOAD of the reference's run ('' for none)")
   args = parser.parse_args(argv)
 
   common_args = [f"--config={args.config}", f"--batch_size={args.batch_size}",
@@ -51,17 +62,22 @@ def main(argv=None) -> None:
   rows = []  # (label, forward images/s, train images/s)
   for devices in sorted({1, args.devices}):
     flags = os.environ.get("XLA_FLAGS", "")
-    env = {"XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}"}
+    env = {"XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}",
+           "LD_PRELOAD": args.preload_ours}
     lines = run([os.path.join(SCRIPTS, "benchmark.py"), *common_args, f"--devices={devices}"],
                 env)
     by_mode = {line["mode"]: line["images_per_s"] for line in lines}
-    rows.append((f"this project, {devices} device{'s' * (devices > 1)}",
+    rows.append((f"this project, {devices} device{'s' * (devices > 1)}"
+                 + (f", {os.path.basename(args.preload_ours)}" if args.preload_ours else ""),
                  by_mode["forward"], by_mode["train_step"]))
   lines = run([os.path.join(SCRIPTS, "benchmark_reference.py"), *common_args,
-               f"--reference_dir={args.reference_dir}", f"--threads={args.threads}"])
+               f"--reference_dir={args.reference_dir}", f"--threads={args.threads}"],
+              {"LD_PRELOAD": args.preload_reference})
   by_mode = {line["mode"]: line["images_per_s"] for line in lines}
   reference = (by_mode["forward"], by_mode["train_step"])
-  rows.append((f"score_sde_pytorch, {args.threads} threads", *reference))
+  rows.append((f"score_sde_pytorch, {args.threads} threads"
+               + (f", {os.path.basename(args.preload_reference)}" if args.preload_reference
+                  else ""), *reference))
 
   print(f"\n{args.config}, batch {args.batch_size}, images/s (median of {args.runs} calls)\n")
   print("| | forward | train step | forward vs reference | train vs reference |")

@@ -19,9 +19,9 @@ WORKDIR=${WORKDIR:-runs/fashion_mnist_cond}
 OUT=${OUT:-docs/guidance}
 JUDGE=${JUDGE:-fmnist}
 PY=${PY:-.venv/bin/python}
-if [[ "${XLA_FLAGS:-}" != *xla_force_host_platform_device_count* ]]; then
-  export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$(nproc)"
-fi
+source scripts/cpu_env.sh  # one simulated device per core; TCMalloc when installed
+one_device_per_core
+use_tcmalloc
 CONFIG=configs/fashion_mnist_cond.py
 COMMON=(--config="$CONFIG" --workdir="$WORKDIR" --config.training.n_iters="$STEPS")
 

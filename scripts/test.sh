@@ -7,4 +7,7 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# TCMalloc when installed (scripts/cpu_env.sh); the tests set their own device count.
+source scripts/cpu_env.sh
+use_tcmalloc
 exec .venv/bin/python -m pytest "$@"
