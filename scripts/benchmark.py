@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 from typing import Any
 
 import common  # scripts/common.py; puts the repository root on sys.path
@@ -75,8 +74,7 @@ def utilization(compiled, seconds: float, device_kind: str, devices: int = 1,
 def time_compiled(fn, args, runs: int) -> tuple[Any, float, float]:
   """(compiled, compile seconds, median run seconds) of `jax.jit`-ed `fn` on `args`."""
   compiled, compile_s = common.compile_timed(fn, *args)
-  jax.block_until_ready(compiled(*args))  # warm-up
-  return compiled, compile_s, statistics.median(common.call_times(lambda: compiled(*args), runs))
+  return compiled, compile_s, common.median_seconds(lambda: compiled(*args), runs)
 
 
 def main(argv=None) -> None:
@@ -143,14 +141,13 @@ def main(argv=None) -> None:
     batch = parallel.shard_batch({"image": x01, "label": np.zeros((1, args.batch_size),
                                                               np.int32)}, mesh, axis=1)
     compiled, compile_s = common.compile_timed(step_fn, state, step_key, batch)
-    state, metrics = compiled(state, step_key, batch)  # warm-up
 
     def train_step():  # the state is donated: each call takes the previous call's
       nonlocal state
       state, metrics = compiled(state, step_key, batch)
       return metrics
 
-    run_s = statistics.median(common.call_times(train_step, args.runs))
+    run_s = common.median_seconds(train_step, args.runs)
     print(json.dumps({**base, "mode": "train_step", "devices": args.devices,
                       "compile_s": round(compile_s, 3), "median_s": round(run_s, 5),
                       "images_per_s": round(args.batch_size / run_s, 2),

@@ -16,22 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
-import common  # noqa: F401  scripts/common.py: the repository root on sys.path
+import common  # scripts/common.py: the repository root on sys.path; timing
 import jax
-import jax.numpy as jnp
-
-
-def median_seconds(call, runs: int) -> float:
-  call()
-  times = []
-  for _ in range(runs):
-    start = time.perf_counter()
-    call()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def main(argv=None) -> None:
@@ -68,7 +55,7 @@ def main(argv=None) -> None:
                           (x, w, dy)),
   }
   for op, (fn, fn_args) in programs.items():
-    seconds = median_seconds(lambda: jax.block_until_ready(fn(*fn_args)), args.runs)
+    seconds = common.median_seconds(lambda: fn(*fn_args), args.runs)
     report(f"jax {jax.__version__}", op, seconds, devices=1)
 
   try:
@@ -85,7 +72,7 @@ def main(argv=None) -> None:
   }
   with torch.no_grad():
     for op, call in calls.items():
-      report(f"torch {torch.__version__}", op, median_seconds(call, args.runs),
+      report(f"torch {torch.__version__}", op, common.median_seconds(call, args.runs),
              threads=torch.get_num_threads())
 
 

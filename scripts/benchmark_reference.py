@@ -25,11 +25,9 @@ import importlib.util
 import json
 import pathlib
 import resource
-import statistics
 import sys
-import time
 
-import common  # noqa: F401  scripts/common.py: the repository root on sys.path
+import common  # scripts/common.py: the repository root on sys.path; timing
 
 # config.model fields that are this project's only (or mean something else here).
 NOT_IN_REFERENCE = ("schedule", "num_classes", "parameterization", "sigma_data", "norm_groups")
@@ -126,15 +124,6 @@ def main(argv=None) -> None:
            config.data.image_size)
   gen = torch.Generator().manual_seed(0)
 
-  def timed(call) -> float:
-    call()  # warm-up
-    times = []
-    for _ in range(args.runs):
-      start = time.perf_counter()
-      call()
-      times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
   def report(mode: str, seconds: float) -> None:
     print(json.dumps({**base, "mode": mode, "median_s": round(seconds, 5),
                       "images_per_s": round(args.batch_size / seconds, 2),
@@ -150,7 +139,7 @@ def main(argv=None) -> None:
       with torch.no_grad():
         net(x, labels)
 
-    report("forward", timed(forward))
+    report("forward", common.median_seconds(forward, args.runs))
 
   if args.mode in ("train", "both"):
     net.train()
@@ -171,7 +160,7 @@ def main(argv=None) -> None:
                                  likelihood_weighting=config.training.likelihood_weighting)
     batch = torch.from_numpy(
         np.random.default_rng(0).random(shape, dtype=np.float32) * 2 - 1)
-    report("train_step", timed(lambda: step_fn(state, batch)))
+    report("train_step", common.median_seconds(lambda: step_fn(state, batch), args.runs))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import statistics
 import sys
 import time
 from typing import Any, Callable
@@ -54,3 +55,10 @@ def call_times(call: Callable[[], Any], runs: int) -> list[float]:
     jax.block_until_ready(call())
     times.append(time.perf_counter() - start)
   return times
+
+
+def median_seconds(call: Callable[[], Any], runs: int) -> float:
+  """Median wall seconds of `runs` calls of `call()` after one warm-up call (waited for as in
+  `call_times`; what `call` returns may be JAX arrays or anything else, e.g. torch tensors)."""
+  jax.block_until_ready(call())
+  return statistics.median(call_times(call, runs))

@@ -20,7 +20,6 @@ import collections
 import glob
 import json
 import re
-import statistics
 import tempfile
 
 import common  # scripts/common.py; puts the repository root on sys.path
@@ -110,8 +109,7 @@ def category(op_name: str, ops: list[str]) -> str:
 def profile(call, runs: int) -> tuple[float, list[tuple[str, float]]]:
   """(median wall ms per call, [(kernel name, ms per call)]): `runs` timed calls of
   `call()`, then `runs` traced ones."""
-  jax.block_until_ready(call())
-  wall_ms = statistics.median(common.call_times(call, runs)) * 1e3
+  wall_ms = common.median_seconds(call, runs) * 1e3
   with tempfile.TemporaryDirectory() as directory:
     jax.profiler.start_trace(directory)
     for _ in range(runs):
