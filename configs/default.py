@@ -84,7 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   evaluate.bpd_num_examples = config_dict.placeholder(int)  # None: the whole test split
   evaluate.bpd_rtol = 1e-5  # probability-flow ODE tolerances for bits/dim
   evaluate.bpd_atol = 1e-5
-  # Sample quality (score_sde.quality): FID / KID / IS / precision / recall of the
+  # Sample quality (score_sde.run.quality): FID / KID / IS / precision / recall of the
   # eval.num_samples samples against cached statistics of the data.
   evaluate.enable_fid = False
   evaluate.fid_feature_net = "auto"  # 'auto' (fashion_mnist -> 'fmnist', else) | 'inception'

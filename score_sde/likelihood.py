@@ -158,7 +158,7 @@ def dequantize(key: jax.Array, x: jax.Array, *, dtype=jnp.float32) -> jax.Array:
 
   k is the integer pixel value in {0, ..., 255}: `x` itself for integer input (uint8 images),
   or round(255 x) for float input in [0, 1] stored as k / 255 (what tfds images scaled by
-  1/255 and `score_sde.datasets` give). This is the reference codebase's
+  1/255 and `score_sde.io.datasets` give). This is the reference codebase's
   `(x * 255 + U[0, 1)) / 256`. The result has density 256^D times the probability of k under a
   model of the 8-bit data, which is what `bits_per_dim(..., offset=8)` assumes.
 

@@ -28,7 +28,7 @@ from typing import Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
-from score_sde import logs
+from score_sde.io import logs
 
 # Config files import their defaults as `from configs import default`: make the repository's
 # `configs` package importable wherever the command is started from.
@@ -82,7 +82,8 @@ def run(config, workdir: str, mode: str, *, step: int | None = None,
   """
   if mode not in MODES:
     raise ValueError(f"Unknown --mode {mode!r}; valid: {MODES}")
-  from score_sde import experiment, workdir as workdir_lib  # Heavy imports after parsing.
+  from score_sde.run import experiment
+  from score_sde.io import workdir as workdir_lib
 
   workdir_lib.check_workdir(workdir, must_exist=mode not in ("train", "train_classifier"))
   if num_samples is not None and (isinstance(num_samples, bool) or num_samples < 1):
@@ -90,15 +91,15 @@ def run(config, workdir: str, mode: str, *, step: int | None = None,
   if step is not None and step < 0:
     raise ValueError(f"--step must be >= 0, got {step}")
   if mode == "train_classifier":  # the noise-conditional classifier of classifier guidance
-    from score_sde import classifier_training
+    from score_sde.run import classifier as classifier_training
     experiment.check_config(config, mode="train")
     state = classifier_training.train_classifier(config, workdir)
     return dict(step=int(state.step))
   if mode == "train":
-    from score_sde import train
+    from score_sde.run import train
     state = train.train(config, workdir, step=step)
     return dict(step=int(state.step))
-  from score_sde import evaluate
+  from score_sde.run import evaluate
   config = experiment.config_for_run(config, workdir, overrides=overrides,
                                      allow_change=allow_config_change)
   if mode == "eval":
@@ -183,7 +184,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 def main(argv) -> None:
   del argv
   logs.setup_logging()
-  from score_sde import compilation_cache
+  from score_sde.io import compilation_cache
   compilation_cache.enable()  # before anything compiles; SCORE_SDE_CACHE_DIR= turns it off
   if FLAGS.distributed:
     _initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

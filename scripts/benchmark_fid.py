@@ -21,7 +21,9 @@ import numpy as np
 
 import common  # scripts/common.py: the repository root on sys.path, config files
 from reference_stats import DEFAULT_CONFIG
-from score_sde import datasets, metrics, quality
+from score_sde.io import datasets
+from score_sde import metrics
+from score_sde.run import quality
 
 
 def main(argv=None) -> dict:

@@ -141,7 +141,8 @@ def load_score_fn_from_checkpoint(config, workdir: str, step: int | None = None)
   Raises:
     FileNotFoundError: no checkpoint in `workdir` (or not `step`).
   """
-  from score_sde import evaluate, models
+  from score_sde.run import evaluate
+  from score_sde import models
 
   state, _, model, sde = evaluate.load_checkpoint(config, workdir, step)
   score_fn = models.get_score_fn(sde, model, state.variables(ema=True), train=False,
@@ -236,7 +237,8 @@ class _QualityMeter:
   """FD and KID of samples of a checkpoint's config against its cached data statistics."""
 
   def __init__(self, config, num_samples: int, seed: int):
-    from score_sde import datasets, quality  # noqa: PLC0415 (checkpoint mode only)
+    from score_sde.io import datasets
+    from score_sde.run import quality
 
     self.config, self.seed = config, seed
     self.net = quality.get_feature_net(config)
@@ -249,7 +251,7 @@ class _QualityMeter:
     self.floor = self._measure(real, scaled=False)
 
   def _measure(self, x, scaled: bool = True) -> tuple[float, float]:
-    from score_sde import metrics  # noqa: PLC0415
+    from score_sde import metrics
 
     images = np.clip(np.asarray(self.inverse_scaler(x)) if scaled else x, 0.0, 1.0)
     feats, _ = self.net(images)
@@ -535,6 +537,6 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-  from score_sde import logs
+  from score_sde.io import logs
   logs.setup_logging()  # no orbax / JAX chatter between the progress bars
   main()

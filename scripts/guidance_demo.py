@@ -50,7 +50,8 @@ def make_sampler(config, spec):
   import jax
   import jax.numpy as jnp
 
-  from score_sde import experiment, guidance, models, sampling
+  from score_sde.run import experiment
+  from score_sde import guidance, models, sampling
 
   method, options = experiment.sampler_settings(config)
   null_label = int(config.model.num_classes)
@@ -81,7 +82,8 @@ def make_judge(config, workdir: str, name: str):
     from score_sde.models import features
     net = features.get_feature_net("fmnist")
     return lambda images: np.argmax(net(images)[1], axis=-1)
-  from score_sde import classifier_training, datasets, experiment
+  from score_sde.run import classifier as classifier_training, experiment
+  from score_sde.io import datasets
   model, variables, _ = classifier_training.load_classifier(config, workdir)
   sde = experiment.make_sde(config)
   scaler = datasets.get_data_scaler(config.data.centered)
@@ -97,12 +99,13 @@ def make_judge(config, workdir: str, name: str):
 
 def main(argv) -> None:
   del argv
-  from score_sde import logs
+  from score_sde.io import logs
   logs.setup_logging()
   import jax
   import numpy as np
 
-  from score_sde import controllable, evaluate, experiment, images
+  from score_sde.run import guided as controllable, evaluate, experiment
+  from score_sde.io import images
 
   config, workdir = FLAGS.config, FLAGS.workdir
   os.makedirs(FLAGS.out, exist_ok=True)

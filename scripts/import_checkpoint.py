@@ -22,7 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import common  # noqa: E402,F401  scripts/common.py: the repository root on sys.path
-from score_sde import logs  # noqa: E402
+from score_sde.io import logs
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py) whose "
@@ -36,7 +36,7 @@ flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
 def main(argv) -> None:
   del argv
   logs.setup_logging()
-  from score_sde import reference_checkpoints  # heavy imports after flag parsing
+  from score_sde.run import reference as reference_checkpoints
 
   try:
     step = reference_checkpoints.import_checkpoint(FLAGS.config, FLAGS.checkpoint,

@@ -36,9 +36,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv) -> None:
   del argv
-  from score_sde import logs
+  from score_sde.io import logs
   logs.setup_logging()
-  from score_sde import controllable
+  from score_sde.run import guided as controllable
 
   try:
     result = controllable.complete_test_images(

@@ -26,7 +26,9 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from score_sde import datasets, evaluate, images, likelihood, models, sampling  # noqa: E402
+from score_sde.io import datasets, images
+from score_sde.run import evaluate
+from score_sde import likelihood, models, sampling
 from score_sde.sde import batch_scalar  # noqa: E402
 
 # Sampler settings of the sampler panel (NFE about 300 / adaptive / 51 / 26 / 35 / 200).
@@ -113,7 +115,7 @@ def _save_rows(rows: list[tuple[str, np.ndarray]], path: pathlib.Path, column_ti
 
 def main(argv) -> None:
   del argv
-  from score_sde import logs
+  from score_sde.io import logs
   logs.setup_logging()
   config = FLAGS.config
   out_dir = pathlib.Path(FLAGS.out_dir)

@@ -28,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from score_sde import experiment, models, parallel, train
+from score_sde.run import experiment, train
+from score_sde import models
+from score_sde.io import parallel
 
 # (category, pattern on the op_name metadata), first match wins. Layer names are the Flax
 # module paths of score_sde.models.

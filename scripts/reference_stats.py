@@ -23,7 +23,8 @@ import os
 import time
 
 import common  # scripts/common.py: the repository root on sys.path, config files
-from score_sde import metrics, quality
+from score_sde import metrics
+from score_sde.run import quality
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "fashion_mnist_vp.py")

@@ -17,7 +17,7 @@ import re
 import common  # noqa: F401  scripts/common.py; puts the repository root on sys.path
 import numpy as np
 
-from score_sde import images
+from score_sde.io import images
 
 
 def latest_samples(workdir: str, method: str) -> tuple[np.ndarray, int]:

@@ -25,8 +25,11 @@ from absl import app, flags  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from score_sde import datasets, evaluate, images, models, sampling  # noqa: E402
-from score_sde import experiment, parallel  # noqa: E402
+from score_sde.io import datasets, images
+from score_sde.run import evaluate
+from score_sde import models, sampling
+from score_sde.run import experiment
+from score_sde.io import parallel
 
 # The demo's sampler settings: NFE in brackets (with denoising).
 SETTINGS = {
@@ -111,7 +114,7 @@ def run_samplers(config, workdir: str, methods, num_samples: int, seed: int = 0,
 def sample_quality(config, samples: dict, num_samples: int) -> dict:
   """Per method the quality metrics of its samples (`quality.sample_quality`), and under
   'test data' those of as many test images: what a perfect sampler would score."""
-  from score_sde import quality
+  from score_sde.run import quality
   net = quality.get_feature_net(config)
   test = datasets.get_dataset(config.copy_and_resolve_references(), "test",
                               process_index=0, process_count=1, batch_size=num_samples)
@@ -126,7 +129,7 @@ def sample_quality(config, samples: dict, num_samples: int) -> dict:
 
 def main(argv) -> None:
   del argv
-  from score_sde import logs
+  from score_sde.io import logs
   logs.setup_logging()
   config = FLAGS.config
   samples, stats, data_stats = run_samplers(config, FLAGS.workdir, FLAGS.methods,

@@ -4,7 +4,7 @@ its weights, the test accuracy and the SHA-256 to put into `WEIGHTS_SHA256`.
     python scripts/train_fmnist_classifier.py                       # -> score_sde/assets/fmnist_classifier.npz
     python scripts/train_fmnist_classifier.py --epochs=1 --out=/tmp/c.npz   # a quick try
 
-Reads the idx files with `score_sde.datasets.load_idx` (default folder: the Debian package
+Reads the idx files with `score_sde.io.datasets.load_idx` (default folder: the Debian package
 `dataset-fashion-mnist`). Adam with a cosine learning-rate decay, cross-entropy, random
 horizontal flips (optionally shifts); the test split is only evaluated, never trained on.
 Deterministic for a given `--seed` on one machine (XLA's CPU reductions may differ across
@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 import common  # noqa: F401  scripts/common.py: the repository root on sys.path
-from score_sde import datasets
+from score_sde.io import datasets
 from score_sde.models import fmnist_classifier as fc
 
 

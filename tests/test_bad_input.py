@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_sde import checkpoints, experiment, logs, main as main_lib, train
-from score_sde import workdir as workdir_lib
+from score_sde.io import checkpoints, logs
+from score_sde.run import experiment, train
+from score_sde import main as main_lib
+from score_sde.io import workdir as workdir_lib
 from test_train import REPO, tiny_config
 
 _COMPILES = []

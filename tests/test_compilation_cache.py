@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from score_sde import compilation_cache
+from score_sde.io import compilation_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CHILD = """
 import sys
 import jax, jax.numpy as jnp
-from score_sde import compilation_cache
+from score_sde.io import compilation_cache
 events = []
 jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
 print("dir", compilation_cache.enable(min_compile_time_secs=0))

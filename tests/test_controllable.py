@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_sde import classifier_training, controllable, evaluate, experiment, guidance, train
+from score_sde.run import classifier as classifier_training, guided as controllable, evaluate, experiment, train
+from score_sde import guidance
 from score_sde import main as main_lib
 from score_sde import sde as sde_lib
 from score_sde.models.classifier import NoiseConditionalClassifier

@@ -1,4 +1,4 @@
-"""Tests of score_sde.datasets: file readers, missing-data errors, deterministic batches."""
+"""Tests of score_sde.io.datasets: file readers, missing-data errors, deterministic batches."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from score_sde import datasets
+from score_sde.io import datasets
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import fashion_mnist_vp
-from score_sde import evaluate
+from score_sde.run import evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from configs import fashion_mnist_vp
-from score_sde import datasets, quality
+from score_sde.io import datasets
+from score_sde.run import quality
 from score_sde.models import features, fmnist_classifier
 
 FMNIST_AVAILABLE = os.path.exists(os.path.join(datasets.FASHION_MNIST_DIR,
@@ -120,7 +121,8 @@ def test_reference_stats_cached_and_checked(tmp_path):
 
 @pytest.mark.slow
 def test_eval_mode_writes_sample_quality(tmp_path, monkeypatch):
-  from score_sde import main as main_lib, train
+  from score_sde import main as main_lib
+  from score_sde.run import train
 
   monkeypatch.setitem(features.FEATURE_NETS, "fmnist", lambda **kw: _random_fmnist_net())
   config = _config(tmp_path, enable_fid=True, enable_loss=False, num_samples=40,

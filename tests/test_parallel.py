@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from score_sde import parallel
+from score_sde.io import parallel
 
 
 def test_prefetcher_keeps_order_and_runs_ahead():

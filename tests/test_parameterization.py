@@ -15,7 +15,7 @@ from configs import default
 from score_sde import losses, models
 from score_sde import parameterization as param_lib
 from score_sde import sde as sde_lib
-from score_sde import experiment
+from score_sde.run import experiment
 
 MU, S = gaussian_problem.MU, gaussian_problem.S  # data ~ N(MU, S^2 I) in 2 dimensions
 NAMES = ("epsilon", "x0", "v", "score", "edm")

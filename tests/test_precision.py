@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_sde import experiment, models, sampling, train
+from score_sde.run import experiment, train
+from score_sde import models, sampling
 from score_sde.models import layers
 from test_train import tiny_config
 

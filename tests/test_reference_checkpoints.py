@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_sde import models, torch_zip
-from score_sde import reference_checkpoints as rc
-from score_sde import experiment
+from score_sde import models
+from score_sde.io import torch_zip
+from score_sde.run import reference as rc
+from score_sde.run import experiment
 from test_models import REFERENCE_PARAM_COUNTS, TINY_OVERRIDES
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -340,7 +341,7 @@ def test_import_into_workdir_then_load_checkpoint(tmp_path):
   """The imported workdir is a normal checkpoint: evaluate.load_checkpoint returns the
   fixture's weights (EMA as the EMA params) and step; a second import is refused unless
   overwrite=True."""
-  from score_sde import evaluate
+  from score_sde.run import evaluate
 
   config = fixture_config("ve_ncsnpp_continuous")
   workdir = tmp_path / "run"

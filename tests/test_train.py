@@ -23,9 +23,12 @@ import optax
 import pytest
 
 from configs import fashion_mnist_vp
-from score_sde import checkpoints, datasets, evaluate, experiment, images, main as main_lib
-from score_sde import parallel, train
-from score_sde import workdir as workdir_lib
+from score_sde.io import checkpoints, datasets, images
+from score_sde.run import evaluate, experiment
+from score_sde import main as main_lib
+from score_sde.io import parallel
+from score_sde.run import train
+from score_sde.io import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

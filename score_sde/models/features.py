@@ -80,7 +80,7 @@ def check_images(images: np.ndarray, name: str) -> None:
     ValueError: not [N, H, W, C], NaN / infinite values (naming how many samples), or values
       outside [-0.5, 1.5].
   """
-  from score_sde import metrics  # noqa: PLC0415 (metrics is numpy-only; no cycle at import)
+  from score_sde import metrics
 
   if images.ndim != 4:
     raise ValueError(f"feature net {name!r}: expected images [N, H, W, C], got shape "

@@ -17,10 +17,12 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from score_sde import checkpoints, experiment, images, likelihood, models, parallel, quality
-from score_sde import datasets
-from score_sde import workdir as workdir_lib
-from score_sde.train import make_eval_loss_fn, make_sample_fn, restore_state
+from score_sde.io import checkpoints, images, parallel
+from score_sde.run import experiment, quality
+from score_sde import likelihood, models
+from score_sde.io import datasets
+from score_sde.io import workdir as workdir_lib
+from score_sde.run.train import make_eval_loss_fn, make_sample_fn, restore_state
 
 
 def load_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
@@ -57,7 +59,7 @@ def _sample_batches(config, state, spec: experiment.RunSpec, num_samples: int, m
   method, options = experiment.sampler_settings(config)
   batch = int(config.sampling.batch_size)
   shape = (batch, *models.image_shape(config))
-  if sample_fn is None:  # else a guided one (score_sde.controllable)
+  if sample_fn is None:  # else a guided one (score_sde.run.guided)
     sample_fn = make_sample_fn(spec, shape, method, options, mesh=mesh)
   _, _, sample_key, _ = experiment.run_keys(config)
   variables = state.variables(ema=True)
@@ -115,7 +117,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str, *, step: int | None 
   workdir_lib.check_workdir(workdir, must_exist=True)
   mesh = parallel.make_mesh() if mesh is None else mesh
   experiment.check_config(config, mesh, "sample")
-  from score_sde import controllable  # guidance: config.sampling.guidance
+  from score_sde.run import guided as controllable
   controllable.check_guidance_config(config, workdir)
   spec = experiment.run_spec(config)
   state, step = _restore(config, spec, workdir, step, mesh)
@@ -242,7 +244,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
           out_dir, f"samples_{sampler_tag(config)}_n{int(e.num_samples)}", (".npz", ".png"))
       np.savez_compressed(stem + ".npz", samples=x)
       images.save_grid(x[:64], stem + ".png", scale=2)
-    if e.get("enable_fid", False):  # FID / KID / IS / precision / recall (score_sde.quality)
+    if e.get("enable_fid", False):  # FID / KID / IS / precision / recall (score_sde.run.quality)
       metrics.update(quality.sample_quality(config, x))
       quality.log_metrics(metrics, step, workdir)
   path = workdir_lib.fresh_stem(out_dir, "metrics", (".json",)) + ".json"

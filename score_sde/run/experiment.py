@@ -26,9 +26,10 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from score_sde import datasets, losses, models, parallel, sampling
+from score_sde.io import datasets, parallel
+from score_sde import losses, models, sampling
 from score_sde import parameterization as param_lib
-from score_sde import workdir as workdir_lib
+from score_sde.io import workdir as workdir_lib
 from score_sde import sde as sde_lib
 
 Array = jax.Array
@@ -358,7 +359,7 @@ def _check_optim(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> No
 
 def _check_sampling(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> None:
   del mode
-  from score_sde import controllable  # guidance settings (that module imports this one)
+  from score_sde.run import guided as controllable
   controllable.check_guidance_config(config)
   s = config.sampling
   _choice("sampling", config, "precision", models.PRECISIONS, "float32")

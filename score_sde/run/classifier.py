@@ -31,9 +31,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from score_sde import checkpoints, datasets, experiment, parallel
+from score_sde.io import checkpoints, datasets, parallel
+from score_sde.run import experiment
 from score_sde import sde as sde_lib
-from score_sde import train as train_lib
+from score_sde.run import train as train_lib
 from score_sde.models.classifier import NoiseConditionalClassifier
 from score_sde.sde import batch_scalar
 

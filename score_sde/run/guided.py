@@ -19,8 +19,10 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from score_sde import datasets, experiment, guidance, images, models, parallel
-from score_sde import train
+from score_sde.io import datasets, images, parallel
+from score_sde.run import experiment
+from score_sde import guidance, models
+from score_sde.run import train
 
 GUIDANCE = ("none", "cfg", "classifier")
 TASKS = ("inpaint", "colorize")
@@ -61,7 +63,7 @@ def check_guidance_config(config: ml_collections.ConfigDict, workdir: str | None
     guidance.check_labels(label, num_classes, allow_null=True,
                           what="config.sampling.class_label")
     return
-  from score_sde import classifier_training
+  from score_sde.run import classifier as classifier_training
   classifier_training.check_config(config)
   guidance.check_labels(label, int(config.classifier.num_classes), allow_null=False,
                         what="config.sampling.class_label")
@@ -93,7 +95,7 @@ def make_guided_sample_fn(config: ml_collections.ConfigDict, workdir: str,
   sde, model, continuous = spec.sde, spec.network("sample"), spec.continuous
   classifier_variables = None
   if name == "classifier":
-    from score_sde import classifier_training
+    from score_sde.run import classifier as classifier_training
     classifier, classifier_variables, step = classifier_training.load_classifier(
         config, workdir, mesh=mesh)
     logging.info("classifier guidance (scale %g) with the classifier of step %d", scale, step)
@@ -187,7 +189,7 @@ def complete_test_images(config: ml_collections.ConfigDict, workdir: str, task: 
     ValueError / FileNotFoundError: unknown task / mask, a mask of another shape, colorizing
       one-channel images, a missing checkpoint (all before compiling).
   """
-  from score_sde import evaluate
+  from score_sde.run import evaluate
 
   if task not in TASKS:
     raise ValueError(f"Unknown task {task!r}; valid: {TASKS}")

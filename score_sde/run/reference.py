@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from score_sde import checkpoints, models, torch_zip
+from score_sde.io import checkpoints, torch_zip
+from score_sde import models
 
 # The checkpoints score_sde_pytorch published (paths as in its README) -> the config file here
 # and the `--config.<field>=<value>` overrides that give the same network, SDE and training
@@ -771,7 +772,7 @@ def import_checkpoint(config: ml_collections.ConfigDict, checkpoint_path: str | 
     torch_zip.CheckpointFormatError: not a torch checkpoint, or unsafe pickle contents.
     CheckpointMismatchError: the checkpoint does not fit the config's network.
   """
-  from score_sde import experiment, train as train_lib  # heavy; keeps this module light
+  from score_sde.run import experiment, train as train_lib
 
   path = os.fspath(checkpoint_path)
   ckpt_dir = checkpoints.checkpoint_dir(workdir)
@@ -816,7 +817,7 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.PathL
   Raises:
     FileNotFoundError: no checkpoint (or not that step) in `workdir`.
   """
-  from score_sde import evaluate  # heavy
+  from score_sde.run import evaluate
 
   state, step, _, _ = evaluate.load_checkpoint(config, os.fspath(workdir), step)
   to_numpy = lambda tree: jax.tree_util.tree_map(np.asarray, tree)  # noqa: E731

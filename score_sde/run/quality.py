@@ -26,7 +26,8 @@ import time
 import ml_collections
 import numpy as np
 
-from score_sde import datasets, metrics
+from score_sde.io import datasets
+from score_sde import metrics
 from score_sde.models import features as features_lib
 
 STATS_CACHE_DIR = os.path.join("~", ".cache", "score_sde", "stats")

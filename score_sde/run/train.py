@@ -36,10 +36,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from score_sde import checkpoints, datasets, experiment, guidance, images, models, parallel
+from score_sde.io import checkpoints, datasets, images, parallel
+from score_sde.run import experiment
+from score_sde import guidance, models
 from score_sde import sampling
-from score_sde import workdir as workdir_lib
-from score_sde.experiment import RunSpec
+from score_sde.io import workdir as workdir_lib
+from score_sde.run.experiment import RunSpec
 
 Array = jax.Array
 
