@@ -30,16 +30,16 @@ TRUE_PARAMS = {"m": jnp.asarray(MU, jnp.float32), "log_v": jnp.asarray(math.log(
 
 
 
-def _expected_loss_at_optimum(sde, weighting, eps):
+def _expected_loss_at_optimum(sde, weighting, eps, sigma_data):
   """1/(T-eps) int w(t) E||sigma s* + z||^2 / D dt, where for Gaussian data the inner
   expectation is alpha^2 S^2 / (alpha^2 S^2 + sigma^2) per dimension (closed form), and
-  w = 1 for sigma2, g^2 / sigma^2 for the likelihood weighting."""
+  w = 1 for sigma2, g^2 / sigma^2 for the likelihood weighting; `sigma_data` is edm's."""
   def integrand(t):
     tt = jnp.asarray([t], jnp.float64)
     a, s = float(sde.alpha(tt)[0]), float(sde.sigma(tt)[0])
     g = float(sde.sde(jnp.zeros((1, 1)), tt)[1][0])
     w = {"sigma2": 1.0, "likelihood": g**2 / s**2, "x0": (s / a) ** 2, "v": 1 + (s / a) ** 2,
-         "edm": 1 + (s / a) ** 2 / sde.sigma_data**2}[weighting]
+         "edm": 1 + (s / a) ** 2 / sigma_data**2}[weighting]
     return w * a**2 * S**2 / (a**2 * S**2 + s**2)
   # Integrate in log t (the likelihood weight grows like 1/t near 0), in float64.
   with jax.enable_x64(True):
@@ -62,11 +62,11 @@ def _loss_draws(loss_fn, score_fn, n_keys, batch):
     ("sigma2", False), ("likelihood", False), ("likelihood", True), ("x0", False),
     ("v", False), ("edm", False)])
 def test_loss_at_exact_score_matches_closed_form(weighting, importance_sampling):
-  sde, eps = sde_lib.VPSDE(), 1e-3
+  sde, eps, sigma_data = sde_lib.VPSDE(), 1e-3, 0.5
   loss_fn = losses.get_loss_fn(sde, weighting=weighting, eps=eps,
-                               importance_sampling=importance_sampling)
+                               importance_sampling=importance_sampling, sigma_data=sigma_data)
   draws = _loss_draws(loss_fn, gaussian_score(sde), n_keys=8, batch=8192)
-  expected = _expected_loss_at_optimum(sde, weighting, eps)
+  expected = _expected_loss_at_optimum(sde, weighting, eps, sigma_data)
   se = draws.std() / math.sqrt(draws.size)
   assert abs(draws.mean() - expected) < 4 * se + 1e-3 * expected, (draws.mean(), expected, se)
 

@@ -15,6 +15,7 @@ from scipy import signal
 from score_sde import models
 from score_sde import sde as sde_lib
 from score_sde.models import layers
+from score_sde.run import networks
 
 # Published parameter counts of the reference (yang-song/score_sde) CIFAR-10 networks.
 REFERENCE_PARAM_COUNTS = {
@@ -32,7 +33,7 @@ def load_config(name, arg=None):
 
 
 def abstract_variables(config):
-  return jax.eval_shape(lambda k: models.init_model(k, config), jax.random.key(0))
+  return jax.eval_shape(lambda k: networks.init_model(k, config), jax.random.key(0))
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_PARAM_COUNTS))
@@ -62,7 +63,7 @@ TINY_OVERRIDES = [
 
 
 def _shape_of_forward(model, config, batch=2, **kwargs):
-  shape = (batch, *models.image_shape(config))
+  shape = (batch, *networks.image_shape(config))
   x = jnp.zeros(shape)
   labels = jnp.full((batch,), 3.0)
 
@@ -77,7 +78,7 @@ def _shape_of_forward(model, config, batch=2, **kwargs):
 @pytest.mark.parametrize("name", sorted(REFERENCE_PARAM_COUNTS) + ["fashion_mnist_vp"])
 def test_tiny_experiment_output_shape(name):
   config = load_config(name, "tiny")
-  shape, out_shape = _shape_of_forward(models.get_model(config), config)
+  shape, out_shape = _shape_of_forward(networks.get_model(config), config)
   assert out_shape == shape
 
 
@@ -90,7 +91,7 @@ def test_tiny_option_combinations_output_shape(overrides):
     kwargs = {"class_labels": jnp.array([0, 10])}
   else:
     kwargs = {}
-  shape, out_shape = _shape_of_forward(models.get_model(config), config, **kwargs)
+  shape, out_shape = _shape_of_forward(networks.get_model(config), config, **kwargs)
   assert out_shape == shape
 
 
@@ -98,28 +99,28 @@ def test_get_model_rejects_bad_names():
   config = load_config("cifar10_vp", "tiny")
   config.model.name = "unet9000"
   with pytest.raises(ValueError, match="ncsnpp"):
-    models.get_model(config)
+    networks.get_model(config)
   config = load_config("cifar10_vp", "tiny")
   config.model.progressive = "sideways"
   with pytest.raises(ValueError, match="output_skip"):
-    models.get_model(config)
+    networks.get_model(config)
   config = load_config("cifar10_ve", "tiny")
   config.training.continuous = False
   with pytest.raises(ValueError, match="fourier"):
-    models.get_model(config)
+    networks.get_model(config)
 
 
 def test_ddpmpp_alias_builds_ncsnpp():
   config = load_config("cifar10_vp", "tiny")
   config.model.name = "ddpmpp"
-  assert isinstance(models.get_model(config), models.NCSNpp)
+  assert isinstance(networks.get_model(config), models.NCSNpp)
 
 
 def test_ddpm_is_the_ncsnpp_skeleton_with_ddpm_options():
   """The DDPM builder reads only the common U-Net fields: NCSN++ options in the config
   (FIR, pyramids, BigGAN blocks, Fourier features) do not change the DDPM network."""
   config = load_config("cifar10_ddpm", "tiny")
-  model = models.get_model(config)
+  model = networks.get_model(config)
   assert isinstance(model, models.DDPM) and isinstance(model, models.NCSNpp)
   assert (model.resblock_type, model.skip_rescale, model.embedding_type) == (
       "ddpm", False, "positional")
@@ -345,7 +346,7 @@ def test_vp_score_is_minus_output_over_std(vp_variables):
   sde = sde_lib.VPSDE()
   model = tiny_ncsnpp()
   x, t = tiny_inputs()
-  score = models.get_score_fn(sde, model, vp_variables)(x, t)
+  score = models.ScoreModel(model, sde).score_fn(vp_variables)(x, t)
   output = model.apply(vp_variables, x, 999.0 * t)
   std = np.sqrt(1.0 - np.exp(-0.5 * t**2 * (20.0 - 0.1) - t * 0.1))[:, None, None, None]
   assert float(jnp.max(jnp.abs(output))) > 1e-2  # a non-trivial output
@@ -359,7 +360,7 @@ def test_ddpm_discrete_score_uses_discrete_std():
   steps = jnp.array([10, 700])
   t = steps / (sde.N - 1)
   variables = model.init(jax.random.key(0), x, t)
-  score = models.get_score_fn(sde, model, variables, continuous=False)(x, t)
+  score = models.ScoreModel(model, sde, continuous=False).score_fn(variables)(x, t)
   output = model.apply(variables, x, steps.astype(jnp.float32))
   alphas_bar = np.cumprod(1.0 - np.linspace(0.1 / 1000, 20.0 / 1000, 1000))
   std = np.sqrt(1.0 - alphas_bar[np.asarray(steps)])[:, None, None, None]
@@ -371,7 +372,7 @@ def test_ve_scale_by_sigma_divides_output_by_sigma(vp_variables, ve_variables):
   x, t = tiny_inputs()
   plain = tiny_ncsnpp(embedding_type="fourier", scale_by_sigma=False)
   scaled = tiny_ncsnpp(embedding_type="fourier", scale_by_sigma=True)
-  score = models.get_score_fn(sde, scaled, ve_variables)(x, t)
+  score = models.ScoreModel(scaled, sde).score_fn(ve_variables)(x, t)
   sigma = sde.sigma(t)
   np.testing.assert_allclose(score * sigma[:, None, None, None],
                              plain.apply(ve_variables, x, sigma), rtol=1e-5, atol=1e-7)
@@ -387,10 +388,11 @@ def test_score_fn_uses_dropout_rng_in_training(vp_variables):
   sde = sde_lib.VPSDE()
   model = tiny_ncsnpp(dropout=0.5)
   x, t = tiny_inputs()
-  a = models.get_score_fn(sde, model, vp_variables, train=True, rng=jax.random.key(1))(x, t)
-  b = models.get_score_fn(sde, model, vp_variables, train=True, rng=jax.random.key(2))(x, t)
-  c = models.get_score_fn(sde, model, vp_variables, train=False)(x, t)
-  d = models.get_score_fn(sde, model, vp_variables, train=False, rng=jax.random.key(1))(x, t)
+  sm = models.ScoreModel(model, sde)
+  a = sm.score_fn(vp_variables, train=True, rng=jax.random.key(1))(x, t)
+  b = sm.score_fn(vp_variables, train=True, rng=jax.random.key(2))(x, t)
+  c = sm.score_fn(vp_variables, train=False)(x, t)
+  d = sm.score_fn(vp_variables, train=False, rng=jax.random.key(1))(x, t)
   assert not np.allclose(a, b)
   np.testing.assert_array_equal(c, d)
 

@@ -15,7 +15,7 @@ from configs import default
 from score_sde import losses, models
 from score_sde import parameterization as param_lib
 from score_sde import sde as sde_lib
-from score_sde.run import experiment
+from score_sde.run import experiment, networks
 
 MU, S = gaussian_problem.MU, gaussian_problem.S  # data ~ N(MU, S^2 I) in 2 dimensions
 NAMES = ("epsilon", "x0", "v", "score", "edm")
@@ -111,13 +111,22 @@ def gaussian_network(sde, name, sigma_data=0.5):
   return apply
 
 
-def param_score_fn(sde, name):
-  net = gaussian_network(sde, name, sde.sigma_data)
+def param_score_fn(sm, name):
+  """`score_fn(params, x, t)` of `gaussian_network` through the conversions of `sm`, a
+  `ScoreModel` with parameterization `name`."""
+  net = gaussian_network(sm.sde, name, sm.sigma_data)
 
   def score_fn(params, x, t):
-    output = net(params, sde.network_input(x, t), sde.noise_labels(t))
-    return sde.score_from_output(output, t, True, x)
+    output = net(params, sm.network_input(x, t), sm.noise_labels(t))
+    return sm.output_to_score(output, x, t)
   return score_fn
+
+
+def score_model(sde_name, name):
+  """A `ScoreModel` of parameterization `name` on the SDE `sde_name`, for its conversions only
+  (the 'network' is the function `gaussian_network`, called by `param_score_fn`)."""
+  sde = SDES[sde_name]()
+  return models.ScoreModel(gaussian_network(sde, name), sde, parameterization=name)
 
 
 @pytest.mark.parametrize("sde_name", SDES)
@@ -127,11 +136,12 @@ def test_optimal_network_gives_the_exact_score(sde_name, name):
   # (alpha x0 - x) / sigma^2 cancels all float32 digits (the network-side conversion is
   # only as good as the working precision there).
   with jax.enable_x64(True):
-    sde = SDES[sde_name](parameterization=name)
+    sm = score_model(sde_name, name)
+    sde = sm.sde
     x = jax.random.normal(jax.random.key(1), (6, 2), jnp.float64) * 2.0
     t = jnp.asarray([1e-3, 0.05, 0.2, 0.5, 0.8, 1.0], jnp.float64)
     params = {"m": jnp.asarray(MU), "log_v": jnp.asarray(math.log(S**2))}
-    score = param_score_fn(sde, name)(params, x, t)
+    score = param_score_fn(sm, name)(params, x, t)
     alpha, sigma = _alpha_sigma(sde, t, x)
     exact = -(x - alpha * MU) / (alpha**2 * S**2 + sigma**2)
     np.testing.assert_allclose(np.asarray(score), np.asarray(exact), rtol=1e-6)
@@ -146,24 +156,26 @@ def test_optimal_network_gives_the_exact_score(sde_name, name):
     ("ve", "x0", "x0", "uniform"), ("subvp", "v", "v", "uniform")])
 def test_training_each_parameterization_recovers_the_gaussian_score(sde_name, name, weighting,
                                                                     time_sampling):
-  sde = SDES[sde_name](parameterization=name)
-  loss_fn = losses.get_loss_fn(sde, weighting=weighting, eps=1e-3, time_sampling=time_sampling)
-  score_fn = param_score_fn(sde, name)
+  sm = score_model(sde_name, name)
+  loss_fn = losses.get_loss_fn(sm.sde, weighting=weighting, eps=1e-3,
+                               time_sampling=time_sampling, sigma_data=sm.sigma_data)
+  score_fn = param_score_fn(sm, name)
   gaussian_problem.assert_recovers_the_data(gaussian_problem.fit(loss_fn, score_fn))
 
 
-def test_get_score_fn_feeds_c_in_and_applies_the_preconditioning():
+def test_score_fn_feeds_c_in_and_applies_the_preconditioning():
   config = default.get_config("tiny")
   config.data.image_size, config.data.num_channels = 8, 1
   config.model.ch_mult, config.model.attn_resolutions = (1, 2), (4,)
   config.model.embedding_type = "positional"
   config.model.init_scale = 1.0  # a non-zero output layer, so F matters
-  model = models.get_model(config)
-  variables = models.init_model(jax.random.key(0), config, model)
-  sde = sde_lib.VPSDE(parameterization="edm", sigma_data=0.5)
+  model = networks.get_model(config)
+  variables = networks.init_model(jax.random.key(0), config, model)
+  sde = sde_lib.VPSDE()
+  sm = models.ScoreModel(model, sde, parameterization="edm", sigma_data=0.5)
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
   t = jnp.asarray([0.1, 0.7])
-  score = models.get_score_fn(sde, model, variables)(x, t)
+  score = sm.score_fn(variables)(x, t)
   alpha, sigma = sde.alpha(t)[:, None, None, None], sde.sigma(t)[:, None, None, None]
   norm = jnp.sqrt(sigma**2 + alpha**2 * 0.25)
   out = model.apply(variables, x / norm, 999.0 * t, train=False)
@@ -171,21 +183,24 @@ def test_get_score_fn_feeds_c_in_and_applies_the_preconditioning():
   np.testing.assert_allclose(np.asarray(score), np.asarray((alpha * denoised - x) / sigma**2),
                              rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="continuous"):
-    models.get_score_fn(sde, model, variables, continuous=False)
+    models.ScoreModel(model, sde, parameterization="edm", sigma_data=0.5, continuous=False)
 
 
 def test_bad_parameterizations():
+  # ScoreModel(None, ...) only checks the settings.
   with pytest.raises(ValueError, match=r"'x0', 'v', 'score', 'edm'"):
-    sde_lib.VPSDE(parameterization="noise")
+    models.ScoreModel(None, sde_lib.VPSDE(), parameterization="noise")
   with pytest.raises(ValueError, match="sigma_data"):
-    sde_lib.VESDE(parameterization="edm", sigma_data=0.0)
-  with pytest.raises(ValueError, match="needs x"):
-    sde_lib.VPSDE(parameterization="x0").score_from_output(jnp.zeros((1, 2)), jnp.ones(1))
+    models.ScoreModel(None, sde_lib.VESDE(), parameterization="edm", sigma_data=0.0)
+  # A data prediction cannot become a score without x_t: x is a required argument now.
+  with pytest.raises(TypeError, match="x"):
+    models.ScoreModel(None, sde_lib.VPSDE(), parameterization="x0").output_to_score(
+        jnp.zeros((1, 2)), t=jnp.ones(1))
   # The native ones keep the discrete path.
-  sde_lib.VPSDE(parameterization="epsilon").check_network(continuous=False)
-  sde_lib.VESDE(parameterization="score").check_network(continuous=False)
+  models.ScoreModel(None, sde_lib.VPSDE(), parameterization="epsilon", continuous=False)
+  models.ScoreModel(None, sde_lib.VESDE(), parameterization="score", continuous=False)
   with pytest.raises(ValueError, match="training.continuous=True"):
-    sde_lib.VESDE(parameterization="epsilon").check_network(continuous=False)
+    models.ScoreModel(None, sde_lib.VESDE(), parameterization="epsilon", continuous=False)
 
 
 def _config(**changes) -> ml_collections.ConfigDict:
@@ -209,7 +224,8 @@ def test_config_checks_name_the_valid_values(changes, match):
     experiment.check_config(_config(**changes))
 
 
-def test_config_builds_the_parameterized_sde():
-  sde = experiment.make_sde(_config(**{"model.parameterization": "edm", "model.sigma_data": 0.3,
-                                     "model.schedule": "sigmoid"}))
-  assert (sde.parameterization, sde.sigma_data, sde.schedule) == ("edm", 0.3, "sigmoid")
+def test_config_builds_the_parameterized_score_model():
+  config = _config(**{"model.parameterization": "edm", "model.sigma_data": 0.3,
+                      "model.schedule": "sigmoid"})
+  sm = experiment.make_score_model(config, None)
+  assert (sm.parameterization, sm.sigma_data, sm.sde.schedule) == ("edm", 0.3, "sigmoid")
