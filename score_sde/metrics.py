@@ -25,6 +25,7 @@ import logging
 import os
 import warnings
 
+import jax
 import numpy as np
 import scipy.linalg
 
@@ -399,9 +400,9 @@ def class_histogram(logits, num_classes: int | None = None) -> np.ndarray:
   return np.bincount(z.argmax(axis=1), minlength=num_classes) / len(z)
 
 
-def sample_quality(features, logits, reference: dict, *, kid_subsets: int = 100,
-                   kid_subset_size: int = 1000, pr_k: int = 3, pr_num_real: int = 10_000,
-                   is_splits: int = 10, seed: int = 0) -> dict:
+def feature_metrics(features, logits, reference: dict, *, kid_subsets: int = 100,
+                    kid_subset_size: int = 1000, pr_k: int = 3, pr_num_real: int = 10_000,
+                    is_splits: int = 10, seed: int = 0) -> dict:
   """FID, KID, IS, precision / recall and class histogram of samples against reference stats.
 
   Args:
@@ -439,3 +440,33 @@ def sample_quality(features, logits, reference: dict, *, kid_subsets: int = 100,
   if reference.get("logits") is not None:
     out["data_class_histogram"] = class_histogram(reference["logits"]).round(5).tolist()
   return out
+
+
+def sliced_wasserstein1(key: jax.Array, a, b, projections: int = 256) -> float:
+  """Sliced Wasserstein-1 distance between two equal-size samples.
+
+  The mean over `projections` random unit directions theta (uniform on the sphere, drawn
+  from `key`) of the 1-D W1 distance between the projections theta . a_i and theta . b_i,
+  i.e. the mean absolute difference of the sorted projections. In float64 on the host.
+
+  Args:
+    key: a JAX PRNG key (the directions).
+    a, b: samples `[N, *D]` (flattened to `[N, prod(D)]`), in the data's units.
+    projections: number of directions, >= 1.
+
+  Returns:
+    The distance, in the data's units (0 for identical samples).
+
+  Raises:
+    ValueError: samples of different shapes, or `projections < 1`.
+  """
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+  if a.shape != b.shape:
+    raise ValueError(f"sliced W1 needs equal-size samples, got {a.shape} and {b.shape}")
+  if projections < 1:
+    raise ValueError(f"projections must be >= 1, got {projections}")
+  dirs = np.asarray(jax.random.normal(key, (a.shape[1], projections)), np.float64)
+  dirs /= np.linalg.norm(dirs, axis=0, keepdims=True)
+  return float(np.mean(np.abs(np.sort(a @ dirs, axis=0) - np.sort(b @ dirs, axis=0))))

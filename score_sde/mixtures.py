@@ -237,3 +237,23 @@ def conditional_on_known(mix: GaussianMixture, known_mask: np.ndarray, known: np
   return GaussianMixture(weights=tuple(float(p) for p in post),
                          means=tuple(tuple(float(a) for a in row) for row in mu[:, ~m]),
                          stds=tuple(float(a) for a in s), event_shape=(int((~m).sum()),))
+
+
+def mode_weight_tv(mixture: GaussianMixture, x) -> float:
+  """Total variation between the samples' component frequencies and the mixture weights.
+
+  Each sample is assigned to the component of largest posterior responsibility under the
+  data density p_0; the TV is 0.5 sum_k |freq_k - w_k|. It catches samplers that get the
+  mode weights wrong while each mode looks right.
+
+  Args:
+    mixture: the data mixture.
+    x: samples `[N, *event_shape]`.
+
+  Returns:
+    The TV distance in [0, 1].
+  """
+  resp = mixture.responsibilities(jnp.asarray(x, jnp.float32))
+  comp = np.argmax(np.asarray(resp), axis=-1)
+  freq = np.bincount(comp, minlength=len(mixture.weights)) / len(comp)
+  return float(0.5 * np.sum(np.abs(freq - np.asarray(mixture.weights))))

@@ -1,84 +1,118 @@
-"""Tests of scripts/compare_samplers.py: its metrics by hand, and a tiny end-to-end run."""
+"""Tests of the sampler comparison (`score_sde.run.compare`, behind
+scripts/compare_samplers.py) and of the metrics it uses (`metrics.sliced_wasserstein1`,
+`mixtures.mode_weight_tv`): the metrics against closed forms, a tiny end-to-end run, and the
+script's exit status on a bad flag."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 import os
+import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
 
-from score_sde import mixtures
+from score_sde import metrics, mixtures
+from score_sde.io import workdir as workdir_lib
+from score_sde.run import compare, experiment
 
-_SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
-
-
-@pytest.fixture(scope="module")
-def cs():
-  # As `python scripts/compare_samplers.py` would, put scripts/ on the path (for scripts/common.py).
-  if _SCRIPTS not in sys.path:
-    sys.path.insert(0, _SCRIPTS)
-  spec = importlib.util.spec_from_file_location(
-      "compare_samplers", os.path.join(_SCRIPTS, "compare_samplers.py"))
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_sliced_w1_of_a_shift_is_its_mean_absolute_projection(cs):
+def test_sliced_w1_of_a_shift_is_its_mean_absolute_projection():
   # Shifting a sample by m shifts every sorted projection by theta . m, so the sliced W1 is
   # E|theta . m| = |m| E|cos(phi)| = |m| 2 / pi for directions uniform on the circle.
   a = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (300, 2)))
   m = np.array([0.3, -0.4])  # |m| = 0.5
-  sw = cs.sliced_wasserstein1(jax.random.PRNGKey(1), a, a + m, projections=20000)
+  sw = metrics.sliced_wasserstein1(jax.random.PRNGKey(1), a, a + m, projections=20000)
   np.testing.assert_allclose(sw, 0.5 * 2 / math.pi, rtol=0.02)
-  assert cs.sliced_wasserstein1(jax.random.PRNGKey(1), a, a) == 0.0
+  assert metrics.sliced_wasserstein1(jax.random.PRNGKey(1), a, a) == 0.0
+  # The order of the samples does not matter (sorted projections).
+  assert metrics.sliced_wasserstein1(jax.random.PRNGKey(1), a, a[::-1]) == pytest.approx(
+      0.0, abs=1e-12)
   with pytest.raises(ValueError, match="equal-size"):
-    cs.sliced_wasserstein1(jax.random.PRNGKey(1), a, a[:10])
+    metrics.sliced_wasserstein1(jax.random.PRNGKey(1), a, a[:10])
+  with pytest.raises(ValueError, match="projections"):
+    metrics.sliced_wasserstein1(jax.random.PRNGKey(1), a, a, projections=0)
 
 
-def test_mode_weight_tv(cs):
+def test_sliced_w1_in_1d_is_the_w1_of_shifted_gaussians():
+  # In 1-D every direction is +-1: sliced W1 = W1, and W1(N(0, 1), N(mu, 1)) = |mu|. With the
+  # same standard-normal draws shifted, the sorted differences are exactly mu.
+  z = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (500, 1)), np.float64)
+  sw = metrics.sliced_wasserstein1(jax.random.PRNGKey(3), z, z + 0.7, projections=7)
+  np.testing.assert_allclose(sw, 0.7, rtol=1e-12)
+  # Independent draws: within the finite-sample error of W1 (~ 1 / sqrt(n)).
+  y = np.asarray(jax.random.normal(jax.random.PRNGKey(4), (500, 1)), np.float64) - 1.5
+  assert abs(metrics.sliced_wasserstein1(jax.random.PRNGKey(3), z, y, 3) - 1.5) < 0.15
+
+
+def test_mode_weight_tv():
   mixture = mixtures.three_gaussians_mixture()  # weights 0.5, 0.3, 0.2
   means = np.asarray(mixture.means)
   exact = np.repeat(means, [5, 3, 2], axis=0)
-  assert cs.mode_weight_tv(mixture, exact) == pytest.approx(0.0, abs=1e-12)
+  assert mixtures.mode_weight_tv(mixture, exact) == pytest.approx(0.0, abs=1e-12)
   only_first = np.repeat(means[:1], 10, axis=0)
-  assert cs.mode_weight_tv(mixture, only_first) == pytest.approx(0.5)
+  assert mixtures.mode_weight_tv(mixture, only_first) == pytest.approx(0.5)
+  # By hand: frequencies (0.2, 0.4, 0.4) -> 0.5 (|0.2 - 0.5| + |0.4 - 0.3| + |0.4 - 0.2|) = 0.3.
+  by_hand = np.repeat(means, [2, 4, 4], axis=0)
+  assert mixtures.mode_weight_tv(mixture, by_hand) == pytest.approx(0.3)
 
 
-def test_checkpoint_loading_fails_clearly_without_checkpoints(cs, tmp_path):
-  from configs import fashion_mnist_vp
-  with pytest.raises(FileNotFoundError, match="No checkpoint in .*checkpoints"):
-    cs.load_score_fn_from_checkpoint(fashion_mnist_vp.get_config("tiny"), str(tmp_path))
+def test_checkpoint_problem_fails_clearly_without_a_run(tmp_path):
   with pytest.raises(ValueError, match="workdir"):
-    cs.main(["--problem=checkpoint", f"--out={tmp_path}"])
+    compare.CompareOptions(problem="checkpoint")
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    compare.build_problem(compare.CompareOptions(problem="checkpoint", workdir=str(tmp_path)))
+  # A run directory with its config but no checkpoint yet.
+  from configs import fashion_mnist_vp
+  config = fashion_mnist_vp.get_config("tiny")
+  workdir_lib.save_config(experiment.config_to_plain(config), str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="No checkpoint in .*checkpoints"):
+    compare.build_problem(compare.CompareOptions(problem="checkpoint", workdir=str(tmp_path)))
 
 
-def test_unknown_sampler_name_raises(cs, tmp_path):
-  with pytest.raises(ValueError, match="ddim"):
-    cs.main(["--samplers=ddim,rk45", "--num_samples=8", f"--out={tmp_path}"])
+@pytest.mark.parametrize("field, value, match", [
+    ("samplers", ("ddim", "rk45"), "ddim"), ("mixture", "moons", "three_gaussians"),
+    ("sde", "bm", "vpsde"), ("num_samples", 0, "num_samples"), ("nfe", (0, 5), "NFE"),
+    ("reference_dtype", "float16", "float64")])
+def test_bad_options_raise_naming_the_value(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    compare.CompareOptions(**{field: value})
 
 
-def test_tiny_grid_writes_table_and_plot(cs, tmp_path):
+def test_bad_flag_is_one_error_line_and_status_2():
+  env = dict(os.environ, PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  out = subprocess.run([sys.executable, os.path.join(_ROOT, "scripts", "compare_samplers.py"),
+                        "--samplers=ddim,rk45"], capture_output=True, text=True, env=env,
+                       cwd=_ROOT, timeout=120)
+  assert out.returncode == 2, out.stderr
+  assert out.stderr.strip().splitlines() == [
+      "error: Unknown sampler(s) ['rk45']; valid: " + str(sorted(compare.SAMPLER_GRID))]
+
+
+def test_tiny_grid_writes_table_and_plot(tmp_path):
   out = tmp_path / "cmp"
-  rows = cs.main(["--samplers=ddim,ddpm,ode", "--nfe=5,20", "--ode_tols=1e-3",
-                  "--num_samples=200", "--reference_solver=tsit5", "--reference_tol=1e-7",
-                  "--repeats=1", "--projections=64", f"--out={out}"])
+  options = compare.CompareOptions(
+      samplers=("ddim", "ddpm", "ode"), nfe=(5, 20), ode_tols=(1e-3,), num_samples=200,
+      reference_solver="tsit5", reference_tol=1e-7, repeats=1, projections=64)
+  rows, summary = compare.run_comparison(options, progress=False)
+  paths = compare.write_results(rows, summary, str(out))
+  assert paths == {ext: str(out / f"results.{ext}") for ext in ("csv", "md", "png")}
 
   with open(out / "results.csv") as f:
     table = list(csv.DictReader(f))
-  assert tuple(table[0].keys()) == cs.COLUMNS
+  assert tuple(table[0].keys()) == compare.COLUMNS
   assert [r["sampler"] for r in table] == ["reference", "ddim", "ddim", "ddpm", "ddpm", "ode"]
   md = (out / "results.md").read_text()
-  assert "| " + " | ".join(cs.COLUMNS) + " |" in md
+  assert "| " + " | ".join(compare.COLUMNS) + " |" in md
   assert md.count("\n| ddim |") == 2
   with open(out / "results.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert "ddim (NFE 20)" in compare.timing_line(rows, summary)
 
   by = {(r["sampler"], r["nfe"]): r for r in rows}
   ddim5, ddim20 = by[("ddim", 5)], by[("ddim", 20)]
@@ -95,3 +129,4 @@ def test_tiny_grid_writes_table_and_plot(cs, tmp_path):
   # floor (200 points, 2-D), far below that of 5-step DDIM.
   assert rows[0]["sliced_w1"] < 0.2 and rows[0]["mode_tv"] < 0.15
   assert rows[0]["sliced_w1"] < ddim5["sliced_w1"]
+  assert 0 < summary["sliced_w1_floor"] < 0.3 and 0 <= summary["mode_tv_floor"] < 0.15

@@ -1,0 +1,100 @@
+"""What the command-line tools under scripts/ share with `score_sde.main`: absl flag parsing
+whose errors are one `error: ...` line and exit status 2, and bad input raised later (a
+ValueError or FileNotFoundError) reported the same way.
+
+    from absl import app, flags
+    from score_sde.run import cli
+
+    flags.DEFINE_integer("num_samples", 64, "Samples, >= 1.", lower_bound=1)
+
+    def main(argv):
+      cli.setup()
+      sys.exit(cli.execute(lambda: do_the_work(FLAGS.num_samples)))
+
+    if __name__ == "__main__":
+      app.run(main, flags_parser=cli.parse_flags)
+
+Flag values are checked while parsing (absl's `lower_bound` / `upper_bound`, `DEFINE_enum`,
+`flags.register_validator`), before anything compiles.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+from absl import flags
+
+from score_sde.io import logs
+
+EXIT_BAD_INPUT = 2
+BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError)
+
+FLAGS = flags.FLAGS
+
+
+def one_line(error: BaseException) -> str:
+  """The error's message on one line."""
+  return " ".join(str(error).split())
+
+
+def _config_file(argv: Sequence[str]) -> str | None:
+  """The value of `--config` in `argv`, or None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(("--config=", "-config=")):
+      return arg.split("=", 1)[1]
+    if arg in ("--config", "-config") and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl flag parsing (for `app.run(main, flags_parser=parse_flags)`) with bad flags and
+  config-file errors (missing file, syntax error, `get_config` raising, unknown
+  `--config.<field>`) as one `error: ...` line on stderr and exit status 2.
+
+  Returns:
+    The arguments absl leaves (the program name and the positional arguments).
+  """
+  path = _config_file(argv)
+  if path is not None:
+    file = path.split(":", 1)[0]
+    if not os.path.isfile(file):
+      print(f"error: --config={path}: no such config file {os.path.abspath(file)}",
+            file=sys.stderr)
+      sys.exit(EXIT_BAD_INPUT)
+  try:
+    rest = FLAGS(argv)
+    if path is not None and "config" in FLAGS:
+      FLAGS.config.get("training")  # a config that failed to load raises on first access
+  except Exception as e:  # noqa: BLE001 (flags and config files raise anything)
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    detail = lines[-1] if lines else type(e).__name__
+    if isinstance(e, KeyError):  # an override of a field the config does not have
+      detail = "unknown config field " + " ".join(str(e.args[0]).replace("'", "").split())
+    elif isinstance(e, SyntaxError):
+      detail = f"SyntaxError: {e.msg} ({e.filename}, line {e.lineno})"
+    elif lines and "Error whilst parsing config file" in lines[0]:
+      detail = f"get_config raised {detail}"
+    other_flag = str(e).startswith("flag --") and not str(e).startswith("flag --config=")
+    where = "" if path is None or other_flag else f"--config={path}: "
+    print(f"error: {where}{detail}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+  return rest
+
+
+def execute(work: Callable[[], Any]) -> int:
+  """`work()`, with bad input (ValueError, FileNotFoundError, FileExistsError) as one
+  `error: ...` line on stderr and status 2; 0 otherwise."""
+  try:
+    work()
+  except BAD_INPUT as e:
+    print(f"error: {one_line(e)}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  return 0
+
+
+def setup() -> None:
+  """Logging as the CLI's (no orbax / JAX chatter between progress bars)."""
+  logs.setup_logging()
