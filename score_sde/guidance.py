@@ -49,6 +49,7 @@ import numpy as np
 
 from score_sde import sampling
 from score_sde.sde import SDE, ScoreFn, batch_scalar
+from score_sde.checks import check_choice
 
 Array = jax.Array
 CondScoreFn = Callable[[Array, Array, Array], Array]
@@ -258,8 +259,7 @@ def sample_with_constraint(key: Array, score_fn: ScoreFn, sde: SDE, constraint: 
     ValueError: unknown scheme, 'reimpose' with a method other than 'pc'.
   """
   scheme = ("reimpose" if method == "pc" else "score") if scheme is None else scheme
-  if scheme not in INPAINT_SCHEMES:
-    raise ValueError(f"Unknown inpainting scheme {scheme!r}; valid: {INPAINT_SCHEMES}")
+  check_choice("inpainting scheme", scheme, INPAINT_SCHEMES)
   if scheme == "reimpose" and method != "pc":
     raise ValueError(f"scheme 'reimpose' needs method 'pc' (it re-imposes the known values "
                      f"between predictor and corrector steps), got method {method!r}; use "

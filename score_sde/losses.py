@@ -48,14 +48,14 @@ WEIGHTINGS = ("sigma2", "likelihood", "x0", "v", "edm", "ddpm", "smld")
 TIME_SAMPLINGS = ("uniform", "log_normal")
 
 
-def _snr_weight(sde: SDE, weighting: str, t: jax.Array) -> jax.Array:
+def _snr_weight(sde: SDE, weighting: str, t: jax.Array, sigma_data: float) -> jax.Array:
   """w(t) of the x0 / v / edm weightings, per unit of || sigma s + z ||^2 (`[B]`)."""
   inv_snr = jnp.exp(-2.0 * sde.log_snr(t))  # sigma_hat^2 = (sigma / alpha)^2
   if weighting == "x0":
     return inv_snr
   if weighting == "v":
     return 1.0 + inv_snr
-  return 1.0 + inv_snr / sde.sigma_data**2
+  return 1.0 + inv_snr / sigma_data**2
 
 
 def _reduce(v: jax.Array, reduce_mean: bool) -> jax.Array:
@@ -99,8 +99,8 @@ class ImportanceSampler:
 
 def get_loss_fn(sde: SDE, *, weighting: str = "sigma2", reduce_mean: bool = True,
                 eps: float = 1e-5, importance_sampling: bool = False,
-                time_sampling: str = "uniform", p_mean: float = -1.2, p_std: float = 1.2
-                ) -> LossFn:
+                time_sampling: str = "uniform", p_mean: float = -1.2, p_std: float = 1.2,
+                sigma_data: float = 0.5) -> LossFn:
   """Builds a denoising score matching loss.
 
   Args:
@@ -114,6 +114,7 @@ def get_loss_fn(sde: SDE, *, weighting: str = "sigma2", reduce_mean: bool = True
       N(p_mean, p_std^2), mapped to t through the SDE's inverse log-SNR); continuous
       weightings only.
     p_mean, p_std: the log-normal's mean and std of log sigma_hat.
+    sigma_data: the data std of the 'edm' weighting (the `ScoreModel`'s).
 
   Returns:
     `loss_fn(key, score_fn, params, x0) -> (loss, aux)`: `score_fn(params, x, t)` returns a
@@ -147,7 +148,8 @@ def get_loss_fn(sde: SDE, *, weighting: str = "sigma2", reduce_mean: bool = True
   sampler = ImportanceSampler(sde, eps) if importance_sampling else None
   if time_sampling == "log_normal":
     sampler = LogNormalSampler(sde, eps, p_mean, p_std)
-  return functools.partial(_continuous_loss, sde, weighting, reduce_mean, eps, sampler)
+  return functools.partial(_continuous_loss, sde, weighting, reduce_mean, eps, sampler,
+                           sigma_data)
 
 
 class LogNormalSampler:
@@ -170,7 +172,8 @@ class LogNormalSampler:
     return jnp.clip(self.sde.t_from_log_snr(log_snr), self.eps, self.sde.T)
 
 
-def _continuous_loss(sde, weighting, reduce_mean, eps, sampler, key, score_fn, params, x0):
+def _continuous_loss(sde, weighting, reduce_mean, eps, sampler, sigma_data, key, score_fn, params,
+                     x0):
   k_t, k_z = jax.random.split(key)
   b = x0.shape[0]
   if sampler is None:
@@ -187,7 +190,7 @@ def _continuous_loss(sde, weighting, reduce_mean, eps, sampler, key, score_fn, p
   if weighting == "sigma2":
     per_example = sq_err
   elif weighting in ("x0", "v", "edm"):
-    per_example = sq_err * _snr_weight(sde, weighting, t)
+    per_example = sq_err * _snr_weight(sde, weighting, t, sigma_data)
   elif not isinstance(sampler, ImportanceSampler):
     per_example = sq_err * sde.sde(x_t, t)[1] ** 2 / std**2
   else:

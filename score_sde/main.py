@@ -30,12 +30,6 @@ from ml_collections import config_flags
 
 from score_sde.io import logs
 
-# Config files import their defaults as `from configs import default`: make the repository's
-# `configs` package importable wherever the command is started from.
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(_REPO, "configs")) and _REPO not in sys.path:
-  sys.path.append(_REPO)
-
 MODES = ("train", "eval", "sample", "train_classifier")
 EXIT_BAD_INPUT, EXIT_NON_FINITE = 2, 3
 

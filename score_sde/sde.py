@@ -25,8 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from score_sde import parameterization as param_lib
-
 ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 # Cosine schedule (Nichol & Dhariwal 2021): its beta(t) diverges at t = 1, so SDE time t in
@@ -67,23 +65,9 @@ class SDE(abc.ABC):
 
   Subclasses are dataclasses with a field `N` (number of discretization steps) and define
   `sde`, `log_alpha`, `sigma`, `t_from_log_snr`, `prior_sampling` and `prior_logp`;
-  everything else follows.
-
-  Two keyword-only fields say what a score network of this SDE predicts (see
-  `score_sde.parameterization`): `parameterization` ('auto': epsilon for VP / sub-VP, the
-  score for VE) and `sigma_data` (the data std assumed by 'edm').
+  everything else follows. What a network trained on the process predicts is not the
+  process's business: `score_sde.models.ScoreModel` owns that.
   """
-
-  parameterization: str = dataclasses.field(default="auto", kw_only=True)
-  sigma_data: float = dataclasses.field(default=0.5, kw_only=True)
-
-  # What 'auto' means for this SDE (the reference codebase's parameterization).
-  native_parameterization = "epsilon"
-
-  def _check_parameterization(self):
-    param_lib.check_name(self.parameterization)
-    if not self.sigma_data > 0:
-      raise ValueError(f"sigma_data must be positive, got {self.sigma_data}")
 
   @property
   def T(self) -> float:
@@ -166,71 +150,6 @@ class SDE(abc.ABC):
     """The reverse-time SDE (or probability-flow ODE) driven by `score_fn(x, t)`."""
     return ReverseSDE(self, score_fn, probability_flow)
 
-  # --- the network's parameterization -----------------------------------------------------
-
-  def noise_labels(self, t: jax.Array, continuous: bool = True) -> jax.Array:
-    """What a score network is conditioned on at time t, as in the reference codebase.
-
-    VP-type SDEs feed `999 t` (continuous) or the discrete step index; VE feeds sigma(t)
-    (continuous) or the index of the discrete noise level.
-    """
-    if continuous:
-      return t * 999.0
-    return jnp.round(t * (self.N - 1) / self.T)
-
-  @property
-  def resolved_parameterization(self) -> str:
-    """The parameterization with 'auto' replaced by the SDE's native one."""
-    if self.parameterization == "auto":
-      return self.native_parameterization
-    return self.parameterization
-
-  def _native(self) -> bool:
-    return self.resolved_parameterization == self.native_parameterization
-
-  def check_network(self, continuous: bool = True) -> None:
-    """Raises a ValueError if the parameterization does not fit a network with these labels:
-    the non-native ones are written in continuous time (alpha(t), sigma(t))."""
-    if not continuous and not self._native():
-      raise ValueError(
-          f"parameterization {self.parameterization!r} needs continuous-time training "
-          f"(training.continuous=True); with discrete labels use 'auto' "
-          f"({self.native_parameterization!r} for {type(self).__name__})")
-
-  def network_input(self, x: jax.Array, t: jax.Array) -> jax.Array:
-    """What the network is fed for x_t: x itself, scaled by c_in for 'edm' and by
-    1 / sqrt(alpha^2 + sigma^2) for 'v' (see `score_sde.parameterization`)."""
-    if self._native():
-      return x
-    t = _batch_t(t, x)
-    alpha, sigma = batch_scalar(self.alpha(t), x), batch_scalar(self.sigma(t), x)
-    return param_lib.network_input(self.resolved_parameterization, x, alpha, sigma,
-                                   self.sigma_data)
-
-  def score_from_output(self, output: jax.Array, t: jax.Array, continuous: bool = True,
-                        x: jax.Array | None = None) -> jax.Array:
-    """Turns a network output into a score, by the SDE's `parameterization`.
-
-    Native (VP-type: epsilon, score = -output / sigma(t); VE: the score itself) needs only
-    `output`; the others ('x0', 'v', 'edm', or 'score' / 'epsilon' where not native) also
-    need the network's input point `x` = x_t.
-    """
-    if self._native():
-      del continuous
-      return -output / batch_scalar(self.sigma(t), output)
-    return self._score_from_any_output(output, t, continuous, x)
-
-  def _score_from_any_output(self, output, t, continuous, x):
-    self.check_network(continuous)
-    if x is None:
-      raise ValueError(f"parameterization {self.parameterization!r} needs x to turn the "
-                       "network output into a score")
-    t = _batch_t(t, x)
-    alpha, sigma = batch_scalar(self.alpha(t), x), batch_scalar(self.sigma(t), x)
-    return param_lib.output_to_score(self.resolved_parameterization, output, x, alpha, sigma,
-                                     self.sigma_data)
-
-
 @dataclasses.dataclass(frozen=True)
 class ReverseSDE:
   """Reverse-time SDE dx = [f - g^2 score] dt + g dw-bar, or with `probability_flow` the ODE
@@ -299,7 +218,6 @@ class _BetaSchedule(SDE):
   SIGMOID_K = 6.0
 
   def __post_init__(self):
-    self._check_parameterization()
     if self.schedule not in self.SCHEDULES:
       raise ValueError(f"Unknown beta schedule {self.schedule!r}; valid: {self.SCHEDULES}")
     if not 0 < self.beta_min < self.beta_max:
@@ -438,13 +356,6 @@ class VPSDE(_BetaSchedule):
     log_ab = jnp.cumsum(jnp.log1p(-self.discrete_betas()))[timestep]
     return batch_scalar(jnp.exp(0.5 * log_ab), x) * x, jnp.sqrt(-jnp.expm1(log_ab))
 
-  def score_from_output(self, output, t, continuous=True, x=None):
-    if continuous or not self._native():
-      return super().score_from_output(output, t, continuous, x)
-    timestep = jnp.round(t * (self.N - 1) / self.T).astype(jnp.int32)
-    _, std = self.discrete_marginal(output, timestep)
-    return -output / batch_scalar(std, output)
-
   def discretize(self, x, t):
     t = _batch_t(t, x)
     timestep = (t * (self.N - 1) / self.T).astype(jnp.int32)
@@ -498,7 +409,6 @@ class VESDE(SDE):
   N: int = 1000
 
   def __post_init__(self):
-    self._check_parameterization()
     if not 0 < self.sigma_min < self.sigma_max:
       raise ValueError(f"Need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
     if self.N < 1:
@@ -548,20 +458,6 @@ class VESDE(SDE):
 
   def discrete_marginal(self, x, timestep):
     return x, self.discrete_sigmas()[timestep]
-
-  def noise_labels(self, t, continuous=True):
-    if continuous:
-      return self.sigma(t)
-    # Discrete NCSN networks index their noise levels from the largest, as the reference does.
-    return jnp.round((self.T - t) * (self.N - 1) / self.T)
-
-  native_parameterization = "score"
-
-  def score_from_output(self, output, t, continuous=True, x=None):
-    # NCSN / NCSN++ predict the score directly (divided by sigma inside when scale_by_sigma).
-    if self._native():
-      return output
-    return self._score_from_any_output(output, t, continuous, x)
 
 
 SDES: dict[str, type[SDE]] = {"vpsde": VPSDE, "subvpsde": SubVPSDE, "vesde": VESDE}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import diffrax
 import jax
+from score_sde.checks import check_choice
 
 SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
     "tsit5": diffrax.Tsit5,
@@ -26,8 +27,7 @@ ADAPTIVE_SOLVERS = ("tsit5", "dopri5", "dopri8", "bosh3", "heun")
 def check_solver(name: str, adaptive: bool = False) -> None:
   """Raises ValueError naming the valid solvers if `name` is not one (of the adaptive ones)."""
   valid = ADAPTIVE_SOLVERS if adaptive else tuple(SOLVERS)
-  if name not in valid:
-    raise ValueError(f"Unknown solver {name!r}; valid: {sorted(valid)}")
+  check_choice("solver", name, valid)
 
 
 def is_fsal(solver: diffrax.AbstractSolver) -> bool:

@@ -71,8 +71,9 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
 
 
 class CheckpointMismatchError(ValueError):
-  """A checkpoint holds other arrays than the state it is restored into (the config's network
-  or optimizer differs from the run's)."""
+  """A checkpoint does not fit the network it is loaded into: an orbax checkpoint holds other
+  arrays than the state it is restored into (the config's network or optimizer differs from
+  the run's), or a reference checkpoint's keys or shapes do not fit the config's network."""
 
 
 def _path_name(key) -> str:

@@ -1,6 +1,6 @@
 """Data sources -> batches of NHWC float32 images in [0, 1].
 
-`get_dataset(config, split)` returns a `Dataset` whose `batch(step)` is a pure function of
+`get_dataset(spec, split, batch_size=...)` returns a `Dataset` whose `batch(step)` is a pure function of
 `(seed, step)`: which examples a batch holds, their flips and their dequantization noise all
 follow from the seed and the step alone. A run resumed at step k therefore sees exactly the
 batches an uninterrupted run would, with no iterator state to checkpoint.
@@ -450,22 +450,42 @@ def open_tfds(name: str, split: str, *, data_dir: str | None, image_size: int
       resample=resample)
 
 
-# ---- the per-config loaders ------------------------------------------------------------
+# ---- what to load, and the loaders -----------------------------------------------------
 
 
-def _data_dir(config, default: str | None) -> str | None:
-  return config.data.get("data_dir", None) or default
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """Which data, at which size, prepared how (the run's `config.data`, as plain fields).
+
+  Attributes:
+    dataset: a name of `LOCAL_SOURCES` or a TFDS dataset name.
+    image_size: the side of the square images (resized / padded by the source).
+    num_channels: the expected channel count (None: whatever the data have).
+    data_dir: the folder of local files (None: the dataset's default, if it has one).
+    tfds_data_dir: TFDS's data folder (None: TFDS's default).
+    random_flip: flip train images left-right at random.
+    uniform_dequantization: add U(0, 1/256) noise to the 8-bit values.
+    seed: the data seed (shuffling, flips, dequantization, synthetic data).
+  """
+  dataset: str
+  image_size: int
+  num_channels: int | None = None
+  data_dir: str | None = None
+  tfds_data_dir: str | None = None
+  random_flip: bool = False
+  uniform_dequantization: bool = False
+  seed: int = 0
 
 
-def _load_idx_source(config, split: str) -> ArraySource:
-  dataset = config.data.dataset
-  data_dir = _data_dir(config, FASHION_MNIST_DIR if dataset == "fashion_mnist" else None)
+def _load_idx_source(spec: DataSpec, split: str) -> ArraySource:
+  dataset = spec.dataset
+  data_dir = spec.data_dir or (FASHION_MNIST_DIR if dataset == "fashion_mnist" else None)
   if data_dir is None:
     raise FileNotFoundError(f"{dataset}: config.data.data_dir is not set; point it at the "
                             f"folder holding {', '.join(IDX_FILES[split])}[.gz]")
-  size = config.data.image_size
+  size = spec.image_size
   if size not in (28, 32):
-    raise ValueError(f"{dataset}: config.data.image_size must be 28 (as stored) or 32 "
+    raise ValueError(f"{dataset}: spec.image_size must be 28 (as stored) or 32 "
                      f"(zero-padded by 2 on each side); got {size!r}")
   images, labels = load_idx(data_dir, split, dataset=dataset)
   if size == 32:
@@ -473,31 +493,31 @@ def _load_idx_source(config, split: str) -> ArraySource:
   return ArraySource(images, labels, num_classes=10)
 
 
-def _load_cifar10_tarball_source(config, split: str) -> ArraySource:
-  data_dir = _data_dir(config, None)
+def _load_cifar10_tarball_source(spec: DataSpec, split: str) -> ArraySource:
+  data_dir = spec.data_dir
   if data_dir is None:
     raise FileNotFoundError(f"cifar10_tarball: config.data.data_dir is not set; download "
                             f"{CIFAR10_URL} and point config.data.data_dir at its folder")
   images, labels = load_cifar10_tarball(data_dir, split)
-  size = config.data.image_size
+  size = spec.image_size
   if size != 32:
     images = np.stack([resize_image(x, size) for x in images])
   return ArraySource(images, labels, num_classes=10)
 
 
-def _load_synthetic_source(config, split: str) -> ArraySource:
-  """Random uint8 images of the config's shape: 512 train / 128 test, 10 classes."""
+def _load_synthetic_source(spec: DataSpec, split: str) -> ArraySource:
+  """Random uint8 images of the spec's shape: 512 train / 128 test, 10 classes."""
   n = 512 if split == "train" else 128
-  rng = np.random.default_rng([config.get("seed", 0), _STREAM_SYNTHETIC, SPLITS.index(split)])
-  shape = (n, config.data.image_size, config.data.image_size, config.data.num_channels)
+  rng = np.random.default_rng([spec.seed, _STREAM_SYNTHETIC, SPLITS.index(split)])
+  shape = (n, spec.image_size, spec.image_size, spec.num_channels)
   images = rng.integers(0, 256, size=shape, dtype=np.uint8)
   return ArraySource(images, rng.integers(0, 10, size=n).astype(np.int32), num_classes=10)
 
 
-def _load_tfds_source(config, split: str) -> TFDSSource:
-  data_dir = config.data.get("tfds_data_dir", None) or None  # "" means TFDS's default
-  return open_tfds(config.data.dataset, split, data_dir=data_dir,
-                   image_size=config.data.image_size)
+def _load_tfds_source(spec: DataSpec, split: str) -> TFDSSource:
+  data_dir = spec.tfds_data_dir or None  # "" means TFDS's default
+  return open_tfds(spec.dataset, split, data_dir=data_dir,
+                   image_size=spec.image_size)
 
 
 # Local sources by name; any other name is looked up in TFDS.
@@ -684,19 +704,16 @@ class Dataset:
       yield dict(image=self._to_float(images, rng), label=labels, mask=positions < n)
 
 
-def get_dataset(config, split: str = "train", *, batch_size: int | None = None,
-                seed: int | None = None, start_step: int = 0, process_index: int = 0,
-                process_count: int = 1) -> Dataset:
-  """Builds the `Dataset` of one split from `config.data`.
+def get_dataset(spec: DataSpec, split: str = "train", *, batch_size: int,
+                start_step: int = 0, process_index: int = 0, process_count: int = 1
+                ) -> Dataset:
+  """Builds the `Dataset` of one split.
 
   Args:
-    config: the experiment ConfigDict (reads `data.*`, `seed`, `training.batch_size`,
-      `eval.batch_size`).
-    split: "train" (shuffled per epoch, flipped if `data.random_flip`) or "test" (the eval
+    spec: which data and how (`DataSpec`).
+    split: "train" (shuffled per epoch, flipped if `spec.random_flip`) or "test" (the eval
       split in stored order, never flipped).
-    batch_size: the global batch size; None: `training.batch_size` for train,
-      `eval.batch_size` for test.
-    seed: the data seed; None: `config.seed`.
+    batch_size: the global batch size.
     start_step: where `iter(dataset)` starts (a resumed run passes its step).
     process_index, process_count: this host and the number of hosts (multi-host runs), as
       `jax.process_index()` / `jax.process_count()`.
@@ -706,23 +723,16 @@ def get_dataset(config, split: str = "train", *, batch_size: int | None = None,
 
   Raises:
     ValueError: a bad split, batch size, image size or channel count, or an unknown name.
-    FileNotFoundError: the data are not where the config says (the message tells how to
-      get them). Nothing is ever downloaded.
+    FileNotFoundError: the data are not where the spec says (the message tells how to get
+      them). Nothing is ever downloaded.
   """
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
-  name = config.data.dataset
-  source = LOCAL_SOURCES.get(name, _load_tfds_source)(config, split)
-  want_c = config.data.get("num_channels", None)
-  if want_c is not None and want_c != source.image_shape[-1]:
-    raise ValueError(f"config.data.num_channels={want_c} but {name!r} images have "
-                     f"{source.image_shape[-1]} channels")
-  if batch_size is None:
-    batch_size = (config.training.batch_size if split == "train"
-                  else config.eval.batch_size)
+  source = LOCAL_SOURCES.get(spec.dataset, _load_tfds_source)(spec, split)
+  if spec.num_channels is not None and spec.num_channels != source.image_shape[-1]:
+    raise ValueError(f"config.data.num_channels={spec.num_channels} but {spec.dataset!r} "
+                     f"images have {source.image_shape[-1]} channels")
   return Dataset(
-      source, split=split, batch_size=batch_size,
-      seed=config.get("seed", 0) if seed is None else seed,
-      start_step=start_step, random_flip=config.data.get("random_flip", False),
-      uniform_dequantization=config.data.get("uniform_dequantization", False),
+      source, split=split, batch_size=batch_size, seed=spec.seed, start_step=start_step,
+      random_flip=spec.random_flip, uniform_dequantization=spec.uniform_dequantization,
       process_index=process_index, process_count=process_count)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 
-import ml_collections
-
 CONFIG_FILE = "config.json"
 
 
@@ -60,19 +58,14 @@ def load_config(workdir: str) -> dict | None:
                      ) from None
 
 
-def to_plain(config: ml_collections.ConfigDict) -> dict:
-  """The config as plain JSON data (tuples -> lists), as `config.json` holds it."""
-  return json.loads(config.to_json_best_effort(sort_keys=True))
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> str | None:
-  """Writes `config.json`; an existing, different one is kept as `config.<k>.json`.
+def save_config(plain: dict, workdir: str) -> str | None:
+  """Writes `plain` (a config as plain JSON data) to `config.json`; an existing, different
+  one is kept as `config.<k>.json`.
 
   Returns:
     The path the previous config was moved to, or None.
   """
   path, moved = config_path(workdir), None
-  plain = to_plain(config)
   if os.path.isfile(path):
     try:
       with open(path) as f:
@@ -84,6 +77,6 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> str | None:
     os.replace(path, moved)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    json.dump(plain, f, indent=2, sort_keys=True)
   os.replace(tmp, path)
   return moved

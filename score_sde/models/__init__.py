@@ -1,31 +1,30 @@
-"""Score networks in Flax: NCSN++ / DDPM++ and the DDPM U-Net, and model -> score function.
+"""Score networks in Flax (NCSN++ / DDPM++ and the DDPM U-Net), and `ScoreModel`, the wrapper
+that turns any of them into a score function of a forward process.
 
 `NCSNpp` is the one U-Net skeleton; `DDPM` is its preset with DDPM's blocks and resampling.
 
-    model = models.get_model(config)                  # MODELS[config.model.name](config)
-    variables = models.init_model(key, config)        # {'params', maybe 'constants'}
-    out = model.apply(variables, x, labels, train=False, class_labels=None,
-                      rngs={'dropout': key})          # x [B, H, W, C], labels [B]
-    score_fn = models.get_score_fn(sde, model, variables, continuous=True)
-    bf16_model = models.with_precision(model, 'bfloat16')  # same variables, bf16 compute
+    network = models.MODELS["ncsnpp"](nf=64, ...)      # run.networks.get_model(config)
+    variables = models.init_network(key, network, (H, W, C))   # {'params', maybe 'constants'}
+    sm = models.ScoreModel(network, sde, parameterization="auto", continuous=True)
+    score_fn = sm.score_fn(variables)                  # (x [B, H, W, C], t [B]) -> score
+    bf16 = sm.with_network(models.with_precision(network, "bfloat16"))  # same variables
 
 `variables['constants']` (present with Fourier embeddings) holds frozen arrays: keep them with
 the model (checkpoints, EMA copies, replication) but optimize only `variables['params']`.
 Count parameters without memory with
-`models.count_params(jax.eval_shape(lambda k: models.init_model(k, config), key))`.
+`models.count_params(jax.eval_shape(lambda k: models.init_network(k, network, shape), key))`.
 """
 
 from score_sde.models.build import MODELS
 from score_sde.models.build import PRECISIONS
+from score_sde.models.build import Variables
 from score_sde.models.build import count_params
-from score_sde.models.build import get_model
-from score_sde.models.build import get_score_fn
-from score_sde.models.build import image_shape
-from score_sde.models.build import init_model
+from score_sde.models.build import init_network
 from score_sde.models.build import with_precision
 from score_sde.models.ddpm import DDPM
 from score_sde.models.layers import CONSTANTS
 from score_sde.models.ncsnpp import NCSNpp
+from score_sde.models.score_model import ScoreModel
 
-__all__ = ["CONSTANTS", "DDPM", "MODELS", "NCSNpp", "PRECISIONS", "count_params", "get_model",
-           "get_score_fn", "image_shape", "init_model", "with_precision"]
+__all__ = ["CONSTANTS", "DDPM", "MODELS", "NCSNpp", "PRECISIONS", "ScoreModel", "Variables",
+           "count_params", "init_network", "with_precision"]

@@ -24,8 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from score_sde import metrics
 from score_sde.models import fmnist_classifier
 from score_sde.models import inception
+from score_sde.checks import check_choice
 
 _RANGE_SLACK = 0.5
 
@@ -80,7 +82,7 @@ def check_images(images: np.ndarray, name: str) -> None:
     ValueError: not [N, H, W, C], NaN / infinite values (naming how many samples), or values
       outside [-0.5, 1.5].
   """
-  from score_sde import metrics
+
 
   if images.ndim != 4:
     raise ValueError(f"feature net {name!r}: expected images [N, H, W, C], got shape "
@@ -155,7 +157,5 @@ def get_feature_net(name: str, *, inception_weights: str | None = None) -> Featu
     ValueError: unknown name.
     FileNotFoundError: missing weights (the message says where to get them).
   """
-  if name not in FEATURE_NETS:
-    raise ValueError(f"Unknown feature network {name!r} (config.eval.fid_feature_net); valid: "
-                     f"{sorted(FEATURE_NETS)}")
+  check_choice("feature network (config.eval.fid_feature_net)", name, FEATURE_NETS)
   return FEATURE_NETS[name](inception_weights=inception_weights)

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from score_sde.checks import check_choice
 
 RESBLOCK_TYPES = ("ddpm", "biggan")
 RESAMPLE_MODES = ("none", "up", "down")
@@ -35,11 +36,6 @@ COMBINE_METHODS = ("sum", "cat")
 # features). It travels with the variables (checkpoints, device replication) but is not
 # under `params`, so an optimizer never sees it.
 CONSTANTS = "constants"
-
-
-def _check_choice(name: str, value: str, valid: Sequence[str]) -> None:
-  if value not in valid:
-    raise ValueError(f"Unknown {name} {value!r}; valid: {tuple(valid)}")
 
 
 # --- initializers and convolutions ---------------------------------------------------------
@@ -459,8 +455,8 @@ class ResnetBlock(nn.Module):
   def __call__(self, x: jax.Array, temb: jax.Array | None = None, train: bool = False
                ) -> jax.Array:
     """`x: [B, H, W, C]`, `temb: [B, E]` or None -> `[B, H', W', out_ch]`."""
-    _check_choice("resblock type", self.kind, RESBLOCK_TYPES)
-    _check_choice("resample mode", self.resample, RESAMPLE_MODES)
+    check_choice("resblock type", self.kind, RESBLOCK_TYPES)
+    check_choice("resample mode", self.resample, RESAMPLE_MODES)
     if self.kind == "ddpm" and self.resample != "none":
       raise ValueError("Only 'biggan' residual blocks resample; got kind='ddpm', "
                        f"resample={self.resample!r}")
@@ -540,7 +536,7 @@ class Combine(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
-    _check_choice("combine method", self.method, COMBINE_METHODS)
+    check_choice("combine method", self.method, COMBINE_METHODS)
     h = conv1x1(x, y.shape[-1], dtype=self.dtype)
     y = y.astype(self.dtype)
     return h + y if self.method == "sum" else jnp.concatenate([h, y], axis=-1)

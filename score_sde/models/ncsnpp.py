@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from score_sde import sde as sde_lib
 from score_sde.models import layers
+from score_sde.checks import check_choice
 
 PROGRESSIVE = ("none", "output_skip", "residual")
 PROGRESSIVE_INPUT = ("none", "input_skip", "residual")
@@ -102,12 +103,12 @@ class NCSNpp(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   def __post_init__(self):
-    layers._check_choice("resblock_type", self.resblock_type, layers.RESBLOCK_TYPES)
-    layers._check_choice("progressive", self.progressive, PROGRESSIVE)
-    layers._check_choice("progressive_input", self.progressive_input, PROGRESSIVE_INPUT)
-    layers._check_choice("progressive_combine", self.progressive_combine,
+    check_choice("resblock_type", self.resblock_type, layers.RESBLOCK_TYPES)
+    check_choice("progressive", self.progressive, PROGRESSIVE)
+    check_choice("progressive_input", self.progressive_input, PROGRESSIVE_INPUT)
+    check_choice("progressive_combine", self.progressive_combine,
                          layers.COMBINE_METHODS)
-    layers._check_choice("embedding_type", self.embedding_type, EMBEDDING_TYPES)
+    check_choice("embedding_type", self.embedding_type, EMBEDDING_TYPES)
     super().__post_init__()
 
   @nn.compact

@@ -31,11 +31,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from score_sde.io import checkpoints, datasets, parallel
-from score_sde.run import experiment
 from score_sde import sde as sde_lib
-from score_sde.run import train as train_lib
+from score_sde.io import checkpoints, datasets, parallel
+from score_sde.io.logs import MetricsWriter
 from score_sde.models.classifier import NoiseConditionalClassifier
+from score_sde.run import experiment, keys
+from score_sde.run.programs import NonFiniteLossError
 from score_sde.sde import batch_scalar
 
 Array = jax.Array
@@ -144,24 +145,6 @@ def _meta(config: ml_collections.ConfigDict) -> dict:
               centered=bool(config.data.centered), sde=str(config.training.sde).lower())
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Validates `config.classifier` before anything compiles.
-
-  Raises:
-    ValueError: a non-positive size or step count, fewer than 2 classes, or a snapshot
-      frequency < 1.
-  """
-  c = config.classifier
-  for field in ("nf", "num_res_blocks", "batch_size", "n_iters", "log_freq", "snapshot_freq"):
-    if int(c[field]) < 1:
-      raise ValueError(f"config.classifier.{field} must be >= 1, got {c[field]}")
-  if int(c.num_classes) < 2:
-    raise ValueError(f"config.classifier.num_classes must be >= 2, got {c.num_classes}")
-  if not 0.0 < float(c.eps) < 1.0:
-    raise ValueError(f"config.classifier.eps must lie in (0, 1), got {c.eps}")
-  experiment.make_sde(config)
-
-
 def check_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Raises unless `workdir/classifier` holds a classifier trained for `config`'s data.
 
@@ -221,13 +204,13 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str, *,
       compiling).
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
-  check_config(config)
+  experiment.check_classifier_config(config)
   c = config.classifier
   parallel.check_batch(int(c.batch_size), mesh, "config.classifier.batch_size")
   out_dir = classifier_dir(workdir)
   if os.path.exists(os.path.join(out_dir, META_FILE)):
     check_checkpoint(config, workdir)
-  data = datasets.get_dataset(config, "train", batch_size=int(c.batch_size),
+  data = experiment.make_dataset(config, "train", batch_size=int(c.batch_size),
                               process_index=jax.process_index(),
                               process_count=jax.process_count())
   if data.num_classes != int(c.num_classes):
@@ -241,7 +224,8 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str, *,
   sde = experiment.make_sde(config)
   model, optimizer = get_classifier(config), get_optimizer(config)
   replicated = NamedSharding(mesh, P())
-  init_key, base_key = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), 17))
+  init_key, base_key = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed),
+                                                             keys.CLASSIFIER))
   manager = checkpoints.get_manager(out_dir, keep=2)
   restored = checkpoints.restore(manager, _abstract_state(config, model, optimizer, mesh))
   if restored is None:
@@ -255,6 +239,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str, *,
   step, n_iters = int(state.step), int(c.n_iters)
   batches = data.iterate(start_step=step)
   start = time.perf_counter()
+  writer = MetricsWriter(out_dir, enabled=jax.process_index() == 0)
   try:
     while step < n_iters:
       batch = next(batches)
@@ -265,16 +250,14 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str, *,
       if step % int(c.log_freq) == 0 or step == n_iters:
         metrics = {k: float(v) for k, v in parallel.to_host(metrics).items()}
         if not np.isfinite(metrics["loss"]):
-          raise train_lib.NonFiniteLossError(f"Non-finite classifier loss at step {step}")
-        record = dict(step=step, **metrics, seconds=time.perf_counter() - start)
+          raise NonFiniteLossError(f"Non-finite classifier loss at step {step}")
         logging.info("classifier step %d: loss %.4f, accuracy %.3f", step, metrics["loss"],
                      metrics["accuracy"])
-        if jax.process_index() == 0:
-          with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        writer.scalars(step, "train", dict(**metrics, seconds=time.perf_counter() - start))
       if step % int(c.snapshot_freq) == 0 or step == n_iters:
         checkpoints.save(manager, step, state)
   finally:
     manager.wait_until_finished()
     manager.close()
+    writer.close()
   return state

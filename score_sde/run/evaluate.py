@@ -17,37 +17,10 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from score_sde.io import checkpoints, images, parallel
-from score_sde.run import experiment, quality
-from score_sde import likelihood, models
-from score_sde.io import datasets
+from score_sde import likelihood
+from score_sde.io import images, parallel
 from score_sde.io import workdir as workdir_lib
-from score_sde.run.train import make_eval_loss_fn, make_sample_fn, restore_state
-
-
-def load_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
-                    mesh: Mesh | None = None):
-  """`(state, step, model, sde)` of checkpoint `step` (None: latest) of `workdir`; `model` at
-  the sampling precision (`config.sampling.precision`).
-
-  Raises:
-    FileNotFoundError: no checkpoint (or not that step) in `workdir/checkpoints`.
-  """
-  spec = experiment.run_spec(config)
-  state, step = _restore(config, spec, workdir, step, mesh)
-  return state, step, spec.network("sample"), spec.sde
-
-
-def _restore(config, spec: experiment.RunSpec, workdir: str, step: int | None,
-             mesh: Mesh | None):
-  """`(state, step)` of checkpoint `step` (None: latest)."""
-  mesh = parallel.make_mesh() if mesh is None else mesh
-  with checkpoints.get_manager(workdir, read_only=True) as manager:
-    restored = restore_state(manager, config, spec.model, spec.optimizer, mesh, step)
-  if restored is None:
-    raise FileNotFoundError(f"No checkpoint in {checkpoints.checkpoint_dir(workdir)}; train "
-                            f"first (--mode=train with the same --workdir)")
-  return restored
+from score_sde.run import experiment, guided, keys, programs, quality
 
 
 def _sample_batches(config, state, spec: experiment.RunSpec, num_samples: int, mesh: Mesh,
@@ -58,9 +31,9 @@ def _sample_batches(config, state, spec: experiment.RunSpec, num_samples: int, m
 
   method, options = experiment.sampler_settings(config)
   batch = int(config.sampling.batch_size)
-  shape = (batch, *models.image_shape(config))
+  shape = (batch, *spec.image_shape)
   if sample_fn is None:  # else a guided one (score_sde.run.guided)
-    sample_fn = make_sample_fn(spec, shape, method, options, mesh=mesh)
+    sample_fn = programs.make_sample_fn(spec, shape, method, options, mesh=mesh)
   _, _, sample_key, _ = experiment.run_keys(config)
   variables = state.variables(ema=True)
   out, nfe, start = [], 0, time.perf_counter()
@@ -68,7 +41,7 @@ def _sample_batches(config, state, spec: experiment.RunSpec, num_samples: int, m
                 disable=not progress, dynamic_ncols=True):
     # The same key for batch i of every method: samplers start from the same noise.
     x, nfe = parallel.to_host(
-        sample_fn(variables, jax.random.fold_in(jax.random.fold_in(sample_key, 1 << 30), i)))
+        sample_fn(variables, jax.random.fold_in(jax.random.fold_in(sample_key, keys.SAMPLE_BATCHES), i)))
     out.append(np.asarray(x))
   return np.concatenate(out)[:num_samples], int(nfe), time.perf_counter() - start
 
@@ -117,18 +90,17 @@ def sample(config: ml_collections.ConfigDict, workdir: str, *, step: int | None 
   workdir_lib.check_workdir(workdir, must_exist=True)
   mesh = parallel.make_mesh() if mesh is None else mesh
   experiment.check_config(config, mesh, "sample")
-  from score_sde.run import guided as controllable
-  controllable.check_guidance_config(config, workdir)
-  spec = experiment.run_spec(config)
-  state, step = _restore(config, spec, workdir, step, mesh)
-  guided = controllable.make_guided_sample_fn(
-      config, workdir, spec, (int(config.sampling.batch_size), *models.image_shape(config)),
+  guided.check_guidance(config, workdir)
+  run = programs.restore_run(config, workdir, step, mesh)
+  state, step, spec = run.state, run.step, run.spec
+  guided_fn = guided.make_guided_sample_fn(
+      config, workdir, spec, (int(config.sampling.batch_size), *spec.image_shape),
       mesh)
-  x, nfe, seconds = _sample_batches(config, state, spec, n, mesh, progress, guided)
+  x, nfe, seconds = _sample_batches(config, state, spec, n, mesh, progress, guided_fn)
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
   stem = workdir_lib.fresh_stem(
-      out_dir, f"{config.sampling.method}{controllable.sample_tag(config)}_step_{step}_"
+      out_dir, f"{config.sampling.method}{guided.sample_tag(config)}_step_{step}_"
       f"{sampler_tag(config)}_n{n}",
       (".npz", ".png"))
   result = dict(step=step, method=config.sampling.method, nfe=nfe, seconds=seconds,
@@ -146,9 +118,9 @@ def _test_loss(config, state, spec: experiment.RunSpec, mesh: Mesh, progress: bo
   """Mean DSM loss (EMA weights, no dropout) over the whole test split."""
   from tqdm import tqdm
 
-  data = datasets.get_dataset(config, "test", process_index=jax.process_index(),
+  data = experiment.make_dataset(config, "test", process_index=jax.process_index(),
                               process_count=jax.process_count())
-  eval_fn = make_eval_loss_fn(spec, mesh=mesh)
+  eval_fn = programs.make_eval_loss_fn(spec, mesh=mesh)
   _, _, _, eval_key = experiment.run_keys(config)
   variables = state.variables(ema=True)
   total, count = 0.0, 0.0
@@ -167,16 +139,16 @@ def _test_bpd(config, state, spec: experiment.RunSpec, mesh: Mesh, progress: boo
   from tqdm import tqdm
 
   e = config.eval
-  data = datasets.get_dataset(config, "test", process_index=jax.process_index(),
+  data = experiment.make_dataset(config, "test", process_index=jax.process_index(),
                               process_count=jax.process_count())
   limit = e.get("bpd_num_examples", None) or data.num_examples
   score_variables = state.variables(ema=True)
-  sde, model, continuous = spec.sde, spec.network("eval"), spec.continuous
+  sde, score_model = spec.sde, spec.score_model_for("eval")
   replicated = NamedSharding(mesh, P())
 
   @jax.jit
   def bpd_fn(variables, key, x01):
-    score_fn = models.get_score_fn(sde, model, variables, train=False, continuous=continuous)
+    score_fn = score_model.score_fn(variables)
     return likelihood.bits_per_dim_of_batch(
         key, score_fn, sde, x01, centered=bool(config.data.centered),
         uniform_dequantization=True, rtol=float(e.get("bpd_rtol", 1e-5)),
@@ -190,7 +162,7 @@ def _test_bpd(config, state, spec: experiment.RunSpec, mesh: Mesh, progress: boo
     if seen >= limit:
       break
     x01, mask = parallel.shard_batch((batch["image"], batch["mask"]), mesh)
-    bpd, nfe = bpd_fn(score_variables, jax.device_put(jax.random.fold_in(eval_key, 1 << 20 | i),
+    bpd, nfe = bpd_fn(score_variables, jax.device_put(jax.random.fold_in(eval_key, keys.BPD_BATCHES | i),
                                                       replicated), x01)
     bpd, mask = parallel.to_host((bpd, mask))  # the global batch, on every host
     keep = mask & (np.arange(len(mask)) + seen < limit)
@@ -221,8 +193,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
   workdir_lib.check_workdir(workdir, must_exist=True)
   mesh = parallel.make_mesh() if mesh is None else mesh
   experiment.check_config(config, mesh, "eval")
-  spec = experiment.run_spec(config)
-  state, step = _restore(config, spec, workdir, step, mesh)
+  run = programs.restore_run(config, workdir, step, mesh)
+  state, step, spec = run.state, run.step, run.spec
   e = config.eval
   metrics: dict = dict(step=step)
   if e.enable_loss:

@@ -15,6 +15,7 @@ returns are plain objects the math layer takes:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from typing import Any, Callable, Sequence
@@ -23,14 +24,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from score_sde.io import datasets, parallel
-from score_sde import losses, models, sampling
+from score_sde import guidance, losses, models, sampling
 from score_sde import parameterization as param_lib
-from score_sde.io import workdir as workdir_lib
 from score_sde import sde as sde_lib
+from score_sde.io import datasets, parallel
+from score_sde.io import workdir as workdir_lib
+from score_sde.run import networks
+from score_sde.checks import check_choice
 
 Array = jax.Array
 
@@ -71,6 +75,23 @@ def make_sde(config: ml_collections.ConfigDict) -> sde_lib.SDE:
                      f"{e}") from None
 
 
+def make_score_model(config: ml_collections.ConfigDict, network: nn.Module | None,
+                     sde: sde_lib.SDE | None = None) -> models.ScoreModel:
+  """`models.ScoreModel` of `network` (None: only to check the settings) on the config's SDE,
+  with `model.parameterization`, `model.sigma_data` and `training.continuous`.
+
+  Raises:
+    ValueError: an unknown parameterization, sigma_data <= 0, or a parameterization that
+      needs continuous time with discrete labels.
+  """
+  m = config.model
+  return models.ScoreModel(
+      network, make_sde(config) if sde is None else sde,
+      parameterization=str(m.get("parameterization", "auto")),
+      sigma_data=float(m.get("sigma_data", 0.5)),
+      continuous=bool(config.training.continuous))
+
+
 def make_loss_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE) -> losses.LossFn:
   """The DSM loss of `config.training` (weighting, reduce_mean, eps, importance sampling)."""
   training = config.training
@@ -79,7 +100,8 @@ def make_loss_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE) -> losses.
                             importance_sampling=bool(training.get("importance_sampling", False)),
                             time_sampling=training.get("time_sampling", "uniform"),
                             p_mean=float(training.get("p_mean", -1.2)),
-                            p_std=float(training.get("p_std", 1.2)))
+                            p_std=float(training.get("p_std", 1.2)),
+                            sigma_data=float(config.model.get("sigma_data", 0.5)))
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -98,8 +120,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   """Adam (or AdamW with `optim.weight_decay`) with warmup, after global-norm gradient
   clipping at `optim.grad_clip` (< 0 or None: no clipping)."""
   o = config.optim
-  if o.optimizer not in OPTIMIZERS:
-    raise ValueError(f"Unknown config.optim.optimizer {o.optimizer!r}; valid: {OPTIMIZERS}")
+  check_choice("config.optim.optimizer", o.optimizer, OPTIMIZERS)
   schedule = learning_rate_schedule(config)
   if o.optimizer == "AdamW":
     adam = optax.adamw(schedule, b1=float(o.beta1), eps=float(o.eps),
@@ -141,6 +162,29 @@ def data_range(config: ml_collections.ConfigDict) -> tuple[float, float]:
   return (-1.0, 1.0) if config.data.centered else (0.0, 1.0)
 
 
+def data_spec(config: ml_collections.ConfigDict) -> datasets.DataSpec:
+  """`config.data` (and `config.seed`, the data seed) as a `datasets.DataSpec`."""
+  d = config.data
+  channels = d.get("num_channels", None)
+  return datasets.DataSpec(
+      dataset=str(d.dataset), image_size=int(d.image_size),
+      num_channels=None if channels is None else int(channels),
+      data_dir=d.get("data_dir", None) or None, tfds_data_dir=d.get("tfds_data_dir", None),
+      random_flip=bool(d.get("random_flip", False)),
+      uniform_dequantization=bool(d.get("uniform_dequantization", False)),
+      seed=int(config.get("seed", 0)))
+
+
+def make_dataset(config: ml_collections.ConfigDict, split: str = "train", *,
+                 batch_size: int | None = None, **kwargs) -> datasets.Dataset:
+  """`datasets.get_dataset` of the config's data; `batch_size` None: `training.batch_size`
+  for train, `eval.batch_size` for test. Other keyword arguments as `get_dataset`'s."""
+  if batch_size is None:
+    batch_size = int(config.training.batch_size if split == "train"
+                     else config.eval.batch_size)
+  return datasets.get_dataset(data_spec(config), split, batch_size=batch_size, **kwargs)
+
+
 def is_conditional(config: ml_collections.ConfigDict) -> bool:
   """Whether the network takes class labels (`model.num_classes > 0`)."""
   return int(config.model.get("num_classes", 0)) > 0
@@ -156,15 +200,15 @@ class RunSpec:
   """What the compiled step functions of a run need, as plain objects.
 
   Attributes:
-    sde: the forward SDE.
-    model: the score network (a Flax module).
+    score_model: the network, its forward process and what it predicts (at float32; the
+      `sde`, `model` and `continuous` properties read it).
+    image_shape: `(H, W, C)` of the network's input.
     loss_fn: from `losses.get_loss_fn`.
     optimizer: the optax transformation (gradients of `params` only).
     schedule: the learning-rate schedule (reported in the metrics), or None.
     ema_rate: EMA decay per step.
     ema_warmup: use the decay min(ema_rate, (1 + step) / (10 + step)) instead, so that a
       short run's EMA weights are not dominated by the initialization.
-    continuous: continuous-time network labels (vs. discrete step indices).
     conditional: pass the batch's class labels to the network.
     centered: model inputs in [-1, 1] (data in [0, 1] are scaled inside the compiled code).
     label_dropout: with `conditional`, the probability that a training label becomes the
@@ -174,14 +218,13 @@ class RunSpec:
       ('float32' | 'bfloat16', `models.PRECISIONS`) in the train step, the evaluation
       (loss, bits/dim) and sampling; `network(purpose)` gives the network at it.
   """
-  sde: sde_lib.SDE
-  model: nn.Module
+  score_model: models.ScoreModel
+  image_shape: tuple[int, int, int]
   loss_fn: losses.LossFn
   optimizer: optax.GradientTransformation
   schedule: optax.Schedule | None = None
   ema_rate: float = 0.9999
   ema_warmup: bool = False
-  continuous: bool = True
   conditional: bool = False
   centered: bool = False
   label_dropout: float = 0.0
@@ -195,9 +238,25 @@ class RunSpec:
     variables serve every precision."""
     precisions = {"train": self.train_precision, "eval": self.eval_precision,
                   "sample": self.sample_precision}
-    if purpose not in precisions:
-      raise ValueError(f"Unknown purpose {purpose!r}; valid: {sorted(precisions)}")
+    check_choice("purpose", purpose, precisions)
     return models.with_precision(self.model, precisions[purpose])
+
+  def score_model_for(self, purpose: str) -> models.ScoreModel:
+    """`score_model` with its network at the precision of `purpose`."""
+    return self.score_model.with_network(self.network(purpose))
+
+  @property
+  def sde(self) -> sde_lib.SDE:
+    return self.score_model.sde
+
+  @property
+  def model(self) -> nn.Module:
+    """The network at float32."""
+    return self.score_model.network
+
+  @property
+  def continuous(self) -> bool:
+    return self.score_model.continuous
 
   @property
   def scaler(self) -> Callable[[Any], Any]:
@@ -214,11 +273,13 @@ def run_spec(config: ml_collections.ConfigDict) -> RunSpec:
   """The `RunSpec` of a config (builds the SDE, network, loss and optimizer)."""
   sde = make_sde(config)
   return RunSpec(
-      sde=sde, model=models.get_model(config), loss_fn=make_loss_fn(config, sde),
+      score_model=make_score_model(config, networks.get_model(config), sde),
+      image_shape=networks.image_shape(config),
+      loss_fn=make_loss_fn(config, sde),
       optimizer=make_optimizer(config), schedule=learning_rate_schedule(config),
       ema_rate=float(config.model.ema_rate),
       ema_warmup=bool(config.training.get("ema_warmup", False)),
-      continuous=bool(config.training.continuous), conditional=is_conditional(config),
+      conditional=is_conditional(config),
       centered=bool(config.data.centered),
       label_dropout=float(config.training.get("label_dropout", 0.0)),
       num_classes=int(config.model.get("num_classes", 0)),
@@ -228,9 +289,71 @@ def run_spec(config: ml_collections.ConfigDict) -> RunSpec:
 
 
 # ----------------------------------------------------------------------------------------
+# Guidance and the classifier of classifier guidance.
+
+GUIDANCE = ("none", "cfg", "classifier")
+
+
+def guidance_settings(config: ml_collections.ConfigDict) -> tuple[str, float, int]:
+  """`(guidance, scale, class_label)` from `config.sampling` (defaults: none, 0, 0)."""
+  s = config.sampling
+  return (str(s.get("guidance", "none")).lower(), float(s.get("guidance_scale", 0.0)),
+          s.get("class_label", 0))
+
+
+def check_guidance_config(config: ml_collections.ConfigDict) -> None:
+  """Validates the guidance settings before anything compiles (that a classifier for this
+  config's data is in the run's directory, `guided.check_guidance` checks).
+
+  Raises:
+    ValueError: unknown guidance name, CFG asked of an unconditional model
+      (`model.num_classes == 0`), a class label out of range, a classifier for other data.
+  """
+  name, _, label = guidance_settings(config)
+  check_choice("config.sampling.guidance", name, GUIDANCE)
+  if name == "none":
+    return
+  if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+    raise ValueError(f"config.sampling.class_label must be an int, got {label!r}")
+  num_classes = int(config.model.get("num_classes", 0))
+  if name == "cfg":
+    if num_classes < 1:
+      raise ValueError("config.sampling.guidance='cfg' needs a class-conditional model "
+                       "(config.model.num_classes > 0, trained with training.label_dropout > "
+                       f"0), but config.model.num_classes={num_classes}; use guidance='none' "
+                       "or 'classifier'")
+    guidance.check_labels(label, num_classes, allow_null=True,
+                          what="config.sampling.class_label")
+    return
+  check_classifier_config(config)
+  guidance.check_labels(label, int(config.classifier.num_classes), allow_null=False,
+                        what="config.sampling.class_label")
+
+
+def check_classifier_config(config: ml_collections.ConfigDict) -> None:
+  """Validates `config.classifier` before anything compiles.
+
+  Raises:
+    ValueError: a non-positive size or step count, fewer than 2 classes, or a snapshot
+      frequency < 1.
+  """
+  c = config.classifier
+  for field in ("nf", "num_res_blocks", "batch_size", "n_iters", "log_freq", "snapshot_freq"):
+    if int(c[field]) < 1:
+      raise ValueError(f"config.classifier.{field} must be >= 1, got {c[field]}")
+  if int(c.num_classes) < 2:
+    raise ValueError(f"config.classifier.num_classes must be >= 2, got {c.num_classes}")
+  if not 0.0 < float(c.eps) < 1.0:
+    raise ValueError(f"config.classifier.eps must lie in (0, 1), got {c.eps}")
+  make_sde(config)
+
+
+
+# ----------------------------------------------------------------------------------------
 # The validation pass: every field a run uses, before anything compiles.
 
-MODES = ("train", "eval", "sample")
+# The modes `check_config` knows (main.MODES adds train_classifier, checked as train).
+CHECKED_MODES = ("train", "eval", "sample")
 
 
 def _number(section: str, config: ml_collections.ConfigDict, field: str, *, minimum=None,
@@ -257,9 +380,7 @@ def _number(section: str, config: ml_collections.ConfigDict, field: str, *, mini
 
 def _choice(section: str, config: ml_collections.ConfigDict, field: str, valid,
             default: Any = None) -> None:
-  value = config[section].get(field, default)
-  if value not in valid:
-    raise ValueError(f"Unknown config.{section}.{field} {value!r}; valid: {sorted(valid)}")
+  check_choice(f"config.{section}.{field}", config[section].get(field, default), valid)
 
 
 def _check_training(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> None:
@@ -267,9 +388,10 @@ def _check_training(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) ->
   _check_parameterization(config)  # before the SDE is built: it takes these fields
   sde = make_sde(config)
   try:
-    sde.check_network(bool(training.continuous))
+    make_score_model(config, None, sde)
   except ValueError as e:
-    raise ValueError(f"config.model.parameterization={sde.parameterization!r}: {e}") from None
+    raise ValueError(f"config.model.parameterization="
+                     f"{config.model.get('parameterization', 'auto')!r}: {e}") from None
   _choice("training", config, "weighting", losses.WEIGHTINGS)
   _choice("training", config, "time_sampling", losses.TIME_SAMPLINGS, "uniform")
   _choice("training", config, "precision", models.PRECISIONS, "float32")
@@ -309,7 +431,7 @@ def _check_model(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> No
   del mesh, mode
   d, m = config.data, config.model
   try:
-    models.get_model(config)
+    networks.get_model(config)
   except ValueError as e:
     raise ValueError(f"config.model (name={m.name!r}): {e}") from None
   _number("model", config, "nf", minimum=1, integer=True)
@@ -359,8 +481,7 @@ def _check_optim(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> No
 
 def _check_sampling(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> None:
   del mode
-  from score_sde.run import guided as controllable
-  controllable.check_guidance_config(config)
+  check_guidance_config(config)
   s = config.sampling
   _choice("sampling", config, "precision", models.PRECISIONS, "float32")
   _number("sampling", config, "batch_size", minimum=1, integer=True)
@@ -386,7 +507,7 @@ def _check_sampling(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) ->
       _number("sampling", config, field, **limits)
   # The sampler's own checks (option combinations, ranges that depend on the SDE), by
   # tracing it once on one example with a stand-in score: nothing is compiled.
-  shape = (1, *models.image_shape(config))
+  shape = (1, *networks.image_shape(config))
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   sde = make_sde(config)
   try:
@@ -438,8 +559,7 @@ def check_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
       impossible image shapes, or snapshot frequencies that are not multiples of
       `n_jitted_steps`.
   """
-  if mode not in MODES:
-    raise ValueError(f"Unknown mode {mode!r}; valid: {MODES}")
+  check_choice("mode", mode, CHECKED_MODES)
   mesh = parallel.make_mesh() if mesh is None else mesh
   for check in SECTION_CHECKS.values():
     check(config, mesh, mode)
@@ -477,13 +597,23 @@ def config_differences(config: ml_collections.ConfigDict, saved: dict,
                        select: Callable[[str], bool]) -> list[str]:
   """`['model.nf (run: 16, given: 32)', ...]`: the fields chosen by `select` whose value in
   `config` differs from the saved (plain) config's."""
-  given, run = _flatten(workdir_lib.to_plain(config)), _flatten(saved)
+  given, run = _flatten(config_to_plain(config)), _flatten(saved)
   return [f"{path} (run: {run.get(path, 'unset')!r}, given: {given.get(path, 'unset')!r})"
           for path in sorted(set(given) | set(run))
           if select(path) and given.get(path) != run.get(path)]
 
 
-def _set_field(config: ml_collections.ConfigDict, path: str, value: Any) -> bool:
+def config_to_plain(config: ml_collections.ConfigDict) -> dict:
+  """The config as plain JSON data (tuples -> lists), as `config.json` holds it."""
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def config_from_plain(plain: dict) -> ml_collections.ConfigDict:
+  """A ConfigDict of plain JSON data (a run's `config.json`)."""
+  return ml_collections.ConfigDict(plain, type_safe=False)
+
+
+def set_field(config: ml_collections.ConfigDict, path: str, value: Any) -> bool:
   """Sets `config.<path>` to a JSON value, adapted to the field's type (lists -> tuples,
   ints -> floats); False if the config has no such field."""
   *parents, field = path.split(".")
@@ -534,7 +664,7 @@ def config_for_run(config: ml_collections.ConfigDict, workdir: str, *,
     explicit = tuple(overrides)
     for path, value in _flatten(saved).items():
       if not any(path == o or path.startswith(o + ".") for o in explicit):
-        _set_field(effective, path, value)
+        set_field(effective, path, value)
   changed = config_differences(effective, saved, defines_network)
   if changed and not allow_change:
     raise ValueError(

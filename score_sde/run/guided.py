@@ -19,61 +19,31 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from score_sde import guidance
 from score_sde.io import datasets, images, parallel
-from score_sde.run import experiment
-from score_sde import guidance, models
-from score_sde.run import train
+from score_sde.run import classifier, experiment, keys, networks, programs
+from score_sde.checks import check_choice
 
-GUIDANCE = ("none", "cfg", "classifier")
 TASKS = ("inpaint", "colorize")
 MASKS = ("left_half", "right_half", "top_half", "bottom_half", "center", "checkerboard")
 
 
-def guidance_settings(config: ml_collections.ConfigDict) -> tuple[str, float, int]:
-  """`(guidance, scale, class_label)` from `config.sampling` (defaults: none, 0, 0)."""
-  s = config.sampling
-  return (str(s.get("guidance", "none")).lower(), float(s.get("guidance_scale", 0.0)),
-          s.get("class_label", 0))
-
-
-def check_guidance_config(config: ml_collections.ConfigDict, workdir: str | None = None
-                          ) -> None:
-  """Validates the guidance settings (and, for classifier guidance with a `workdir`, that a
-  classifier for this config's data is there) before anything compiles.
+def check_guidance(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """`experiment.check_guidance_config`, and for classifier guidance that `workdir` holds a
+  classifier trained for the config's data (before anything compiles).
 
   Raises:
-    ValueError: unknown guidance name, CFG asked of an unconditional model
-      (`model.num_classes == 0`), a class label out of range, a classifier for other data.
+    ValueError: as `check_guidance_config`, or a classifier for other data.
     FileNotFoundError: classifier guidance without a trained classifier in `workdir`.
   """
-  name, _, label = guidance_settings(config)
-  if name not in GUIDANCE:
-    raise ValueError(f"Unknown config.sampling.guidance {name!r}; valid: {GUIDANCE}")
-  if name == "none":
-    return
-  if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
-    raise ValueError(f"config.sampling.class_label must be an int, got {label!r}")
-  num_classes = int(config.model.get("num_classes", 0))
-  if name == "cfg":
-    if num_classes < 1:
-      raise ValueError("config.sampling.guidance='cfg' needs a class-conditional model "
-                       "(config.model.num_classes > 0, trained with training.label_dropout > "
-                       f"0), but config.model.num_classes={num_classes}; use guidance='none' "
-                       "or 'classifier'")
-    guidance.check_labels(label, num_classes, allow_null=True,
-                          what="config.sampling.class_label")
-    return
-  from score_sde.run import classifier as classifier_training
-  classifier_training.check_config(config)
-  guidance.check_labels(label, int(config.classifier.num_classes), allow_null=False,
-                        what="config.sampling.class_label")
-  if workdir is not None:
-    classifier_training.check_checkpoint(config, workdir)
+  experiment.check_guidance_config(config)
+  if experiment.guidance_settings(config)[0] == "classifier":
+    classifier.check_checkpoint(config, workdir)
 
 
 def sample_tag(config: ml_collections.ConfigDict) -> str:
   """A file-name suffix for guided samples ('' without guidance), e.g. '_cfg3.0_y7'."""
-  name, scale, label = guidance_settings(config)
+  name, scale, label = experiment.guidance_settings(config)
   return "" if name == "none" else f"_{name}{scale:g}_y{label}"
 
 
@@ -81,22 +51,21 @@ def make_guided_sample_fn(config: ml_collections.ConfigDict, workdir: str,
                           spec: experiment.RunSpec, shape: tuple[int, ...],
                           mesh: Mesh | None = None) -> Callable | None:
   """`sample_fn(variables, key) -> (images in [0, 1], nfe)` with the config's guidance, one
-  compiled program (as `train.make_sample_fn`; the same starting noise for the same key), or
+  compiled program (as `programs.make_sample_fn`; the same starting noise for the same key), or
   None when `config.sampling.guidance == 'none'`. `spec` is the run's `experiment.run_spec`.
 
   Raises:
-    ValueError / FileNotFoundError: as `check_guidance_config`.
+    ValueError / FileNotFoundError: as `check_guidance`.
   """
-  check_guidance_config(config, workdir)
-  name, scale, label = guidance_settings(config)
+  check_guidance(config, workdir)
+  name, scale, label = experiment.guidance_settings(config)
   if name == "none":
     return None
   method, options = experiment.sampler_settings(config)
-  sde, model, continuous = spec.sde, spec.network("sample"), spec.continuous
+  sde, score_model = spec.sde, spec.score_model_for("sample")
   classifier_variables = None
   if name == "classifier":
-    from score_sde.run import classifier as classifier_training
-    classifier, classifier_variables, step = classifier_training.load_classifier(
+    classifier_net, classifier_variables, step = classifier.load_classifier(
         config, workdir, mesh=mesh)
     logging.info("classifier guidance (scale %g) with the classifier of step %d", scale, step)
 
@@ -104,17 +73,16 @@ def make_guided_sample_fn(config: ml_collections.ConfigDict, workdir: str,
     variables, cvars = both
     if name == "cfg":
       def cond_score_fn(x, t, y):
-        return models.get_score_fn(sde, model, variables, train=False, continuous=continuous,
-                                   class_labels=y)(x, t)
+        return score_model.score_fn(variables, class_labels=y)(x, t)
       return guidance.classifier_free(cond_score_fn, label, w=scale,
                                       null_label=int(config.model.num_classes))
     # Classifier guidance of the model's unconditional score (the null label, if the model
     # is class-conditional).
-    score_fn = models.get_score_fn(sde, model, variables, train=False, continuous=continuous)
-    log_prob_fn = classifier_training.get_log_prob_fn(sde, classifier, cvars)
+    score_fn = score_model.score_fn(variables)
+    log_prob_fn = classifier.get_log_prob_fn(sde, classifier_net, cvars)
     return guidance.classifier_guided(score_fn, log_prob_fn, label, scale=scale)
 
-  sample_fn = train.make_sample_fn(spec, shape, method, options, mesh=mesh,
+  sample_fn = programs.make_sample_fn(spec, shape, method, options, mesh=mesh,
                                    score_fn_of=score_fn_of)
   return lambda variables, key: sample_fn((variables, classifier_variables), key)
 
@@ -145,7 +113,7 @@ def make_mask(name: str, image_shape: tuple[int, int, int]) -> np.ndarray:
   elif name == "checkerboard":
     mask[(np.add.outer(np.arange(h) // 4, np.arange(w) // 4) % 2) == 1] = 0
   else:
-    raise ValueError(f"Unknown mask {name!r}; valid: {MASKS} or a .npy file")
+    check_choice("mask", name, MASKS, hint="or a .npy file")
   return mask
 
 
@@ -189,20 +157,20 @@ def complete_test_images(config: ml_collections.ConfigDict, workdir: str, task: 
     ValueError / FileNotFoundError: unknown task / mask, a mask of another shape, colorizing
       one-channel images, a missing checkpoint (all before compiling).
   """
-  from score_sde.run import evaluate
-
   if task not in TASKS:
     raise ValueError(f"Unknown task {task!r}; valid: {TASKS}")
-  shape = models.image_shape(config)
+  shape = networks.image_shape(config)
   if task == "colorize" and shape[-1] != 3:
     raise ValueError(f"colorize needs RGB images, config.data.num_channels="
                      f"{shape[-1]}")
   mask_array = load_mask(mask, shape) if task == "inpaint" else None
   mesh = parallel.make_mesh() if mesh is None else mesh
   experiment.check_config(config, mesh)
-  check_guidance_config(config, workdir)
-  state, step, model, sde = evaluate.load_checkpoint(config, workdir, step, mesh)
-  data = datasets.get_dataset(config, "test", batch_size=num_images)
+  check_guidance(config, workdir)
+  loaded = programs.restore_run(config, workdir, step, mesh)
+  state, step, sde = loaded.state, loaded.step, loaded.spec.sde
+  score_model = loaded.score_model
+  data = experiment.make_dataset(config, "test", batch_size=num_images)
   original = data.batch(0)["image"][:num_images]
   scaler = datasets.get_data_scaler(config.data.centered)
   inverse_scaler = datasets.get_data_inverse_scaler(config.data.centered)
@@ -211,7 +179,7 @@ def complete_test_images(config: ml_collections.ConfigDict, workdir: str, task: 
 
   @jax.jit
   def run(variables, key, x01):
-    score_fn = models.get_score_fn(sde, model, variables, train=False, continuous=continuous)
+    score_fn = score_model.score_fn(variables)
     if task == "inpaint":
       x, nfe = guidance.inpaint(key, score_fn, sde, scaler(x01), mask_array, method=method,
                                 scheme=scheme, **options)
@@ -221,7 +189,7 @@ def complete_test_images(config: ml_collections.ConfigDict, workdir: str, task: 
     return jnp.clip(inverse_scaler(x), 0.0, 1.0), nfe
 
   _, _, sample_key, _ = experiment.run_keys(config)
-  completed, nfe = run(state.variables(ema=True), jax.random.fold_in(sample_key, 1 << 29),
+  completed, nfe = run(state.variables(ema=True), jax.random.fold_in(sample_key, keys.COMPLETION),
                        jnp.asarray(original))
   completed = np.asarray(completed)
   if task == "inpaint":

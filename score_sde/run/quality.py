@@ -83,8 +83,8 @@ def compute_reference_stats(config: ml_collections.ConfigDict, net: features_lib
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.uniform_dequantization = False
   config.data.random_flip = False
-  size = datasets.get_dataset(config, split, batch_size=1).num_examples
-  data = datasets.get_dataset(config, split, batch_size=min(1000, size))
+  size = experiment.make_dataset(config, split, batch_size=1).num_examples
+  data = experiment.make_dataset(config, split, batch_size=min(1000, size))
   limit = data.num_examples if limit is None else min(limit, data.num_examples)
   feats, logits, seen, start = [], [], 0, time.perf_counter()
   for batch in tqdm(data.iterate_once(), total=-(-limit // data.batch_size),
@@ -135,7 +135,7 @@ def sample_quality(config: ml_collections.ConfigDict, images: np.ndarray,
   start = time.perf_counter()
   feats, logits = net(images)
   e = config.eval
-  out = metrics.sample_quality(
+  out = metrics.feature_metrics(
       feats, logits, stats, kid_subsets=int(e.get("kid_subsets", 100)),
       kid_subset_size=int(e.get("kid_subset_size", 1000)), pr_k=int(e.get("pr_k", 3)),
       pr_num_real=int(e.get("pr_num_real", 10_000)), seed=int(config.get("seed", 0)))

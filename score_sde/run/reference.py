@@ -41,8 +41,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from score_sde.io import checkpoints, torch_zip
 from score_sde import models
+from score_sde.io import checkpoints, torch_zip
+from score_sde.io.checkpoints import CheckpointMismatchError
+from score_sde.run import experiment, networks, programs
 
 # The checkpoints score_sde_pytorch published (paths as in its README) -> the config file here
 # and the `--config.<field>=<value>` overrides that give the same network, SDE and training
@@ -138,10 +140,6 @@ class ReferenceWeights:
   ema_params: dict
   constants: dict
   step: int
-
-
-class CheckpointMismatchError(ValueError):
-  """A reference checkpoint whose keys or shapes do not fit the config's network."""
 
 
 # --- layout conversions ----------------------------------------------------------------------
@@ -465,7 +463,7 @@ def check_layout(config: ml_collections.ConfigDict, entries: list[Entry] | None 
       differently (a disagreement between the two architectures, not a user error).
   """
   entries = layout(config) if entries is None else entries
-  variables = jax.eval_shape(lambda k: models.init_model(k, config), jax.random.PRNGKey(0))
+  variables = jax.eval_shape(lambda k: networks.init_model(k, config), jax.random.PRNGKey(0))
   flat = {(collection, *(k.key for k in path)): leaf for collection, tree in variables.items()
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
   seen = set()
@@ -751,7 +749,7 @@ def import_checkpoint(config: ml_collections.ConfigDict, checkpoint_path: str | 
                       workdir: str | os.PathLike, *, overwrite: bool = False) -> int:
   """Writes a reference checkpoint file as an orbax checkpoint of `workdir`.
 
-  After this, `evaluate.load_checkpoint(config, workdir)` (and `--mode=sample` / `eval`)
+  After this, `programs.load_run(workdir)` (and `--mode=sample` / `eval`)
   use it as a trained run's checkpoint: EMA weights -> `ema_params`, model weights ->
   `params`, step -> step. The optimizer state is freshly initialized (the reference's Adam
   moments are not converted). Also writes `workdir/config.json` and
@@ -772,8 +770,6 @@ def import_checkpoint(config: ml_collections.ConfigDict, checkpoint_path: str | 
     torch_zip.CheckpointFormatError: not a torch checkpoint, or unsafe pickle contents.
     CheckpointMismatchError: the checkpoint does not fit the config's network.
   """
-  from score_sde.run import experiment, train as train_lib
-
   path = os.fspath(checkpoint_path)
   ckpt_dir = checkpoints.checkpoint_dir(workdir)
   existing = os.path.isdir(ckpt_dir) and any(
@@ -785,7 +781,7 @@ def import_checkpoint(config: ml_collections.ConfigDict, checkpoint_path: str | 
   weights = import_state(config, torch_zip.load(path), where=path)
   optimizer = experiment.make_optimizer(config)
   params = jax.tree_util.tree_map(jnp.asarray, weights.params)
-  state = train_lib.TrainState(
+  state = programs.TrainState(
       step=jnp.asarray(weights.step, jnp.int32), params=params,
       opt_state=optimizer.init(params),
       ema_params=jax.tree_util.tree_map(jnp.asarray, weights.ema_params),
@@ -817,9 +813,8 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.PathL
   Raises:
     FileNotFoundError: no checkpoint (or not that step) in `workdir`.
   """
-  from score_sde.run import evaluate
-
-  state, step, _, _ = evaluate.load_checkpoint(config, os.fspath(workdir), step)
+  loaded = programs.restore_run(config, os.fspath(workdir), step)
+  state, step = loaded.state, loaded.step
   to_numpy = lambda tree: jax.tree_util.tree_map(np.asarray, tree)  # noqa: E731
   obj = export_state(config, to_numpy(state.params), to_numpy(state.ema_params),
                      to_numpy(state.constants), step)

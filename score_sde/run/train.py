@@ -1,21 +1,9 @@
-"""Training: the train state, the compiled step functions and the train loop.
+"""The train loop: one readable function over a config, its spec and the compiled programs.
 
-The loop (`train`) reads a whole config; everything it compiles is built by small factories
-that take a `experiment.RunSpec` (SDE, network, loss, optimizer, EMA, labels, scaling):
-
-- `TrainState`: step, params, optimizer state, EMA params, and the network's frozen
-  `constants` (e.g. NCSN++'s Gaussian Fourier features), one pytree that is checkpointed and
-  replicated over devices.
-- `make_train_step`: `n_jitted_steps` optimizer steps in one compiled call (`lax.scan`;
-  unrolled on CPU, where XLA runs a network inside a loop several times slower), over
-  a device mesh with a `"batch"` axis: the batch is sharded, the state replicated, and XLA
-  all-reduces the gradients (the `jit` + `NamedSharding` form of `pmap`). The per-step key is
-  `fold_in(base_key, step)` inside the compiled code, so a run's randomness depends only on
-  (seed, step), not on how it was cut into calls or devices.
-- `make_eval_loss_fn`, `make_sample_fn`: the test loss and the configured sampler, compiled
-  once, their batch sharded over devices.
-
-Checkpoints are only ever written from a state whose losses were all finite.
+`train(config, workdir)` checks the config, builds the `experiment.RunSpec`, restores or
+starts the `programs.TrainState`, and runs `programs.make_train_step` in calls of
+`n_jitted_steps`, with periodic test losses, checkpoints and sample grids. Checkpoints are
+only ever written from a state whose losses were all finite.
 """
 
 from __future__ import annotations
@@ -28,263 +16,28 @@ import os
 import time
 from typing import Any, Callable
 
-import flax.struct
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from score_sde.io import checkpoints, datasets, images, parallel
-from score_sde.run import experiment
-from score_sde import guidance, models
-from score_sde import sampling
+from score_sde.io import checkpoints, images, parallel
 from score_sde.io import workdir as workdir_lib
+from score_sde.io.logs import MetricsWriter
+from score_sde.run import experiment, programs
 from score_sde.run.experiment import RunSpec
+from score_sde.run.programs import NonFiniteLossError, TrainState
 
 Array = jax.Array
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a run needs to continue, as one pytree.
-
-  Attributes:
-    step: int32 scalar, optimizer steps taken.
-    params: the network's trainable parameters.
-    opt_state: the optax optimizer state.
-    ema_params: exponential moving average of `params` (rate `config.model.ema_rate`); the
-      weights used for evaluation and sampling.
-    constants: the network's other variable collections (frozen arrays, not trained).
-  """
-  step: Array
-  params: Any
-  opt_state: Any
-  ema_params: Any
-  constants: Any
-
-  def variables(self, ema: bool = True) -> dict:
-    """The variables for `model.apply`: EMA (default) or raw params plus the constants."""
-    return {"params": self.ema_params if ema else self.params, **self.constants}
-
-
-# ----------------------------------------------------------------------------------------
-# State and step.
-
-
-def init_state(key: Array, config: ml_collections.ConfigDict, model, optimizer
-               ) -> TrainState:
-  """A fresh `TrainState`: initialized params, EMA = params, step 0. Usable under
-  `jax.eval_shape`."""
-  variables = models.init_model(key, config, model)
-  params = variables.pop("params")
-  ema_params = jax.tree_util.tree_map(jnp.copy, params)  # own buffers: the state is donated
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(params), ema_params=ema_params,
-                    constants=variables)
-
-
-def make_train_step(spec: RunSpec, *, mesh: Mesh | None = None) -> Callable:
-  """Builds the compiled multi-step train function.
-
-  Args:
-    spec: the run's SDE, network, loss, optimizer, EMA rate (and warmup: decay
-      min(ema_rate, (1 + step) / (10 + step)), so that a short run's EMA weights are not
-      dominated by the initialization: with 0.995 and no warmup, 8% of the EMA is still the
-      random initial network after 500 steps), time labels, class labels and data scaling
-      (applied inside the compiled step); its schedule only to report the learning rate.
-    mesh: device mesh with axis `"batch"` (default: all devices).
-
-  Returns:
-    `step_fn(state, base_key, batch) -> (state, metrics)`: `batch` is a dict of `image
-    [n, B, H, W, C]` in [0, 1] and `label [n, B]` (n steps, global batch B, sharded over
-    `"batch"` on axis 1); `metrics` holds `[n]` arrays `loss`, `grad_norm`, `lr`. The input
-    state is donated.
-  """
-  mesh = parallel.make_mesh() if mesh is None else mesh
-  sde, optimizer, scaler = spec.sde, spec.optimizer, spec.scaler
-  model = spec.network("train")  # at training precision; params, opt_state, EMA float32
-
-  def one_step(base_key, state: TrainState, batch):
-    key = jax.random.fold_in(base_key, state.step)
-    k_loss, k_dropout = jax.random.split(key)
-    labels = batch["label"] if spec.conditional else None
-    if labels is not None and spec.label_dropout > 0:  # classifier-free guidance training
-      labels = guidance.drop_labels(jax.random.fold_in(key, 2), labels, spec.label_dropout,
-                                    spec.num_classes)
-
-    def param_score_fn(params, x, t):
-      variables = {"params": params, **state.constants}
-      return models.get_score_fn(sde, model, variables, train=True,
-                                 continuous=spec.continuous, rng=k_dropout,
-                                 class_labels=labels)(x, t)
-
-    def objective(params):
-      return spec.loss_fn(k_loss, param_score_fn, params, scaler(batch["image"]))
-
-    (loss, _), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    rate = spec.ema_rate
-    if spec.ema_warmup:  # min(rate, (1 + n) / (10 + n)): early steps forget the initialization
-      n = state.step.astype(jnp.float32)
-      rate = jnp.minimum(spec.ema_rate, (1.0 + n) / (10.0 + n))
-    ema = jax.tree_util.tree_map(lambda e, p: rate * e + (1.0 - rate) * p,
-                                 state.ema_params, params)
-    lr = spec.schedule(state.step) if spec.schedule is not None else jnp.nan
-    metrics = dict(loss=loss, grad_norm=optax.global_norm(grads),
-                   lr=jnp.asarray(lr, jnp.float32))
-    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                          ema_params=ema)
-    return state, metrics
-
-  # XLA:CPU runs a network inside a while loop several times slower than the same network
-  # outside one (measured: Fashion-MNIST DDPM++, batch 64, 9 s vs 1.5 s per step), so on CPU
-  # the steps are unrolled in Python (compile time grows with n_jitted_steps instead; even
-  # `lax.scan(unroll=True)` keeps a one-trip loop).
-  unrolled = jax.default_backend() == "cpu"
-
-  def step_fn(state, base_key, batch):
-    if not unrolled:
-      return jax.lax.scan(functools.partial(one_step, base_key), state, batch)
-    per_step = []
-    for i in range(jax.tree_util.tree_leaves(batch)[0].shape[0]):
-      state, metrics = one_step(base_key, state, jax.tree_util.tree_map(lambda a: a[i], batch))
-      per_step.append(metrics)
-    return state, jax.tree_util.tree_map(lambda *m: jnp.stack(m), *per_step)
-
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P(None, "batch"))
-  return jax.jit(step_fn, in_shardings=(replicated, replicated, batch_sharding),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
-
-
-def make_eval_loss_fn(spec: RunSpec, *, mesh: Mesh | None = None) -> Callable:
-  """`eval_fn(variables, key, batch) -> (loss_sum, count)` on one sharded batch (`image
-  [B, ...]` in [0, 1], `label [B]`, optional `mask [B]`), network in eval mode (no
-  dropout), at `spec.eval_precision`."""
-  mesh = parallel.make_mesh() if mesh is None else mesh
-  model = spec.network("eval")
-
-  def eval_fn(variables, key, batch):
-    labels = batch["label"] if spec.conditional else None
-
-    def param_score_fn(params, x, t):
-      return models.get_score_fn(spec.sde, model, {**variables, "params": params},
-                                 train=False, continuous=spec.continuous,
-                                 class_labels=labels)(x, t)
-
-    _, aux = spec.loss_fn(key, param_score_fn, variables["params"], spec.scaler(batch["image"]))
-    mask = batch.get("mask", jnp.ones_like(aux["per_example_loss"], bool))
-    return jnp.sum(jnp.where(mask, aux["per_example_loss"], 0.0)), jnp.sum(mask)
-
-  replicated = NamedSharding(mesh, P())
-  return jax.jit(eval_fn, in_shardings=(replicated, replicated, NamedSharding(mesh, P("batch"))),
-                 out_shardings=replicated)
-
-
-def make_sample_fn(spec: RunSpec, shape: tuple[int, ...], method: str, options: dict, *,
-                   mesh: Mesh | None = None, score_fn_of: Callable | None = None
-                   ) -> Callable:
-  """`sample_fn(variables, key) -> (images [B, H, W, C] in [0, 1], nfe)`, one compiled
-  program with the batch `shape[0]` sharded over devices. `method` and `options` as for
-  `sampling.sample` (e.g. from `experiment.sampler_settings`). The starting noise is
-  `sde.prior_sampling(fold_in(key, 0), shape)`, so calls with the same key but different
-  methods start from the same x_T. `score_fn_of(variables) -> score_fn` makes the score
-  function from `variables` (any pytree; default: the network's score with the network's
-  variables, at `spec.sample_precision`), e.g. a guided one."""
-  mesh = parallel.make_mesh() if mesh is None else mesh
-  parallel.check_batch(shape[0], mesh, "sampling batch size")
-  batch_sharding = NamedSharding(mesh, P("batch"))
-  sde = spec.sde
-
-  if score_fn_of is None:
-    def score_fn_of(variables):
-      return models.get_score_fn(sde, spec.network("sample"), variables, train=False,
-                                 continuous=spec.continuous)
-
-  def sample_fn(variables, key):
-    score_fn = score_fn_of(variables)
-    x_T = sde.prior_sampling(jax.random.fold_in(key, 0), shape)
-    x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
-    x, nfe = sampling.sample(jax.random.fold_in(key, 1), score_fn, sde, shape, method=method,
-                             x_T=x_T, **options)
-    return jnp.clip(spec.inverse_scaler(x), 0.0, 1.0), nfe
-
-  return jax.jit(sample_fn)
-
-
-def abstract_state(config: ml_collections.ConfigDict, model, optimizer, mesh: Mesh
-                   ) -> TrainState:
-  """The `TrainState`'s shapes and dtypes, replicated over `mesh`, without memory."""
-  replicated = NamedSharding(mesh, P())
-  shapes = jax.eval_shape(lambda k: init_state(k, config, model, optimizer),
-                          jax.ShapeDtypeStruct((2,), jnp.uint32))  # a key, not made: no compile
-  return jax.tree_util.tree_map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)
-
-
-def restore_state(manager, config: ml_collections.ConfigDict, model, optimizer, mesh: Mesh,
-                  step: int | None = None) -> tuple[TrainState, int] | None:
-  """`(state, step)` from checkpoint `step` (None: the latest), or None if there is none."""
-  return checkpoints.restore(manager, abstract_state(config, model, optimizer, mesh), step)
 
 
 # ----------------------------------------------------------------------------------------
 # The train loop and its helpers.
 
 
-class NonFiniteLossError(FloatingPointError):
-  """Training produced a NaN or infinite loss; the run stopped without saving."""
-
-
 def is_time(step: int, previous: int, freq: int, last: int) -> bool:
   """Whether a multiple of `freq` lies in (previous, step], or `step` is the `last` one."""
   return step // freq > previous // freq or step == last
-
-
-class MetricsWriter:
-  """The run's scalar and image log: TensorBoard events and `metrics.jsonl` lines, written
-  by the chief process only (on the others every call does nothing).
-
-  A record `{"loss": 1.0}` in section "train" at step 5 becomes the TensorBoard scalar
-  `train/loss` and the line `{"step": 5, "loss": 1.0}`; in another section, e.g. "eval",
-  the scalar `eval/loss` and the key `eval_loss`.
-  """
-
-  def __init__(self, workdir: str, enabled: bool = True):
-    self.enabled = enabled
-    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-    self._tensorboard = None
-    if enabled:
-      from tensorboardX import SummaryWriter
-      self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-  def scalars(self, step: int, section: str, record: dict[str, float]) -> None:
-    """Logs `record`'s values at `step`; non-finite ones become `null` in the JSON line."""
-    if not self.enabled:
-      return
-    for name, value in record.items():
-      self._tensorboard.add_scalar(f"{section}/{name}", value, step)
-    prefix = "" if section == "train" else f"{section}_"
-    line = {"step": step, **{prefix + name: _json_number(value) for name, value in record.items()}}
-    with open(self.jsonl_path, "a") as f:
-      f.write(json.dumps(line, allow_nan=False) + "\n")
-
-  def image(self, step: int, name: str, grid: np.ndarray) -> None:
-    if self.enabled:
-      self._tensorboard.add_image(name, grid, step, dataformats="HWC")
-
-  def close(self) -> None:
-    if self._tensorboard is not None:
-      self._tensorboard.close()
-
-
-def _json_number(value: float) -> float | None:
-  """`value` as a float, or None (JSON `null`) if it is NaN or infinite."""
-  value = float(value)
-  return value if np.isfinite(value) else None
 
 
 def train_record(metrics: dict, steps_per_s: float, batch_size: int) -> dict[str, float]:
@@ -342,7 +95,7 @@ def _start_state(manager, config, spec: RunSpec, mesh: Mesh, workdir: str, step:
   Unreadable newer checkpoints, and with `step` the newer ones, are moved to
   `workdir/checkpoints_set_aside/` (never deleted) so that training can save those steps again.
   """
-  abstract = abstract_state(config, spec.model, spec.optimizer, mesh)
+  abstract = programs.abstract_state(spec, mesh)
   restored = checkpoints.restore_intact(manager, abstract, step)
   if restored is not None:
     state, restored_step, unreadable = restored
@@ -357,7 +110,7 @@ def _start_state(manager, config, spec: RunSpec, mesh: Mesh, workdir: str, step:
     return state
   logging.info("Starting a new run in %s", workdir)
   init_key = experiment.run_keys(config)[0]
-  return jax.jit(lambda k: init_state(k, config, spec.model, spec.optimizer),
+  return jax.jit(lambda k: programs.init_state(k, spec),
                  out_shardings=NamedSharding(mesh, P()))(init_key)
 
 
@@ -389,8 +142,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step: int | None =
   n_jitted, n_iters = int(training.n_jitted_steps), int(training.n_iters)
   spec = experiment.run_spec(config)
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_data = datasets.get_dataset(config, "train", **process)
-  eval_data = datasets.get_dataset(config, "test", **process)
+  train_data = experiment.make_dataset(config, "train", **process)
+  eval_data = experiment.make_dataset(config, "test", **process)
   os.makedirs(workdir, exist_ok=True)
 
   manager = checkpoints.get_manager(workdir, keep=2, keep_period=int(training.snapshot_freq))
@@ -400,17 +153,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step: int | None =
     manager.close()
     raise
   if jax.process_index() == 0:  # the run has started: record how it is trained
-    previous = workdir_lib.save_config(config, workdir)
+    previous = workdir_lib.save_config(experiment.config_to_plain(config), workdir)
     if previous:
       logging.warning("The config differs from the run's earlier one, kept as %s", previous)
   _, base_key, sample_key, eval_key = experiment.run_keys(config)
   base_key, start = parallel.replicate(base_key, mesh), int(state.step)
-  step_fn = make_train_step(spec, mesh=mesh)
-  eval_fn = make_eval_loss_fn(spec, mesh=mesh)
+  step_fn = programs.make_train_step(spec, mesh=mesh)
+  eval_fn = programs.make_eval_loss_fn(spec, mesh=mesh)
   sample_fn = None
   if training.snapshot_sampling:
-    shape = (int(config.sampling.batch_size), *models.image_shape(config))
-    sample_fn = make_sample_fn(spec, shape, *experiment.sampler_settings(config), mesh=mesh)
+    shape = (int(config.sampling.batch_size), *spec.image_shape)
+    sample_fn = programs.make_sample_fn(spec, shape, *experiment.sampler_settings(config),
+                                        mesh=mesh)
   writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
 
   # The loop: one compiled call per n_jitted steps (the last may be shorter). A background
