@@ -29,3 +29,9 @@ from score_sde.models.ncsnpp import NCSNpp
 
 __all__ = ["CONSTANTS", "DDPM", "MODELS", "NCSNpp", "PRECISIONS", "count_params", "get_model",
            "get_score_fn", "image_shape", "init_model", "with_precision"]
+
+# The KL autoencoder of latent diffusion (score_sde.models.autoencoder).
+from score_sde.models.autoencoder import AutoencoderKL  # noqa: E402
+from score_sde.models.autoencoder import DiagonalGaussian  # noqa: E402
+
+__all__ += ["AutoencoderKL", "DiagonalGaussian"]
