@@ -574,8 +574,9 @@ def params_from_ldm(state_dict: StateDict, ae: AutoencoderKL, where: str = "stat
 
 def _shape_of(state: StateDict, key: str, where: str) -> tuple[int, ...]:
   if key not in state:
+    example = f", e.g. {sorted(state)[0]!r}" if state else ""
     raise ValueError(f"{where}: no key {key!r}; an LDM autoencoder state dict has it (found "
-                     f"{len(state)} autoencoder keys{', e.g. ' + repr(sorted(state)[0]) if state else ''})")
+                     f"{len(state)} autoencoder keys{example})")
   return tuple(np.shape(state[key]))
 
 
