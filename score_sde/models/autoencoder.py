@@ -40,9 +40,8 @@ dict; `autoencoder_from_config` builds the module from a diffusers `config.json`
 
 from __future__ import annotations
 
-import math
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping
 
 import flax.linen as nn
 import flax.struct
