@@ -15,6 +15,8 @@ Count parameters without memory with
 `models.count_params(jax.eval_shape(lambda k: models.init_network(k, network, shape), key))`.
 """
 
+from score_sde.models.autoencoder import AutoencoderKL
+from score_sde.models.autoencoder import DiagonalGaussian
 from score_sde.models.build import MODELS
 from score_sde.models.build import PRECISIONS
 from score_sde.models.build import Variables
@@ -27,4 +29,4 @@ from score_sde.models.ncsnpp import NCSNpp
 from score_sde.models.score_model import ScoreModel
 
 __all__ = ["CONSTANTS", "DDPM", "MODELS", "NCSNpp", "PRECISIONS", "ScoreModel", "Variables",
-           "count_params", "init_network", "with_precision"]
+           "AutoencoderKL", "DiagonalGaussian", "count_params", "init_network", "with_precision"]
