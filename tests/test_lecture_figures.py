@@ -1,55 +1,31 @@
-"""The helpers of scripts/lecture_figures.py and scripts/sampler_panel.py, against closed forms."""
+"""The path helpers of the lecture figures (`score_sde.trajectories`) and the sampler panel's
+pixel statistics (`score_sde.run.figures`), against closed forms."""
 
 from __future__ import annotations
-
-import importlib.util
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_sde import sampling
+from score_sde import sampling, trajectories
 from score_sde import sde as sde_lib
-
-_SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
-
-
-def _load(name):
-  if _SCRIPTS not in sys.path:  # as `python scripts/<name>.py` would (for scripts/common.py)
-    sys.path.insert(0, _SCRIPTS)
-  spec = importlib.util.spec_from_file_location(name, os.path.join(_SCRIPTS, name + ".py"))
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  return module
+from score_sde.run import figures
 
 
-@pytest.fixture(scope="module")
-def lf():
-  return _load("lecture_figures")
-
-
-@pytest.fixture(scope="module")
-def panel():
-  return _load("sampler_panel")
-
-
-def test_slerp_ends_and_angles(lf):
+def test_slerp_ends_and_angles():
   """slerp(z0, z1, w) is z0 at w = 0, z1 at w = 1, and for orthogonal unit vectors the point
   at angle w pi / 2: (cos, sin)."""
   z0 = jnp.asarray([[1.0, 0.0, 0.0]])
   z1 = jnp.asarray([[0.0, 1.0, 0.0]])
   w = jnp.asarray([0.0, 1.0 / 3.0, 1.0])
-  out = np.asarray(lf.slerp(z0, z1, w))[:, 0]
+  out = np.asarray(trajectories.slerp(z0, z1, w))[:, 0]
   angle = np.pi / 6
   np.testing.assert_allclose(out, [[1, 0, 0], [np.cos(angle), np.sin(angle), 0], [0, 1, 0]],
                              atol=1e-6)
 
 
-def test_ddim_trajectory_is_the_ddim_sampler(lf):
+def test_ddim_trajectory_is_the_ddim_sampler():
   """The recorded trajectory ends where `ddim_sample` (without the final denoising) ends, and
   its x0 estimates are Tweedie's, checked with an exact Gaussian score."""
   sde = sde_lib.VPSDE()
@@ -60,7 +36,7 @@ def test_ddim_trajectory_is_the_ddim_sampler(lf):
     return -(x - alpha * mean) / (alpha**2 * std**2 + sigma**2)
 
   x_T = jax.random.normal(jax.random.key(0), (4, 2))
-  ts, xs, x0s = lf.ddim_trajectory(score_fn, sde, x_T, 10, 1e-3)
+  ts, xs, x0s = trajectories.ddim_trajectory(score_fn, sde, x_T, 10, 1e-3)
   assert xs.shape == (10, 4, 2) and x0s.shape == (10, 4, 2)
   np.testing.assert_allclose(np.asarray(xs[0]), np.asarray(x_T))
   alpha, sigma = sde.alpha(ts[3]), sde.sigma(ts[3])
@@ -74,8 +50,13 @@ def test_ddim_trajectory_is_the_ddim_sampler(lf):
   np.testing.assert_allclose(np.asarray(x_last), np.asarray(expected), rtol=1e-4, atol=1e-5)
 
 
-def test_pixel_stats(panel):
+def test_pixel_stats():
   x = np.array([-0.1, 0.0, 0.5, 1.0, 1.04, 1.2]).reshape(1, 2, 3, 1)
-  stats = panel.pixel_stats(x)
+  stats = figures.pixel_stats(x)
   assert stats["saturated"] == pytest.approx(2 / 6)
   assert stats["mean"] == pytest.approx(x.mean()) and stats["std"] == pytest.approx(x.std())
+
+
+def test_unknown_sampler_names_the_valid_ones():
+  with pytest.raises(ValueError, match="'rk45'.*ddim"):
+    figures.check_samplers(["ddim", "rk45"])
