@@ -28,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import default
 from score_sde import models, torch_zip
+from score_sde import sde as sde_lib
 from score_sde.models import dit_weights
 from score_sde.models.dit import DIT_SIZES, DiT, dit_size, sincos_pos_embed_2d
 
@@ -396,3 +398,38 @@ def test_bad_input():
              class_labels=jnp.zeros((1,), jnp.int32))
   with pytest.raises(ValueError, match=r"labels must be \[B\]"):
     net.init(jax.random.key(0), jnp.zeros((2, 8, 8, 4)), jnp.zeros((1,)))
+
+
+# --- the config builder ---------------------------------------------------------------------
+
+
+def dit_config(**model_fields):
+  config = default.get_config()
+  config.model.name = "dit"
+  for name, value in model_fields.items():
+    config.model[name] = value
+  return config
+
+
+def test_builder_in_models_table():
+  """`models.MODELS['dit']` reads `config.model`; the network then works through
+  `init_model` / `count_params` / `get_score_fn` like the U-Nets."""
+  config = dit_config(dit_size="S/8", num_classes=10, learn_sigma=False)
+  net = models.get_model(config)
+  assert (net.depth, net.hidden_size, net.patch_size, net.num_heads) == (12, 384, 8, 6)
+  abstract = jax.eval_shape(lambda k: models.init_model(k, config), jax.random.key(0))
+  assert models.count_params(abstract) == reference_param_count(
+      12, 384, 8, in_channels=3, input_size=32, num_classes=10, learn_sigma=False)
+
+  config = dit_config(patch_size=4, hidden_size=32, depth=1, num_heads=2, learn_sigma=False)
+  config.data.image_size = 8
+  net = models.get_model(config)
+  variables = models.init_model(jax.random.key(0), config, net)
+  score_fn = models.get_score_fn(sde_lib.VPSDE(), net, variables)
+  x = jnp.ones((2, 8, 8, 3))
+  assert score_fn(x, jnp.array([0.3, 0.9])).shape == x.shape
+
+  with pytest.raises(ValueError, match="Unknown DiT size 'XXL/2'"):
+    models.get_model(dit_config(dit_size="XXL/2"))
+  with pytest.raises(ValueError, match="patch_size 5 does not divide the image size 32x32"):
+    models.get_model(dit_config(patch_size=5, hidden_size=32, depth=1, num_heads=2))

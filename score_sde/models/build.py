@@ -16,6 +16,8 @@ import ml_collections
 
 from score_sde import sde as sde_lib
 from score_sde.models.ddpm import DDPM
+from score_sde.models.dit import DiT
+from score_sde.models.dit import dit_size
 from score_sde.models.ncsnpp import NCSNpp
 
 Variables = dict[str, Any]
@@ -54,11 +56,35 @@ def _build_ddpm(config: ml_collections.ConfigDict) -> DDPM:
   return DDPM(**_unet_fields(config))
 
 
+def _build_dit(config: ml_collections.ConfigDict) -> DiT:
+  """DiT from `config.model`: `dit_size` (a `DIT_SIZES` name such as 'XL/2') if set, else
+  `patch_size`, `hidden_size`, `depth`, `num_heads`; and `mlp_ratio` (4.0),
+  `class_dropout_prob` (0.1), `learn_sigma` (False), `num_classes`. Checks the image size
+  against the patch size here, before anything is compiled.
+
+  Raises:
+    ValueError: an unknown `dit_size`, or fields the DiT rejects (see `DiT`).
+  """
+  m = config.model
+  if m.get("dit_size", None):
+    shape = dit_size(m.dit_size)
+  else:
+    shape = dict(patch_size=int(m.patch_size), hidden_size=int(m.hidden_size),
+                 depth=int(m.depth), num_heads=int(m.num_heads))
+  net = DiT(**shape, mlp_ratio=float(m.get("mlp_ratio", 4.0)),
+            class_dropout_prob=float(m.get("class_dropout_prob", 0.1)),
+            num_classes=int(m.get("num_classes", 0)),
+            learn_sigma=bool(m.get("learn_sigma", False)))
+  net.grid(config.data.image_size, config.data.image_size)
+  return net
+
+
 # name -> builder(config) -> network. Each builder reads the config fields its network takes,
 # so a new network is one builder here. 'ddpmpp' is NCSN++ with DDPM++ options (set by the
 # config); the name is an alias.
 MODELS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
-    "ncsnpp": _build_ncsnpp, "ddpmpp": _build_ncsnpp, "ddpm": _build_ddpm}
+    "ncsnpp": _build_ncsnpp, "ddpmpp": _build_ncsnpp, "ddpm": _build_ddpm,
+    "dit": _build_dit}
 
 
 def get_model(config: ml_collections.ConfigDict) -> nn.Module:
