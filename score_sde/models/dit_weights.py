@@ -26,6 +26,7 @@ import numpy as np
 
 from score_sde import torch_zip
 from score_sde.models import layers
+from score_sde.models.dit import FREQUENCY_EMBEDDING_SIZE
 from score_sde.models.dit import DiT
 from score_sde.models.dit import sincos_pos_embed_2d
 
@@ -61,7 +62,7 @@ def reference_layout(net: DiT, image_shape: tuple[int, int, int]
   hidden = int(d * net.mlp_ratio)
   shapes = {"pos_embed": (1, gh * gw, d),
             "x_embedder.proj.weight": (d, channels, p, p), "x_embedder.proj.bias": (d,),
-            "t_embedder.mlp.0.weight": (d, 256), "t_embedder.mlp.0.bias": (d,),
+            "t_embedder.mlp.0.weight": (d, FREQUENCY_EMBEDDING_SIZE), "t_embedder.mlp.0.bias": (d,),
             "t_embedder.mlp.2.weight": (d, d), "t_embedder.mlp.2.bias": (d,),
             "final_layer.linear.weight": (out, d), "final_layer.linear.bias": (out,),
             "final_layer.adaLN_modulation.1.weight": (2 * d, d),
@@ -122,14 +123,15 @@ def infer_config(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   return fits
 
 
-def _mismatch(key: str, got, want, state_dict, net: DiT, image_shape) -> ValueError:
+def _mismatch(problem: str, state_dict, net: DiT, image_shape) -> ValueError:
+  """`problem` (naming the key and shapes), the network's fields and the fields that fit."""
   fits = ", ".join(f"{k}={v}" for k, v in infer_config(state_dict).items())
   return ValueError(
-      f"DiT checkpoint key {key!r} has shape {got}, but the configured network "
-      f"(patch_size={net.patch_size}, hidden_size={net.hidden_size}, depth={net.depth}, "
-      f"mlp_ratio={net.mlp_ratio}, num_classes={net.num_classes}, "
-      f"class_dropout_prob={net.class_dropout_prob}, learn_sigma={net.learn_sigma}, "
-      f"image_shape={tuple(image_shape)}) needs {want}; the checkpoint fits: {fits}")
+      f"DiT checkpoint {problem}; configured network: patch_size={net.patch_size}, "
+      f"hidden_size={net.hidden_size}, depth={net.depth}, mlp_ratio={net.mlp_ratio}, "
+      f"num_classes={net.num_classes}, class_dropout_prob={net.class_dropout_prob}, "
+      f"learn_sigma={net.learn_sigma}, image_shape={tuple(image_shape)}; the checkpoint "
+      f"fits: {fits}")
 
 
 def _to_flax(array: np.ndarray, kind: str) -> np.ndarray:
@@ -184,14 +186,16 @@ def params_from_reference(state_dict: Mapping[str, Any], net: DiT,
   known = {entry[0] for entry in layout}
   for key in state_dict:
     if key not in known:
-      raise _mismatch(key, tuple(np.shape(state_dict[key])), "no such key", state_dict, net,
-                      image_shape)
+      raise _mismatch(f"key {key!r} (shape {tuple(np.shape(state_dict[key]))}) has no place "
+                      "in the configured network", state_dict, net, image_shape)
   for key, torch_shape, collection, path, kind in layout:
     if key not in state_dict:
-      raise _mismatch(key, "missing", torch_shape, state_dict, net, image_shape)
+      raise _mismatch(f"lacks key {key!r}, which the configured network needs with shape "
+                      f"{torch_shape}", state_dict, net, image_shape)
     array = np.asarray(state_dict[key])
     if array.shape != torch_shape:
-      raise _mismatch(key, array.shape, torch_shape, state_dict, net, image_shape)
+      raise _mismatch(f"key {key!r} has shape {array.shape}, the configured network needs "
+                      f"{torch_shape}", state_dict, net, image_shape)
     node = variables[collection]
     for name in path[:-1]:
       node = node.setdefault(name, {})
