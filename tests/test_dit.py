@@ -208,6 +208,21 @@ def test_checkpoint_files_and_export():
     np.testing.assert_array_equal(exported[key], value, err_msg=key)
 
 
+def test_exported_file_loads_in_torch(tmp_path):
+  """An exported state dict, written by torch_zip, is read by `torch.load(weights_only=True)`
+  (what the reference's `find_model` calls) and by `load_reference_checkpoint`."""
+  torch = pytest.importorskip("torch")
+  net = DiT(patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=3)
+  exported = dit_weights.reference_from_params(init(net), net, IMAGE)
+  torch_zip.save(exported, tmp_path / "dit.pt")
+  loaded = torch.load(tmp_path / "dit.pt", weights_only=True)
+  assert list(loaded) == list(exported)
+  for key, value in exported.items():
+    np.testing.assert_array_equal(loaded[key].numpy(), value, err_msg=key)
+  again = dit_weights.load_reference_checkpoint(tmp_path / "dit.pt")
+  assert all(np.array_equal(again[k], exported[k]) for k in exported)
+
+
 def test_training_checkpoint_args_are_plain_data():
   checkpoint = torch_zip.load(fixture_path("dit_tiny_p2.train.pt"))
   assert sorted(checkpoint) == ["args", "ema", "model", "opt"]
