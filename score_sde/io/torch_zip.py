@@ -21,6 +21,7 @@ import math
 import os
 import pickle
 import struct
+import types
 import zipfile
 from typing import Any
 
@@ -100,6 +101,9 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("collections", "OrderedDict"): collections.OrderedDict,
+    # The `args` of a facebookresearch/DiT training checkpoint: read as plain data (pickle
+    # builds it with NEWOBJ + BUILD, i.e. an empty object whose __dict__ is then filled).
+    ("argparse", "Namespace"): types.SimpleNamespace,
     **{("torch", name): _StorageType(name) for name in STORAGE_DTYPES},
 }
 
@@ -148,13 +152,14 @@ def load(path: str | os.PathLike) -> Any:
 
   Returns:
     The saved object with every tensor as a numpy array (same dtype and shape; bfloat16 as
-    `jnp.bfloat16`) and every container as plain Python (`OrderedDict` stays one).
+    `jnp.bfloat16`) and every container as plain Python (`OrderedDict` stays one; an
+    `argparse.Namespace` becomes a `types.SimpleNamespace` of the same fields).
 
   Raises:
     FileNotFoundError: no such file.
     CheckpointFormatError: not a torch zip archive (e.g. the legacy pre-1.6 format, or not a
       checkpoint at all), a malformed archive, or a pickle that references anything but the
-      tensor-rebuild functions, storage types and `OrderedDict`.
+      tensor-rebuild functions, storage types, `OrderedDict` and `argparse.Namespace`.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):

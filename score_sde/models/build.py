@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from score_sde.models.ddpm import DDPM
+from score_sde.models.dit import DiT
 from score_sde.models.ncsnpp import NCSNpp
 from score_sde.checks import check_choice
 
@@ -21,7 +22,8 @@ Variables = dict[str, Any]
 
 # name -> network class. `score_sde.run.networks` reads each class's fields from a config;
 # 'ddpmpp' is NCSN++ with DDPM++ options (set by the config), an alias.
-MODELS: dict[str, type[nn.Module]] = {"ncsnpp": NCSNpp, "ddpmpp": NCSNpp, "ddpm": DDPM}
+MODELS: dict[str, type[nn.Module]] = {"ncsnpp": NCSNpp, "ddpmpp": NCSNpp, "ddpm": DDPM,
+                                      "dit": DiT}
 
 
 # Precision name -> the networks' compute dtype (`dtype` field). Parameters, optimizer state

@@ -38,6 +38,19 @@ def _batch_t(t, x: jax.Array) -> jax.Array:
   return jnp.broadcast_to(t, x.shape[:1]) if t.ndim == 0 else t
 
 
+def mean_output(output: jax.Array, x: jax.Array) -> jax.Array:
+  """The part of a network output that predicts the mean: all of it, or the first C channels
+  of a network with learned variance (DiT's `learn_sigma` returns 2C: mean, then the
+  variance interpolation)."""
+  channels = x.shape[-1]
+  if output.shape[-1] == channels:
+    return output
+  if output.shape[-1] == 2 * channels:
+    return output[..., :channels]
+  raise ValueError(f"network output has {output.shape[-1]} channels for inputs of {channels}; "
+                   f"expected {channels} (or {2 * channels} with learned variance)")
+
+
 @dataclasses.dataclass(frozen=True)
 class ScoreModel:
   """A score network of a forward process.
@@ -177,7 +190,7 @@ class ScoreModel:
 
     def score_fn(x: jax.Array, t: jax.Array) -> jax.Array:
       output = self.apply(variables, x, t, class_labels=class_labels, train=train, rng=rng)
-      return self.output_to_score(output, x, t)
+      return self.output_to_score(mean_output(output, x), x, t)
 
     return score_fn
 
@@ -187,6 +200,6 @@ class ScoreModel:
 
     def denoise(x: jax.Array, t: jax.Array) -> jax.Array:
       output = self.apply(variables, x, t, class_labels=class_labels, train=train, rng=rng)
-      return self.output_to_x0(output, x, t)
+      return self.output_to_x0(mean_output(output, x), x, t)
 
     return denoise

@@ -15,6 +15,7 @@ import ml_collections
 
 from score_sde import models
 from score_sde.models.ddpm import DDPM
+from score_sde.models.dit import DiT, dit_size
 from score_sde.models.ncsnpp import NCSNpp
 from score_sde.checks import check_choice
 
@@ -47,10 +48,33 @@ def _ncsnpp_fields(config: ml_collections.ConfigDict) -> dict:
       embedding_type=m.embedding_type.lower(), fourier_scale=float(m.fourier_scale))
 
 
+def _dit_fields(config: ml_collections.ConfigDict) -> dict:
+  """DiT from `config.model`: `dit_size` (a `DIT_SIZES` name such as 'XL/2') if set, else
+  `patch_size`, `hidden_size`, `depth`, `num_heads`; and `mlp_ratio` (4.0),
+  `class_dropout_prob` (0.1), `learn_sigma` (False), `num_classes`. Checks the image size
+  against the patch size here, before anything is compiled.
+
+  Raises:
+    ValueError: an unknown `dit_size`, or fields the DiT rejects (see `DiT`).
+  """
+  m = config.model
+  if m.get("dit_size", None):
+    shape = dit_size(m.dit_size)
+  else:
+    shape = dict(patch_size=int(m.patch_size), hidden_size=int(m.hidden_size),
+                 depth=int(m.depth), num_heads=int(m.num_heads))
+  fields = dict(**shape, mlp_ratio=float(m.get("mlp_ratio", 4.0)),
+                class_dropout_prob=float(m.get("class_dropout_prob", 0.1)),
+                num_classes=int(m.get("num_classes", 0)),
+                learn_sigma=bool(m.get("learn_sigma", False)))
+  DiT(**fields).grid(config.data.image_size, config.data.image_size)
+  return fields
+
+
 # network class -> the function that reads its fields from a config. DDPM takes only the
 # common U-Net fields: it fixes the NCSN++ options itself.
 NETWORK_FIELDS: dict[type[nn.Module], Callable[[ml_collections.ConfigDict], dict]] = {
-    NCSNpp: _ncsnpp_fields, DDPM: _unet_fields}
+    NCSNpp: _ncsnpp_fields, DDPM: _unet_fields, DiT: _dit_fields}
 
 
 def get_model(config: ml_collections.ConfigDict) -> nn.Module:
