@@ -192,7 +192,7 @@ def time_grid(sde: SDE, grid, steps: int, eps: float, rho: float = 7.0) -> np.nd
           raise ValueError(f"rho must be positive, got {rho}")
         lo, hi = np.exp(-lambda_max / rho), np.exp(-lambda_min / rho)  # sigma_hat^(1/rho)
         lambdas = -rho * np.log(hi + (lo - hi) * u)
-      ts = np.asarray(sde.t_from_log_snr(jnp.asarray(lambdas, dtype)), np.float64)
+      ts = np.array(sde.t_from_log_snr(jnp.asarray(lambdas, dtype)), np.float64)
   ts[0], ts[-1] = t_max, eps
   return ts
 
