@@ -11,7 +11,10 @@ One entry point and one public function per method:
 | `ddpm`       | `ddpm_sample`       | ancestral sampling of the (respaced) DDPM chain (Ho 2020)   |
 | `ddim`       | `ddim_sample`       | DDIM, eta = 0 deterministic (Song, Meng & Ermon 2021)       |
 | `heun`       | `heun_sample`       | EDM Heun sampler in sigma, optional churn (Karras 2022)     |
-| `dpm_solver` | `dpm_solver_sample` | DPM-Solver++ multistep, orders 1-3 (Lu et al. 2022)         |
+| `dpm_solver` | `dpm_solver_sample` | DPM-Solver++ multistep, orders 1-3 (Lu et al. 2022); with   |
+|              |                     | `stochastic=True` SDE-DPM-Solver++ (orders 1-2)             |
+| `unipc`      | `unipc_sample`      | UniPC multistep with the UniC corrector (Zhao et al. 2023)  |
+| `deis`       | `deis_sample`       | DEIS multistep, tAB in log rho (Zhang & Chen 2023)          |
 
 Every sampler takes a `jax.random` key first, a score function `score_fn(x [B, *D], t [B])`, an
 SDE from `score_sde.sde` and the batch shape `(B, *D)`; all else is keyword-only. It returns
@@ -20,8 +23,12 @@ score evaluations (a Python int, or an int32 array for the adaptive ODE solver).
 here is written with the SDE's scalar functions `alpha(t)`, `sigma(t)`, `log_snr(t)` and
 `t_from_log_snr`, so every method works for VP, sub-VP and VE SDEs alike.
 
-Common options:
-  x_T: the starting noise `[B, *D]` at t = T (default: drawn from `sde.prior_sampling`), so
+Common options (all checked once, by `check_options`, before anything is traced):
+  grid (every fixed-step method): the time grid, one option for all of them, built by
+    `time_grid`: 'time_uniform', 'log_snr', 'karras' (with `rho`), 'time_quadratic', or an
+    explicit decreasing array of times. Defaults: pc, ddpm, ddim 'time_uniform'; heun
+    'karras'; dpm_solver, unipc, deis 'log_snr'. Every grid starts at `sde.t_max`.
+  x_T: the starting noise `[B, *D]` at t = t_max (default: drawn from `sde.prior_sampling`), so
     different samplers can be compared on the same draws; its dtype sets the working dtype.
   eps: the smallest time (data end). Default `default_eps(sde)`: 1e-5 when alpha(t) is
     constantly 1 (VE), else 1e-3 (VP, sub-VP).
@@ -30,12 +37,13 @@ Common options:
       them (for the last, from eps to the clean data) is one predictor evaluation, as in the
       reference codebase and Ho et al.'s Algorithm 2. `denoise=True` returns the mean of the
       last step (no noise added), i.e. the Tweedie estimate of the clean data.
-    - `ddim`, `dpm_solver`, `ode`: integration from T to eps in `steps` steps; `denoise=True`
+    - `ddim`, `dpm_solver`, `unipc`, `deis`, `ode`: integration from t_max to eps in `steps`
+      steps; `denoise=True`
       then adds one Tweedie step x0 = (x + sigma^2 score) / alpha at eps (+1 NFE).
     - `heun`: EDM's `steps` noise levels from sigma(T) to sigma(eps) and a last Euler step to
       sigma = 0 when `denoise=True` (which is the Tweedie estimate): NFE 2 steps - 1.
   denoise: default True everywhere (the reference's `noise_removal`).
-  threshold, threshold_percentile, data_range (`ddpm`, `ddim`, `heun`, `dpm_solver`): clip
+  threshold, threshold_percentile, data_range (all but `pc` and `ode`): clip
     the denoised estimate x0 = (x + sigma^2 score) / alpha to the data range ('static') or
     by dynamic thresholding ('dynamic', Saharia et al. 2022) in every step; 'none' (default).
 
@@ -90,16 +98,9 @@ def _check_name(kind: str, name: str, valid) -> None:
 
 def _check_eps(eps: float | None, sde: SDE) -> float:
   eps = default_eps(sde) if eps is None else float(eps)
-  if not 0.0 < eps < sde.T:
-    raise ValueError(f"eps must lie in (0, T = {sde.T}), got {eps}")
+  if not 0.0 < eps < sde.t_max:
+    raise ValueError(f"eps must lie in (0, t_max = {sde.t_max}), got {eps}")
   return eps
-
-
-def _check_steps(steps: int | None, sde: SDE, minimum: int = 1) -> int:
-  steps = sde.N if steps is None else steps
-  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < minimum:
-    raise ValueError(f"steps must be an integer >= {minimum}, got {steps!r}")
-  return int(steps)
 
 
 def _initial_x(key: Array, sde: SDE, shape, x_T: Array | None) -> Array:
@@ -132,14 +133,114 @@ def _flat_norm(v: Array) -> Array:
   return jnp.linalg.norm(v.reshape(v.shape[0], -1), axis=-1)
 
 
-def _time_grid(sde: SDE, eps: float, n: int, spacing: str = "uniform") -> np.ndarray:
-  """`n` decreasing times from T to eps (float64 numpy): uniform or quadratic near eps."""
-  u = np.linspace(1.0, 0.0, n)
-  if spacing == "quadratic":
-    u = u**2
-  ts = eps + (sde.T - eps) * u
-  ts[0], ts[-1] = sde.T, eps
+GRIDS = ("time_uniform", "log_snr", "karras", "time_quadratic")
+
+
+def time_grid(sde: SDE, grid, steps: int, eps: float, rho: float = 7.0) -> np.ndarray:
+  """The times `[steps + 1]` (float64 numpy, strictly decreasing) of a fixed-step sampler,
+  from `sde.t_max` to `eps`.
+
+  Args:
+    sde: the forward SDE (its `t_max`, `log_snr` and `t_from_log_snr`).
+    grid: one of `GRIDS` or an explicit array of times:
+      - 'time_uniform': uniform in t;
+      - 'time_quadratic': t = eps + (t_max - eps) u^2, u uniform in [0, 1] (denser near the
+        data end, DDIM's CIFAR-10 setting);
+      - 'log_snr': uniform in lambda = log(alpha / sigma) (DPM-Solver's 'logSNR');
+      - 'karras': EDM's schedule in sigma_hat = sigma / alpha = exp(-lambda),
+        sigma_i = (s_max^(1/rho) + i / steps (s_min^(1/rho) - s_max^(1/rho)))^rho;
+      - an explicit 1-D array of times `[n + 1]`, strictly decreasing within [eps, t_max]:
+        returned as it is (float64); `steps` must then be None or n, and the sampler ends at
+        its last entry.
+    steps: the number of steps (>= 1; None with an explicit grid).
+    eps: the smallest time (data end), 0 < eps < t_max.
+    rho: the 'karras' exponent (> 0).
+
+  Returns:
+    `ts [steps + 1]` with ts[0] = t_max and ts[-1] = eps exactly (for the named grids); the
+    times are computed in float64 when JAX's x64 mode is on, else in float32.
+
+  Raises:
+    ValueError: an unknown grid name, a bad explicit grid (naming its first bad entry),
+      `steps` < 1 or not matching an explicit grid, `eps` outside (0, t_max), `rho` <= 0.
+  """
+  t_max = float(sde.t_max)
+  if not 0.0 < eps < t_max:
+    raise ValueError(f"eps must lie in (0, t_max = {t_max}), got {eps}")
+  if not isinstance(grid, str):
+    ts = _check_explicit_grid(grid, t_max, eps)
+    if steps is not None and int(steps) != len(ts) - 1:
+      raise ValueError(f"steps = {steps} does not match the explicit grid of {len(ts)} times "
+                       f"({len(ts) - 1} steps); leave steps unset")
+    return ts
+  _check_name("grid", grid, GRIDS)
+  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+    raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+  u = np.linspace(1.0, 0.0, int(steps) + 1)  # 1 at t_max, 0 at eps
+  if grid == "time_uniform":
+    ts = eps + (t_max - eps) * u
+  elif grid == "time_quadratic":
+    ts = eps + (t_max - eps) * u**2
+  else:
+    with jax.ensure_compile_time_eval():
+      dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+      lambda_max, lambda_min = (float(v) for v in sde.log_snr(jnp.asarray([t_max, eps], dtype)))
+      if grid == "log_snr":
+        lambdas = lambda_min + (lambda_max - lambda_min) * u
+      else:
+        if not rho > 0:
+          raise ValueError(f"rho must be positive, got {rho}")
+        lo, hi = np.exp(-lambda_max / rho), np.exp(-lambda_min / rho)  # sigma_hat^(1/rho)
+        lambdas = -rho * np.log(hi + (lo - hi) * u)
+      ts = np.array(sde.t_from_log_snr(jnp.asarray(lambdas, dtype)), np.float64)
+  ts[0], ts[-1] = t_max, eps
   return ts
+
+
+def _check_explicit_grid(grid, t_max: float, eps: float) -> np.ndarray:
+  """An explicit grid as float64 numpy `[n + 1]`, checked: 1-D, >= 2 finite times, strictly
+  decreasing, within [eps, t_max]; the error names the first bad entry."""
+  try:
+    ts = np.asarray(grid, np.float64)
+  except (TypeError, ValueError):
+    raise ValueError(f"grid must be one of {list(GRIDS)} or an array of times, got {grid!r}"
+                     ) from None
+  if ts.ndim != 1 or len(ts) < 2:
+    raise ValueError(f"an explicit grid must be a 1-D array of at least 2 times, got shape "
+                     f"{ts.shape}")
+  for i, t in enumerate(ts):
+    if not (np.isfinite(t) and eps <= t <= t_max):
+      raise ValueError(f"explicit grid entry {i} = {t} is not within [eps = {eps}, "
+                       f"t_max = {t_max}]")
+    if i > 0 and not t < ts[i - 1]:
+      raise ValueError(f"explicit grid entry {i} = {t} is not below entry {i - 1} = "
+                       f"{ts[i - 1]}: the grid must be strictly decreasing")
+  return ts
+
+
+def _point_grid(sde: SDE, grid, steps: int | None, eps: float, rho: float = 7.0
+                ) -> np.ndarray:
+  """The `steps` times (default `sde.N`) of a sampler whose last step goes from the last of
+  them to the data (pc, ddpm): `time_grid` of steps - 1 steps, or an explicit grid as it is."""
+  if not isinstance(grid, str):
+    ts = _check_explicit_grid(grid, float(sde.t_max), eps)
+    if steps is not None and int(steps) != len(ts):
+      raise ValueError(f"steps = {steps} does not match the explicit grid of {len(ts)} times; "
+                       "leave steps unset")
+    return ts
+  steps = sde.N if steps is None else steps
+  if steps == 1:
+    _check_name("grid", grid, GRIDS)
+    return np.asarray([eps], np.float64)
+  return time_grid(sde, grid, steps - 1, eps, rho)
+
+
+def _sampler_grid(sde: SDE, grid, steps: int | None, eps: float, rho: float = 7.0
+                  ) -> np.ndarray:
+  """`time_grid` with `steps` defaulting to `sde.N` for the named grids."""
+  if isinstance(grid, str) and steps is None:
+    steps = sde.N
+  return time_grid(sde, grid, steps, eps, rho)
 
 
 def _denoised(x: Array, score: Array, alpha, sigma) -> Array:
@@ -328,13 +429,14 @@ def pc_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *,
               predictor: str = "euler_maruyama", corrector: str = "none", snr: float = 0.16,
               n_steps: int = 1, steps: int | None = None, probability_flow: bool = False,
               denoise: bool = True, eps: float | None = None, x_T: Array | None = None,
-              step_hook: Callable | None = None
+              step_hook: Callable | None = None, grid="time_uniform", rho: float = 7.0
               ) -> tuple[Array, int]:
   """Predictor-corrector sampling of the reverse SDE (Song et al. 2021, Algorithm 1).
 
-  On the grid t_i = linspace(T, eps, steps), each iteration runs the corrector at t_i, then
-  the predictor from t_i to t_{i+1}; the last predictor step goes from eps to the clean data
-  (alpha = 1, sigma = 0; for Euler-Maruyama a step of dt = -eps).
+  On a grid of `steps` times t_i from t_max to eps (`grid`; default uniform, t_i =
+  linspace(t_max, eps, steps)), each iteration runs the corrector at t_i, then the predictor
+  from t_i to t_{i+1}; the last predictor step goes from eps to the clean data (alpha = 1,
+  sigma = 0; for Euler-Maruyama a step of dt = -eps).
 
   A corrector alone (predictor 'none') needs many more steps than a predictor (e.g. 500
   steps of 5 Langevin steps for a 2-D mixture). 'ald' uses SMLD's step size 2 (snr sigma)^2,
@@ -361,6 +463,9 @@ def pc_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *,
       corrector step (t = the step's time) and predictor step (t = the next time, 0 at the
       data end) on the sample x, and with `key=None` on the noise-free x_mean; used by
       `guidance.inpaint` to re-impose known pixels. Pure; no extra score evaluations.
+    grid, rho: the `steps` times, see `time_grid` (its grid of steps - 1 steps); an explicit
+      grid is the `steps` times themselves (steps = its length), the last step going from
+      its last entry to the data.
 
   Returns:
     `(x [B, *D], nfe)` with nfe = steps * ([predictor != 'none'] + n_steps [corrector !=
@@ -369,25 +474,17 @@ def pc_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *,
   Raises:
     ValueError: unknown predictor/corrector, both 'none', or invalid option values.
   """
-  _check_name("predictor", predictor, PREDICTORS)
-  _check_name("corrector", corrector, CORRECTORS)
-  if predictor == "none" and corrector == "none":
-    raise ValueError("predictor and corrector are both 'none': nothing would be sampled")
-  if corrector != "none":
-    if not snr > 0:
-      raise ValueError(f"snr must be positive, got {snr}")
-    if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
-      raise ValueError(f"n_steps must be an integer >= 1, got {n_steps!r}")
-  if probability_flow and predictor == "ancestral_sampling":
-    raise ValueError("The ancestral_sampling predictor has no probability-flow version; "
-                     "use euler_maruyama or reverse_diffusion")
-  steps = _check_steps(steps, sde)
+  check_options(sde, "pc", dict(
+      predictor=predictor, corrector=corrector, snr=snr, n_steps=n_steps, steps=steps,
+      probability_flow=probability_flow, denoise=denoise, eps=eps, grid=grid, rho=rho))
   eps = _check_eps(eps, sde)
+  ts = _point_grid(sde, grid, steps, eps, rho)
+  steps = len(ts)
   predictor_fn, corrector_fn = PREDICTORS[predictor], CORRECTORS[corrector]
 
   key, prior_key = jax.random.split(key)
   x = _initial_x(prior_key, sde, shape, x_T)
-  grid = _grid_steps(sde, _time_grid(sde, eps, steps), x.dtype, to_data=True)
+  grid = _grid_steps(sde, ts, x.dtype, to_data=True)
 
   def body(carry, step):
     x, x_mean = carry
@@ -469,7 +566,8 @@ def ddpm_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | 
                 variance: str = "beta", denoise: bool = True, eps: float | None = None,
                 x_T: Array | None = None, threshold: str = "none",
                 threshold_percentile: float = 0.995,
-                data_range: tuple[float, float] = (-1.0, 1.0)) -> tuple[Array, int]:
+                data_range: tuple[float, float] = (-1.0, 1.0), grid="time_uniform",
+                rho: float = 7.0) -> tuple[Array, int]:
   """Ancestral sampling of the DDPM chain (Ho et al. 2020, Algorithm 2), respaced.
 
   The chain has N = sde.N levels at t = linspace(T, eps, N) (for VP with eps = 1/N these are
@@ -489,22 +587,29 @@ def ddpm_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | 
     x_T: optional starting noise.
     threshold, threshold_percentile, data_range: clipping of the denoised estimate, see
       `threshold_x0` ('none' by default; 'static'; 'dynamic' at the given percentile).
+    grid, rho: the kept levels. 'time_uniform' (default): the levels of the N-level chain
+      (uniform in t from t_max to eps) nearest a uniform grid of `steps` times, i.e. the
+      respaced chain above; any other grid of `time_grid` (of steps - 1 steps), or an
+      explicit array of the `steps` times, is used as it is.
 
   Returns:
     `(x [B, *D], nfe = steps)`.
   """
-  _check_name("variance", variance, DDPM_VARIANCES)
+  check_options(sde, "ddpm", dict(
+      steps=steps, variance=variance, denoise=denoise, eps=eps, threshold=threshold,
+      threshold_percentile=threshold_percentile, data_range=data_range, grid=grid, rho=rho))
   score_fn = _thresholded(score_fn, sde, threshold, threshold_percentile, data_range)
-  steps = _check_steps(steps, sde)
-  if steps > sde.N:
-    raise ValueError(f"ddpm steps must be <= sde.N = {sde.N} (a subsequence of the chain), "
-                     f"got {steps}")
   eps = _check_eps(eps, sde)
   key, prior_key = jax.random.split(key)
   x = _initial_x(prior_key, sde, shape, x_T)
-  levels = _time_grid(sde, eps, sde.N)
-  kept = np.round(np.linspace(0, sde.N - 1, steps)).astype(int)
-  grid = _grid_steps(sde, levels[kept], x.dtype, to_data=True, denoise=denoise)
+  if isinstance(grid, str) and grid == "time_uniform":
+    steps = sde.N if steps is None else steps
+    levels = time_grid(sde, "time_uniform", sde.N - 1, eps) if sde.N > 1 else np.asarray([eps])
+    ts = levels[np.round(np.linspace(0, sde.N - 1, steps)).astype(int)]
+  else:
+    ts = _point_grid(sde, grid, steps, eps, rho)
+  steps = len(ts)
+  grid = _grid_steps(sde, ts, x.dtype, to_data=True, denoise=denoise)
 
   def body(x, step):
     score = score_fn(x, _full_t(step.t, x))
@@ -515,15 +620,12 @@ def ddpm_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | 
   return x, steps
 
 
-DDIM_SPACINGS = ("uniform", "quadratic")
-
-
 def ddim_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | None = None,
-                eta: float = 0.0, spacing: str = "uniform", denoise: bool = True,
-                eps: float | None = None, x_T: Array | None = None, threshold: str = "none",
-                threshold_percentile: float = 0.995,
+                eta: float = 0.0, grid="time_uniform", rho: float = 7.0,
+                denoise: bool = True, eps: float | None = None, x_T: Array | None = None,
+                threshold: str = "none", threshold_percentile: float = 0.995,
                 data_range: tuple[float, float] = (-1.0, 1.0)) -> tuple[Array, int]:
-  """DDIM (Song, Meng & Ermon 2021, eq. 12) in continuous time, from T to eps in `steps` steps.
+  """DDIM (Song, Meng & Ermon 2021, eq. 12) in continuous time, t_max to eps in `steps` steps.
 
   With eps_hat = -sigma_t score and x0_hat = (x - sigma_t eps_hat) / alpha_t, each step t -> s
   sets x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z with
@@ -535,7 +637,8 @@ def ddim_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | 
     key, score_fn, sde, shape: as for `pc_sample`.
     steps: number of steps (default `sde.N`).
     eta: stochasticity, >= 0.
-    spacing: 'uniform' in t, or 'quadratic' (denser near eps, as DDIM's CIFAR-10 setting).
+    grid, rho: the times, see `time_grid` (default 'time_uniform'; 'time_quadratic' is
+      DDIM's CIFAR-10 setting).
     denoise: end with a Tweedie step at eps (+1 NFE).
     eps: the end time (default `default_eps(sde)`).
     x_T: optional starting noise.
@@ -545,15 +648,16 @@ def ddim_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | 
   Returns:
     `(x [B, *D], nfe = steps + denoise)`.
   """
-  _check_name("spacing", spacing, DDIM_SPACINGS)
+  check_options(sde, "ddim", dict(
+      steps=steps, eta=eta, grid=grid, rho=rho, denoise=denoise, eps=eps, threshold=threshold,
+      threshold_percentile=threshold_percentile, data_range=data_range))
   score_fn = _thresholded(score_fn, sde, threshold, threshold_percentile, data_range)
-  if not eta >= 0:
-    raise ValueError(f"eta must be >= 0, got {eta}")
-  steps = _check_steps(steps, sde)
   eps = _check_eps(eps, sde)
+  ts = _sampler_grid(sde, grid, steps, eps, rho)
+  steps = len(ts) - 1
   key, prior_key = jax.random.split(key)
   x = _initial_x(prior_key, sde, shape, x_T)
-  grid = _grid_steps(sde, _time_grid(sde, eps, steps + 1, spacing), x.dtype, to_data=False)
+  grid = _grid_steps(sde, ts, x.dtype, to_data=False)
 
   def body(x, step):
     score = score_fn(x, _full_t(step.t, x))
@@ -568,7 +672,7 @@ def ddim_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | 
 
   x, _ = jax.lax.scan(body, x, grid)
   if denoise:
-    x = _tweedie(score_fn, sde, x, eps)
+    x = _tweedie(score_fn, sde, x, ts[-1])
   return x, steps + int(denoise)
 
 
@@ -582,52 +686,53 @@ def heun_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | 
                 s_tmax: float = math.inf, s_noise: float = 1.0, denoise: bool = True,
                 eps: float | None = None, x_T: Array | None = None, threshold: str = "none",
                 threshold_percentile: float = 0.995,
-                data_range: tuple[float, float] = (-1.0, 1.0)) -> tuple[Array, int]:
+                data_range: tuple[float, float] = (-1.0, 1.0), grid="karras"
+                ) -> tuple[Array, int]:
   """Heun's 2nd-order method on the probability-flow ODE in EDM's form.
 
   Works with x_hat = x / alpha(t) and sigma_hat = sigma(t) / alpha(t) = exp(-log_snr(t)), in
   which every SDE's probability-flow ODE reads dx_hat / dsigma_hat = -sigma(t) score(x, t)
   = (x_hat - D(x_hat; sigma_hat)) / sigma_hat with the denoiser D = Tweedie estimate.
-  The `steps` noise levels follow Karras et al.'s schedule
+  The `steps` noise levels follow Karras et al.'s schedule (`grid='karras'`, the default)
   sigma_i = (sigma_max^(1/rho) + i / (steps - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
-  from sigma_hat(T) to sigma_hat(eps); time is recovered by `sde.t_from_log_snr`. With
-  `s_churn` > 0 each step first raises the noise level by a factor 1 + gamma,
-  gamma = min(s_churn / steps, sqrt(2) - 1) for sigma_i in [s_tmin, s_tmax] (Algorithm 2).
+  from sigma_hat(t_max) to sigma_hat(eps); time is recovered by `sde.t_from_log_snr` (any
+  other grid of `time_grid` gives the times, and sigma_hat follows). With `s_churn` > 0 each
+  step first raises the noise level by a factor 1 + gamma, gamma = min(s_churn / steps,
+  sqrt(2) - 1) for sigma_i in [s_tmin, s_tmax] (Algorithm 2), adding noise of std
+  s_noise sigma_i sqrt(gamma (2 + gamma)) (the form in which gamma = 0 adds exactly none).
 
   Args:
     key, score_fn, sde, shape: as for `pc_sample`.
     steps: number of noise levels, >= 2 (default `sde.N`).
     rho: schedule exponent (> 0).
-    s_churn, s_tmin, s_tmax, s_noise: EDM's stochasticity parameters (in sigma_hat units).
+    s_churn, s_tmin, s_tmax, s_noise: EDM's stochasticity parameters (in sigma_hat units);
+      EDM's own stochastic setting is s_churn=40, s_tmin=0.05, s_tmax=50, s_noise=1.003.
     denoise: end with the Euler step from sigma_hat(eps) to 0, which returns D(x; sigma_min).
     eps: the smallest time (default `default_eps(sde)`).
     x_T: optional starting noise.
     threshold, threshold_percentile, data_range: clipping of the denoised estimate, see
       `threshold_x0` ('none' by default; 'static'; 'dynamic' at the given percentile).
+    grid: the times, see `time_grid` (`steps` noise levels: its grid of steps - 1 steps; an
+      explicit grid is the levels' times themselves).
 
   Returns:
     `(x [B, *D], nfe)`, nfe = 2 (steps - 1) + denoise (= 2 steps - 1 with denoising); x is in
     the SDE's space at eps (x = alpha x_hat) or the denoised data.
   """
-  steps = _check_steps(steps, sde, minimum=2)
+  check_options(sde, "heun", dict(
+      steps=steps, rho=rho, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
+      denoise=denoise, eps=eps, threshold=threshold, threshold_percentile=threshold_percentile,
+      data_range=data_range, grid=grid))
   score_fn = _thresholded(score_fn, sde, threshold, threshold_percentile, data_range)
-  if not rho > 0:
-    raise ValueError(f"rho must be positive, got {rho}")
-  if not (s_churn >= 0 and s_noise >= 0):
-    raise ValueError(f"s_churn and s_noise must be >= 0, got {s_churn}, {s_noise}")
   eps = _check_eps(eps, sde)
+  ts_grid = _sampler_grid(sde, grid, None if steps is None else steps - 1, eps, rho)
+  steps = len(ts_grid)
   key, prior_key = jax.random.split(key)
   x = _initial_x(prior_key, sde, shape, x_T)
   dtype = x.dtype
 
-  t_ends = jnp.asarray([sde.T, eps], dtype)
-  log_sigma_max, log_sigma_min = -sde.log_snr(t_ends)
-  ramp = jnp.linspace(0.0, 1.0, steps, dtype=dtype)
-  inv_rho = 1.0 / rho
-  sigmas = (jnp.exp(log_sigma_max * inv_rho)
-            + ramp * (jnp.exp(log_sigma_min * inv_rho) - jnp.exp(log_sigma_max * inv_rho))) ** rho
-  ts = sde.t_from_log_snr(-jnp.log(sigmas)).astype(dtype)
-  ts = ts.at[0].set(sde.T).at[-1].set(eps)
+  ts = jnp.asarray(ts_grid, dtype)
+  sigmas = jnp.exp(-sde.log_snr(ts)).astype(dtype)  # sigma_hat = sigma / alpha
   gamma_max = min(s_churn / steps, math.sqrt(2.0) - 1.0)
 
   def derivative(x_hat, sigma_hat, t):
@@ -643,7 +748,10 @@ def heun_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | 
     gamma = jnp.where((sigma >= s_tmin) & (sigma <= s_tmax), gamma_max, 0.0).astype(dtype)
     sigma_up = sigma * (1.0 + gamma)
     noise = _normal_like(jax.random.fold_in(key, index), x_hat)
-    x_hat = x_hat + jnp.sqrt(sigma_up**2 - sigma**2) * s_noise * noise
+    # sqrt(sigma_up^2 - sigma^2) written as sigma sqrt(gamma (2 + gamma)): XLA may contract
+    # the difference of squares into an FMA that is slightly negative (NaN) or positive
+    # (spurious noise) when gamma = 0, i.e. outside [s_tmin, s_tmax].
+    x_hat = x_hat + sigma * jnp.sqrt(gamma * (2.0 + gamma)) * s_noise * noise
     t_up = jnp.where(gamma > 0, sde.t_from_log_snr(-jnp.log(sigma_up)), t).astype(dtype)
     return x_hat, sigma_up, t_up
 
@@ -655,7 +763,7 @@ def heun_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | 
     d_next = derivative(x_euler, sigma_next, t_next)
     return x_hat + (sigma_next - sigma) * 0.5 * (d + d_next), None
 
-  x_hat = x / sde.alpha(jnp.asarray(sde.T, dtype))
+  x_hat = x / sde.alpha(ts[0])
   inputs = (jnp.arange(steps - 1), sigmas[:-1], ts[:-1], sigmas[1:], ts[1:])
   x_hat, _ = jax.lax.scan(body, x_hat, inputs)
   if not denoise:
@@ -669,9 +777,6 @@ def heun_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | 
 # DPM-Solver++ multistep (Lu et al. 2022, "DPM-Solver++", Algorithm 2 and its 3rd order)
 # --------------------------------------------------------------------------------------------
 
-DPM_SOLVER_SKIPS = ("logSNR", "time")
-
-
 def _dpm_orders(steps: int, order: int, lower_order_final: bool) -> np.ndarray:
   """Per-step orders: warm-up min(order, k + 1); with `lower_order_final` and fewer than 10
   steps, also at most steps - k (as the DPM-Solver reference implementation)."""
@@ -682,8 +787,26 @@ def _dpm_orders(steps: int, order: int, lower_order_final: bool) -> np.ndarray:
   return orders
 
 
+# The weight of the second divided difference D2 in the third-order DPM-Solver++ update:
+# 2 (phi_3) where the Taylor expansion needs it; the published update (and diffusers) has 1.
+# Module-level so that the parity test can set the published value and show that this is the
+# only difference.
+_DPM_SOLVER_D2_WEIGHT = 2.0
+
+
+def _multistep_lambdas(lambdas: Array, steps: int) -> tuple[Array, Array, Array]:
+  """(lambda_{k-1}, lambda_{k-2}, lambda_{k-3}) for each step k of a multistep grid `[steps]`,
+  continued linearly below k = 0 (where they are unused: the orders warm up) so that no
+  difference of them is zero."""
+  h0 = lambdas[1] - lambdas[0]
+  ahead = lambdas[0] - h0 * jnp.arange(3, 0, -1, dtype=lambdas.dtype)
+  padded = jnp.concatenate([ahead, lambdas])
+  return padded[2:2 + steps], padded[1:1 + steps], padded[:steps]
+
+
 def dpm_solver_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *,
-                      steps: int | None = None, order: int = 2, skip: str = "logSNR",
+                      steps: int | None = None, order: int = 2, grid="log_snr",
+                      rho: float = 7.0, stochastic: bool = False,
                       lower_order_final: bool = True, denoise: bool = True,
                       eps: float | None = None, x_T: Array | None = None,
                       threshold: str = "none", threshold_percentile: float = 0.995,
@@ -695,11 +818,19 @@ def dpm_solver_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *,
   orders 2 and 3 add finite differences of the previous x0_hat's (multistep, one score
   evaluation per step), with lower orders for the first steps.
 
+  With `stochastic=True` this is SDE-DPM-Solver++ (Lu et al. 2022, the 'sde-dpmsolver++'
+  of diffusers), the exponential integrator of the reverse SDE in data prediction:
+  x_s = (sigma_s / sigma_t) e^{-h} x_t - alpha_s expm1(-2h) (x0_hat + D1 / 2)
+  + sigma_s sqrt(-expm1(-2h)) z, with D1 = 0 at order 1 and the divided difference of the
+  last two x0_hat's at order 2 (its '2M', midpoint form); z ~ N(0, I) is drawn for step k
+  from `fold_in(key, k)`. Orders 1 and 2 only.
+
   Args:
     key, score_fn, sde, shape: as for `pc_sample`.
     steps: number of steps (default `sde.N`).
-    order: 1, 2 or 3.
-    skip: 'logSNR' (steps uniform in log-SNR) or 'time' (uniform in t).
+    order: 1, 2 or 3 (1 or 2 when `stochastic`).
+    grid, rho: the times, see `time_grid` (default 'log_snr', uniform in log-SNR).
+    stochastic: SDE-DPM-Solver++ instead of the ODE solver.
     lower_order_final: with fewer than 10 steps, lower the order of the last steps.
     denoise: end with a Tweedie step at eps (+1 NFE).
     eps: the end time (default `default_eps(sde)`).
@@ -710,37 +841,41 @@ def dpm_solver_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *,
   Returns:
     `(x [B, *D], nfe = steps + denoise)`.
   """
-  if order not in (1, 2, 3) or isinstance(order, bool):
-    raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
-  _check_name("skip", skip, DPM_SOLVER_SKIPS)
+  check_options(sde, "dpm_solver", dict(
+      steps=steps, order=order, grid=grid, rho=rho, stochastic=stochastic,
+      lower_order_final=lower_order_final, denoise=denoise, eps=eps, threshold=threshold,
+      threshold_percentile=threshold_percentile, data_range=data_range))
   score_fn = _thresholded(score_fn, sde, threshold, threshold_percentile, data_range)
-  steps = _check_steps(steps, sde)
   eps = _check_eps(eps, sde)
+  ts_grid = _sampler_grid(sde, grid, steps, eps, rho)
+  steps = len(ts_grid) - 1
   key, prior_key = jax.random.split(key)
   x = _initial_x(prior_key, sde, shape, x_T)
   dtype = x.dtype
 
-  if skip == "time":
-    ts = jnp.asarray(_time_grid(sde, eps, steps + 1), dtype)
-    lambdas = sde.log_snr(ts)
-  else:
-    lambda_ends = sde.log_snr(jnp.asarray([sde.T, eps], dtype))
-    lambdas = jnp.linspace(lambda_ends[0], lambda_ends[1], steps + 1).astype(dtype)
-    ts = sde.t_from_log_snr(lambdas).astype(dtype).at[0].set(sde.T).at[-1].set(eps)
-  alphas, sigmas = sde.alpha(ts), sde.sigma(ts)
+  ts = jnp.asarray(ts_grid, dtype)
+  lambdas = sde.log_snr(ts).astype(dtype)
+  alphas, sigmas = sde.alpha(ts).astype(dtype), sde.sigma(ts).astype(dtype)
   hs = lambdas[1:] - lambdas[:-1]  # [steps], positive
-  # h of the previous two steps (replaced by h itself where there is none; unused there).
-  h_prev1 = jnp.concatenate([hs[:1], hs[:-1]])
-  h_prev2 = jnp.concatenate([hs[:2], hs[:-2]])[:steps]
+  lambda_1, lambda_2, _ = _multistep_lambdas(lambdas, steps)
+  h_prev1 = lambdas[:-1] - lambda_1  # h of the previous two steps
+  h_prev2 = lambda_1 - lambda_2
   orders = jnp.asarray(_dpm_orders(steps, order, lower_order_final) - 1)
+  d2_weight = _DPM_SOLVER_D2_WEIGHT
 
   def update(operands, branch):
-    x, x0, x0_1, x0_2, h, h1, h2, alpha_s, ratio = operands
+    x, x0, x0_1, x0_2, h, h1, h2, alpha_s, sigma_s, ratio, noise = operands
+    r0 = h1 / h
+    if stochastic:
+      # (sigma_s / sigma_t) e^{-h} x - alpha_s expm1(-2h) (x0 + D1 / 2) + noise.
+      phi = jnp.expm1(-2.0 * h)
+      data = x0 if branch == 1 else x0 + 0.5 * (x0 - x0_1) / r0
+      return (ratio * jnp.exp(-h) * x - alpha_s * phi * data
+              + sigma_s * jnp.sqrt(-phi) * noise)
     phi1 = jnp.expm1(-h)
     first = ratio * x - alpha_s * phi1 * x0
     if branch == 1:
       return first
-    r0 = h1 / h
     d1_0 = (x0 - x0_1) / r0
     if branch == 2:
       return first - 0.5 * alpha_s * phi1 * d1_0
@@ -750,24 +885,284 @@ def dpm_solver_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *,
     d2 = (d1_0 - d1_1) / (r0 + r1)
     phi2 = phi1 / h + 1.0
     phi3 = phi2 / h - 0.5
-    return first + alpha_s * phi2 * d1 - 2.0 * alpha_s * phi3 * d2
+    return first + alpha_s * phi2 * d1 - d2_weight * alpha_s * phi3 * d2
 
   branches = [functools.partial(update, branch=b) for b in (1, 2, 3)][:order]
 
   def body(carry, inputs):
     x, x0_1, x0_2 = carry
-    t, alpha, sigma, alpha_s, sigma_s, h, h1, h2, step_order = inputs
+    index, t, alpha, sigma, alpha_s, sigma_s, h, h1, h2, step_order = inputs
     score = score_fn(x, _full_t(t, x))
     x0 = _denoised(x, score, alpha, sigma)
-    operands = (x, x0, x0_1, x0_2, h, h1, h2, alpha_s, sigma_s / sigma)
+    noise = (_normal_like(jax.random.fold_in(key, index), x) if stochastic
+             else jnp.zeros((), x.dtype))
+    operands = (x, x0, x0_1, x0_2, h, h1, h2, alpha_s, sigma_s, sigma_s / sigma, noise)
     x = branches[0](operands) if order == 1 else jax.lax.switch(step_order, branches, operands)
     return (x, x0, x0_1), None
 
-  inputs = (ts[:-1], alphas[:-1], sigmas[:-1], alphas[1:], sigmas[1:], hs, h_prev1, h_prev2,
-            orders)
+  inputs = (jnp.arange(steps), ts[:-1], alphas[:-1], sigmas[:-1], alphas[1:], sigmas[1:], hs,
+            h_prev1, h_prev2, orders)
   (x, _, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x), jnp.zeros_like(x)), inputs)
   if denoise:
-    x = _tweedie(score_fn, sde, x, eps)
+    x = _tweedie(score_fn, sde, x, ts_grid[-1])
+  return x, steps + int(denoise)
+
+
+# --------------------------------------------------------------------------------------------
+# UniPC (Zhao et al. 2023): multistep UniP predictor + UniC corrector, data prediction
+# --------------------------------------------------------------------------------------------
+
+UNIPC_VARIANTS = ("bh1", "bh2")
+
+
+def _unipc_coefficients(h: Array, rks: list, order: int, variant: str):
+  """The UniPC weights of one step of log-SNR length h > 0 (Zhao et al. 2023, Algorithms 2-3,
+  data prediction, B(h) = -h ('bh1') or expm1(-h) ('bh2')).
+
+  Args:
+    h: lambda_next - lambda_now (scalar).
+    rks: the order - 1 ratios r_k = (lambda_k - lambda_now) / h of the previous points.
+    order: p, 1..3.
+    variant: 'bh1' | 'bh2'.
+
+  Returns:
+    `(h_phi_1, B_h, rhos_p [p - 1], rhos_c [p])`: h_phi_1 = expm1(-h); the predictor's weights
+    of the divided differences D_k = (m_k - m_now) / r_k (order 2: 1/2 as in the paper); the
+    corrector's weights of D_1..D_{p-1} and of D_t = m_next - m_now (order 1: 1/2).
+  """
+  hh = -h
+  h_phi_1 = jnp.expm1(hh)
+  b_h = hh if variant == "bh1" else h_phi_1
+  # b_i = i! phi_{i+1}(hh) hh / B(h) with phi_k by the recursion phi_{k+1} = (phi_k - 1/k!) / hh.
+  h_phi_k = h_phi_1 / hh - 1.0
+  factorial = 1.0
+  b = []
+  for i in range(1, order + 1):
+    b.append(h_phi_k * factorial / b_h)
+    factorial *= i + 1
+    h_phi_k = h_phi_k / hh - 1.0 / factorial
+  r = jnp.stack(list(rks) + [jnp.ones_like(h)])
+  matrix = jnp.stack([r**i for i in range(order)])  # [p, p]: row i holds r_k^i
+  b = jnp.stack(b)
+  if order == 1:
+    rhos_p = jnp.zeros((0,), h.dtype)
+    rhos_c = jnp.full((1,), 0.5, h.dtype)
+  else:
+    rhos_p = (jnp.full((1,), 0.5, h.dtype) if order == 2
+              else jnp.linalg.solve(matrix[:-1, :-1], b[:-1]))
+    rhos_c = jnp.linalg.solve(matrix, b)
+  return h_phi_1, b_h, rhos_p, rhos_c
+
+
+def _weighted(weights: Array, terms: list) -> Array:
+  """sum_k weights[k] terms[k] (0 for no terms)."""
+  return sum((weights[k] * terms[k] for k in range(len(terms))), jnp.zeros_like(terms[0])
+             ) if terms else 0.0
+
+
+def unipc_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | None = None,
+                 order: int = 2, variant: str = "bh2", corrector: bool = True,
+                 lower_order_final: bool = True, grid="log_snr", rho: float = 7.0,
+                 denoise: bool = True, eps: float | None = None, x_T: Array | None = None,
+                 threshold: str = "none", threshold_percentile: float = 0.995,
+                 data_range: tuple[float, float] = (-1.0, 1.0)) -> tuple[Array, int]:
+  """UniPC multistep (Zhao et al. 2023) in data prediction, m = x0_hat = (x + sigma^2 score)
+  / alpha, on the log-SNR lambda.
+
+  Step k from t_k to t_{k+1} (h = lambda_{k+1} - lambda_k) is the UniP-p predictor
+  x_{k+1} = (sigma_{k+1} / sigma_k) x_k - alpha_{k+1} expm1(-h) m_k
+  - alpha_{k+1} B(h) sum_j rho_j D_j, with D_j = (m_{k-j} - m_k) / r_j the divided differences
+  of the previous data predictions. With the UniC corrector (default), the evaluation
+  m_{k+1} at the predicted x_{k+1} (needed by the next step anyway) first corrects x_{k+1}
+  by the same formula with one more point, which raises the order to p + 1 at no extra
+  evaluation; the next predictor starts from the corrected point. The last step is not
+  corrected (its evaluation would serve nothing else). The order warms up over the first
+  steps (min(order, k + 1)); `lower_order_final` lowers it over the last steps on grids
+  of fewer than 10 steps (as `dpm_solver`).
+
+  Args:
+    key, score_fn, sde, shape: as for `pc_sample` (the key only draws x_T).
+    steps: number of steps (default `sde.N`).
+    order: p, 1, 2 or 3.
+    variant: 'bh2' (B(h) = expm1(-h); the paper's choice for guided sampling, diffusers'
+      default) or 'bh1' (B(h) = -h).
+    corrector: apply UniC (default True).
+    lower_order_final: with fewer than 10 steps, lower the order of the last steps.
+    grid, rho: the times, see `time_grid` (default 'log_snr').
+    denoise: end with a Tweedie step at eps (+1 NFE), from the last, uncorrected point.
+    eps: the end time (default `default_eps(sde)`).
+    x_T: optional starting noise.
+    threshold, threshold_percentile, data_range: clipping of the denoised estimate, see
+      `threshold_x0`.
+
+  Returns:
+    `(x [B, *D], nfe = steps + denoise)`.
+  """
+  check_options(sde, "unipc", dict(
+      steps=steps, order=order, variant=variant, corrector=corrector,
+      lower_order_final=lower_order_final, grid=grid, rho=rho, denoise=denoise, eps=eps,
+      threshold=threshold, threshold_percentile=threshold_percentile, data_range=data_range))
+  score_fn = _thresholded(score_fn, sde, threshold, threshold_percentile, data_range)
+  eps = _check_eps(eps, sde)
+  ts_grid = _sampler_grid(sde, grid, steps, eps, rho)
+  steps = len(ts_grid) - 1
+  x = _initial_x(key, sde, shape, x_T)
+  dtype = x.dtype
+  ts = jnp.asarray(ts_grid, dtype)
+  lambdas = sde.log_snr(ts).astype(dtype)
+  alphas, sigmas = sde.alpha(ts).astype(dtype), sde.sigma(ts).astype(dtype)
+  lambda_1, lambda_2, lambda_3 = _multistep_lambdas(lambdas, steps)
+  predictor_orders = _dpm_orders(steps, order, lower_order_final)
+  # The corrector at step k corrects the point step k - 1 predicted, with that step's order
+  # (0: no correction, at k = 0 or without the corrector).
+  corrector_orders = np.concatenate([[0], predictor_orders[:-1]]) * int(corrector)
+
+  def predict(p, x, ms, lam_now, lams_prev, lam_next, sigma_now, alpha_next, sigma_next):
+    """UniP-p from (x, lambda_now) to lambda_next with m_now = ms[0], previous ms[1:p]."""
+    h = lam_next - lam_now
+    rks = [(lams_prev[j] - lam_now) / h for j in range(p - 1)]
+    h_phi_1, b_h, rhos_p, _ = _unipc_coefficients(h, rks, p, variant)
+    ds = [(ms[j + 1] - ms[0]) / rks[j] for j in range(p - 1)]
+    return (sigma_next / sigma_now * x - alpha_next * h_phi_1 * ms[0]
+            - alpha_next * b_h * _weighted(rhos_p, ds))
+
+  def correct(p, x_prev, ms, m_new, lam_prev, lams_before, lam_now, sigma_prev, alpha_now,
+              sigma_now):
+    """UniC-p: x at lambda_now recomputed from x_prev with m_new = m(x_now) added."""
+    h = lam_now - lam_prev
+    rks = [(lams_before[j] - lam_prev) / h for j in range(p - 1)]
+    h_phi_1, b_h, _, rhos_c = _unipc_coefficients(h, rks, p, variant)
+    ds = [(ms[j + 1] - ms[0]) / rks[j] for j in range(p - 1)]
+    correction = _weighted(rhos_c[:-1], ds) + rhos_c[-1] * (m_new - ms[0])
+    return (sigma_now / sigma_prev * x_prev - alpha_now * h_phi_1 * ms[0]
+            - alpha_now * b_h * correction)
+
+  def body(carry, inputs):
+    x_prev, x, m1, m2, m3 = carry  # x_prev: the (corrected) point before x; m1..: its m's
+    (t, lam_prev3, lam_prev2, lam_prev1, lam, lam_next, sigma_prev, alpha, sigma, alpha_next,
+     sigma_next, p_order, c_order) = inputs
+    m = _denoised(x, score_fn(x, _full_t(t, x)), batch_scalar(alpha, x), batch_scalar(sigma, x))
+
+    def corrector_branch(c):
+      def run(x):
+        if c == 0:
+          return x
+        return correct(c, x_prev, [m1, m2, m3], m, lam_prev1, [lam_prev2, lam_prev3],
+                       lam, sigma_prev, alpha, sigma)
+      return run
+
+    x = jax.lax.switch(c_order, [corrector_branch(c) for c in range(order + 1)], x)
+
+    def predictor_branch(p):
+      return lambda x: predict(p, x, [m, m1, m2], lam, [lam_prev1, lam_prev2], lam_next,
+                               sigma, alpha_next, sigma_next)
+
+    x_next = jax.lax.switch(p_order - 1, [predictor_branch(p) for p in range(1, order + 1)], x)
+    return (x, x_next, m, m1, m2), None
+
+  sigma_before = jnp.concatenate([sigmas[:1], sigmas[:-2]])  # sigma_{k-1} (unused at k = 0)
+  inputs = (ts[:-1], lambda_3, lambda_2, lambda_1, lambdas[:-1], lambdas[1:], sigma_before,
+            alphas[:-1], sigmas[:-1], alphas[1:], sigmas[1:],
+            jnp.asarray(predictor_orders, jnp.int32), jnp.asarray(corrector_orders, jnp.int32))
+  zeros = jnp.zeros_like(x)
+  (_, x, _, _, _), _ = jax.lax.scan(body, (x, x, zeros, zeros, zeros), inputs)
+  if denoise:
+    x = _tweedie(score_fn, sde, x, ts_grid[-1])
+  return x, steps + int(denoise)
+
+
+# --------------------------------------------------------------------------------------------
+# DEIS multistep (Zhang & Chen 2023), noise prediction, polynomial in log(sigma / alpha)
+# --------------------------------------------------------------------------------------------
+
+
+def _deis_weights(a: Array, ds: list, order: int) -> list:
+  """w_j = int_0^a e^v l_j(v) dv for the Lagrange basis l_j through the nodes v = 0, ds[0],
+  ds[1] (p = order nodes): the exponential-integrator weights of DEIS.
+
+  With v = log rho - log rho_now (rho = sigma / alpha = e^{-lambda}) and
+  I_k = int_0^a e^v v^k dv = a^k e^a - k I_{k-1}, I_0 = expm1(a).
+  """
+  i0 = jnp.expm1(a)
+  if order == 1:
+    return [i0]
+  i1 = a * jnp.exp(a) - i0
+  d1 = ds[0]
+  if order == 2:
+    return [i0 - i1 / d1, i1 / d1]
+  i2 = a * a * jnp.exp(a) - 2.0 * i1
+  d2 = ds[1]
+  return [(i2 - (d1 + d2) * i1 + d1 * d2 * i0) / (d1 * d2),
+          (i2 - d2 * i1) / (d1 * (d1 - d2)),
+          (i2 - d1 * i1) / (d2 * (d2 - d1))]
+
+
+def deis_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | None = None,
+                order: int = 2, lower_order_final: bool = True, grid="log_snr",
+                rho: float = 7.0, denoise: bool = True, eps: float | None = None,
+                x_T: Array | None = None, threshold: str = "none",
+                threshold_percentile: float = 0.995,
+                data_range: tuple[float, float] = (-1.0, 1.0)) -> tuple[Array, int]:
+  """DEIS multistep (Zhang & Chen 2023, 'tAB' in the variable rho = sigma / alpha).
+
+  With x_hat = x / alpha, the probability-flow ODE is d x_hat / d rho = eps_hat(x, t),
+  eps_hat = -sigma score. Each step rho_k -> rho_{k+1} integrates exactly the Lagrange
+  polynomial in log rho through the last p = order values of eps_hat (Adams-Bashforth in
+  log rho, the exponential integrator of DEIS; diffusers' 'log-rho' DEIS):
+  x_{k+1} = alpha_{k+1} (x_k / alpha_k + rho_k sum_j w_j eps_hat_{k-j}). Order 1 is DDIM.
+  Orders warm up over the first steps; `lower_order_final` as for `dpm_solver`.
+
+  Args:
+    key, score_fn, sde, shape: as for `pc_sample` (the key only draws x_T).
+    steps: number of steps (default `sde.N`).
+    order: 1, 2 or 3.
+    lower_order_final: with fewer than 10 steps, lower the order of the last steps.
+    grid, rho: the times, see `time_grid` (default 'log_snr').
+    denoise: end with a Tweedie step at eps (+1 NFE).
+    eps: the end time (default `default_eps(sde)`).
+    x_T: optional starting noise.
+    threshold, threshold_percentile, data_range: clipping of the denoised estimate, see
+      `threshold_x0`.
+
+  Returns:
+    `(x [B, *D], nfe = steps + denoise)`.
+  """
+  check_options(sde, "deis", dict(
+      steps=steps, order=order, lower_order_final=lower_order_final, grid=grid, rho=rho,
+      denoise=denoise, eps=eps, threshold=threshold, threshold_percentile=threshold_percentile,
+      data_range=data_range))
+  score_fn = _thresholded(score_fn, sde, threshold, threshold_percentile, data_range)
+  eps = _check_eps(eps, sde)
+  ts_grid = _sampler_grid(sde, grid, steps, eps, rho)
+  steps = len(ts_grid) - 1
+  x = _initial_x(key, sde, shape, x_T)
+  dtype = x.dtype
+  ts = jnp.asarray(ts_grid, dtype)
+  lambdas = sde.log_snr(ts).astype(dtype)
+  alphas, sigmas = sde.alpha(ts).astype(dtype), sde.sigma(ts).astype(dtype)
+  lambda_1, lambda_2, _ = _multistep_lambdas(lambdas, steps)
+  orders = jnp.asarray(_dpm_orders(steps, order, lower_order_final) - 1, jnp.int32)
+
+  def update(p, x, e, e1, e2, lam, lam1, lam2, lam_next, alpha, alpha_next):
+    # v = log rho - log rho_now = lambda_now - lambda.
+    w = _deis_weights(lam - lam_next, [lam - lam1, lam - lam2], p)
+    eps_sum = sum(wj * ej for wj, ej in zip(w, (e, e1, e2)))
+    return alpha_next * (x / alpha + jnp.exp(-lam) * eps_sum)
+
+  def body(carry, inputs):
+    x, e1, e2 = carry
+    t, lam, lam1, lam2, lam_next, alpha, sigma, alpha_next, step_order = inputs
+    e = -sigma * score_fn(x, _full_t(t, x))
+    branches = [functools.partial(update, p) for p in range(1, order + 1)]
+    x = jax.lax.switch(step_order, branches, x, e, e1, e2, lam, lam1, lam2, lam_next, alpha,
+                       alpha_next)
+    return (x, e, e1), None
+
+  inputs = (ts[:-1], lambdas[:-1], lambda_1, lambda_2, lambdas[1:], alphas[:-1], sigmas[:-1],
+            alphas[1:], orders)
+  (x, _, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x), jnp.zeros_like(x)), inputs)
+  if denoise:
+    x = _tweedie(score_fn, sde, x, ts_grid[-1])
   return x, steps + int(denoise)
 
 
@@ -804,18 +1199,11 @@ def ode_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, solver: str = 
     solver's new stages (6 for Tsit5/Dopri5, which reuse the last stage; 2 for Heun; 1 for
     Euler), plus one evaluation at x_T for first-same-as-last solvers, plus `denoise`.
   """
-  solvers.check_solver(solver)
+  check_options(sde, "ode", dict(solver=solver, rtol=rtol, atol=atol, steps=steps,
+                                 max_steps=max_steps, denoise=denoise, eps=eps))
   eps = _check_eps(eps, sde)
-  if steps is not None:
-    steps = _check_steps(steps, sde)
-  elif solver == "euler":
-    raise ValueError("solver 'euler' has no error estimate: give a fixed number of steps")
-  if not (rtol > 0 and atol > 0):
-    raise ValueError(f"rtol and atol must be positive, got {rtol}, {atol}")
   if max_steps is None:
     max_steps = 4096 if steps is None else steps
-  elif steps is not None and max_steps < steps:
-    raise ValueError(f"max_steps = {max_steps} < steps = {steps}")
   key, prior_key = jax.random.split(key)
   x = _initial_x(prior_key, sde, shape, x_T)
   dtype = x.dtype
@@ -829,7 +1217,7 @@ def ode_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, solver: str = 
   term = diffrax.ODETerm(vector_field)
   ode_solver = solvers.SOLVERS[solver]()
   fsal = solvers.is_fsal(ode_solver)
-  s0, s1 = jnp.asarray(-sde.T, dtype), jnp.asarray(-eps, dtype)
+  s0, s1 = jnp.asarray(-sde.t_max, dtype), jnp.asarray(-eps, dtype)
   if steps is None:
     controller = diffrax.PIDController(rtol=rtol, atol=atol)
     # An explicit first step (1% of the interval; the controller adapts it from there) rather
@@ -862,6 +1250,8 @@ SAMPLERS: dict[str, Callable] = {
     "ddim": ddim_sample,
     "heun": heun_sample,
     "dpm_solver": dpm_solver_sample,
+    "unipc": unipc_sample,
+    "deis": deis_sample,
 }
 
 
@@ -881,16 +1271,181 @@ def sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, method: str = "pc", *
     score_fn: `score_fn(x [B, *D], t [B]) -> [B, *D]`.
     sde: the forward SDE.
     shape: `(B, *D)`.
-    method: 'pc', 'ode', 'ddpm', 'ddim', 'heun' or 'dpm_solver'.
+    method: one of `SAMPLERS` ('pc', 'ode', 'ddpm', 'ddim', 'heun', 'dpm_solver', 'unipc',
+      'deis', ...).
     **options: that method's keyword options (see `sampler_options(method)`).
 
   Raises:
-    ValueError: unknown method (or bad option values, from the method).
+    ValueError: unknown method, an option renamed (`spacing`, `skip`: now `grid`), or bad
+      option values (see `check_options`).
     TypeError: an option the method does not take.
   """
+  check_options(sde, method, options)
+  return SAMPLERS[method](key, score_fn, sde, shape, **options)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation of the options, once, before anything is traced
+# --------------------------------------------------------------------------------------------
+
+# Options that were renamed: (method, old name) -> what to pass now.
+RENAMED_OPTIONS = {
+    ("ddim", "spacing"): "grid='time_uniform' (was spacing='uniform') or "
+                         "grid='time_quadratic' (was spacing='quadratic')",
+    ("dpm_solver", "skip"): "grid='log_snr' (was skip='logSNR') or "
+                            "grid='time_uniform' (was skip='time')",
+}
+
+# The methods whose `order` option is a multistep order, and its valid values.
+ORDERS = {"dpm_solver": (1, 2, 3), "unipc": (1, 2, 3), "deis": (1, 2, 3)}
+
+
+def _is_int(v) -> bool:
+  return not isinstance(v, bool) and isinstance(v, (int, np.integer))
+
+
+def _check_int(name: str, v, minimum: int) -> None:
+  if not _is_int(v) or v < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+
+
+def _check_bool(name: str, v) -> None:
+  if not isinstance(v, (bool, np.bool_)):
+    raise ValueError(f"{name} must be True or False, got {v!r}")
+
+
+def _check_positive(name: str, v, *, allow_zero: bool = False) -> None:
+  ok = _is_number(v) and (v >= 0 if allow_zero else v > 0)
+  if not ok:
+    raise ValueError(f"{name} must be a number {'>=' if allow_zero else '>'} 0, got {v!r}")
+
+
+def _is_number(v) -> bool:
+  return not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
+
+
+def check_options(sde: SDE, method: str, options: dict) -> None:
+  """Validates a sampler's options once, before anything is traced or compiled.
+
+  Every sampler calls it on entry; the config edge calls it with the options it builds, so
+  a bad config fails with the same message, without tracing a sampler. Options left out
+  (or None where None means the default) take the method's defaults. `x_T` is checked
+  against the batch shape by the sampler itself.
+
+  Args:
+    sde: the forward SDE (its N, t_max; the eps range and explicit grids depend on it).
+    method: a name in `SAMPLERS`.
+    options: keyword options for `SAMPLERS[method]`, e.g. `dict(steps=10, grid='karras')`.
+
+  Raises:
+    ValueError: an unknown method, grid, variant, predictor, corrector, solver, threshold or
+      variance (listing the valid ones); an order out of range for the method (1-3; 1-2 with
+      `stochastic=True`); an explicit grid that is not a strictly decreasing array within
+      [eps, t_max] (naming its first bad entry); a renamed option (`ddim` `spacing`,
+      `dpm_solver` `skip`: naming `grid=...`); an out-of-range number; or a combination
+      that cannot sample (pc with no predictor and no corrector, ...).
+    TypeError: an option the method does not take (listing the valid ones).
+  """
+  _check_name("sampling method", method, SAMPLERS)
   valid = sampler_options(method)
+  for name in options:
+    if (method, name) in RENAMED_OPTIONS:
+      raise ValueError(f"{method} option {name!r} is now `grid`: pass "
+                       f"{RENAMED_OPTIONS[method, name]}; valid grids: {list(GRIDS)} or an "
+                       "explicit decreasing array of times")
   unknown = sorted(set(options) - set(valid))
   if unknown:
     raise TypeError(f"Sampling method {method!r} takes no option(s) {unknown}; "
                     f"valid: {sorted(valid)}")
-  return SAMPLERS[method](key, score_fn, sde, shape, **options)
+  defaults = {p.name: p.default for p in inspect.signature(SAMPLERS[method]).parameters.values()
+              if p.kind is inspect.Parameter.KEYWORD_ONLY}
+  o = {**defaults, **options}
+  get = o.get
+
+  # --- shared options
+  eps = get("eps")
+  if "eps" in o:
+    if eps is not None and not _is_number(eps):
+      raise ValueError(f"eps must be a number, got {eps!r}")
+    eps = _check_eps(eps, sde)
+  if "steps" in o and get("steps") is not None:
+    minimum = 2 if method == "heun" else 1
+    _check_int("steps", get("steps"), minimum)
+  for name in ("denoise", "lower_order_final", "probability_flow", "stochastic"):
+    if name in o:
+      _check_bool(name, get(name))
+  if "rho" in o:
+    _check_positive("rho", get("rho"))
+  if "threshold" in o:
+    _check_name("threshold", get("threshold"), THRESHOLDS)
+    if get("threshold") != "none":
+      percentile, data_range = get("threshold_percentile"), get("data_range")
+      if not (_is_number(percentile) and 0.0 < percentile <= 1.0):
+        raise ValueError(f"threshold_percentile must lie in (0, 1], got {percentile!r}")
+      if not (len(data_range) == 2 and data_range[1] > data_range[0]):
+        raise ValueError(f"data_range must be (low, high) with high > low, got {data_range}")
+  if "grid" in o:
+    grid = get("grid")
+    if isinstance(grid, str):
+      _check_name("grid", grid, GRIDS)
+    else:
+      ts = _check_explicit_grid(grid, float(sde.t_max), eps)
+      steps = get("steps")
+      # pc, ddpm and heun take the grid as their `steps` points; the others as steps + 1.
+      n = len(ts) if method in ("pc", "ddpm", "heun") else len(ts) - 1
+      if steps is not None and steps != n:
+        raise ValueError(f"steps = {steps} does not match the explicit grid of {len(ts)} "
+                         f"times ({n} for {method}); leave steps unset")
+      if method == "heun" and len(ts) < 2:
+        raise ValueError("heun needs an explicit grid of at least 2 noise levels")
+
+  # --- per-method options
+  if method in ORDERS:
+    order = get("order")
+    valid_orders = ORDERS[method]
+    if method == "dpm_solver" and get("stochastic"):
+      valid_orders = (1, 2)
+    if not _is_int(order) or order not in valid_orders:
+      extra = " with stochastic=True" if valid_orders != ORDERS[method] else ""
+      raise ValueError(f"{method} order must be one of {list(valid_orders)}{extra}, "
+                       f"got {order!r}")
+  if method == "unipc":
+    _check_name("UniPC variant", get("variant"), UNIPC_VARIANTS)
+    _check_bool("corrector (UniC on/off)", get("corrector"))
+  if method == "ddim":
+    _check_positive("eta", get("eta"), allow_zero=True)
+  if method == "ddpm":
+    _check_name("variance", get("variance"), DDPM_VARIANCES)
+    steps = get("steps")
+    if steps is not None and steps > sde.N:
+      raise ValueError(f"ddpm steps must be <= sde.N = {sde.N} (a subsequence of the chain), "
+                       f"got {steps}")
+  if method == "heun":
+    for name in ("s_churn", "s_noise", "s_tmin", "s_tmax"):
+      _check_positive(name, get(name), allow_zero=True)
+    if not get("s_tmin") <= get("s_tmax"):
+      raise ValueError(f"need s_tmin <= s_tmax, got {get('s_tmin')}, {get('s_tmax')}")
+  if method == "pc":
+    predictor, corrector = get("predictor"), get("corrector")
+    _check_name("predictor", predictor, PREDICTORS)
+    _check_name("corrector", corrector, CORRECTORS)
+    if predictor == "none" and corrector == "none":
+      raise ValueError("predictor and corrector are both 'none': nothing would be sampled")
+    if corrector != "none":
+      _check_positive("snr", get("snr"))
+      _check_int("n_steps", get("n_steps"), 1)
+    if get("probability_flow") and predictor == "ancestral_sampling":
+      raise ValueError("The ancestral_sampling predictor has no probability-flow version; "
+                       "use euler_maruyama or reverse_diffusion")
+  if method == "ode":
+    solvers.check_solver(get("solver"))
+    steps = get("steps")
+    if steps is None and get("solver") == "euler":
+      raise ValueError("solver 'euler' has no error estimate: give a fixed number of steps")
+    _check_positive("rtol", get("rtol"))
+    _check_positive("atol", get("atol"))
+    max_steps = get("max_steps")
+    if max_steps is not None:
+      _check_int("max_steps", max_steps, 1)
+      if steps is not None and max_steps < steps:
+        raise ValueError(f"max_steps = {max_steps} < steps = {steps}")

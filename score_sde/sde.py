@@ -74,6 +74,12 @@ class SDE(abc.ABC):
     """The end time (prior side)."""
     return 1.0
 
+  @property
+  def t_max(self) -> float:
+    """The first time samplers and the likelihood start from; processes where the score is
+    uninformative at T override it."""
+    return self.T
+
   # --- the forward process -------------------------------------------------------------
 
   @abc.abstractmethod

@@ -149,7 +149,7 @@ METHODS = {
     "pc": ("pc", dict(predictor="reverse_diffusion", corrector="langevin", steps=200)),
     "ode": ("ode", {}),
     "ddpm": ("ddpm", dict(steps=500)),
-    "ddim": ("ddim", dict(steps=100, spacing="quadratic")),
+    "ddim": ("ddim", dict(steps=100, grid="time_quadratic")),
     "heun": ("heun", dict(steps=40)),
     "dpm_solver": ("dpm_solver", dict(steps=50, order=3)),
 }

@@ -62,7 +62,8 @@ def test_default_eps_follows_the_sde():
 
 
 def test_sampler_table_and_options():
-  assert set(sampling.SAMPLERS) == {"pc", "ode", "ddpm", "ddim", "heun", "dpm_solver"}
+  assert {"pc", "ode", "ddpm", "ddim", "heun", "dpm_solver", "unipc", "deis"} <= set(
+      sampling.SAMPLERS)
   for name, fn in sampling.SAMPLERS.items():
     options = sampling.sampler_options(name)
     assert {"x_T", "eps", "denoise"} <= set(options), name
@@ -125,8 +126,8 @@ def test_dpm_solver_order_1_is_ddim(sde_name):
   sde = SDES[sde_name]
   score_fn = FLAT.score_fn(sde)
   x_T = sde.prior_sampling(jax.random.key(3), (256, 2))
-  dpm_x, _ = _jitted("dpm_solver", score_fn, sde, (256, 2), steps=20, order=1, skip="time",
-                     x_T=x_T)(KEY)
+  dpm_x, _ = _jitted("dpm_solver", score_fn, sde, (256, 2), steps=20, order=1,
+                     grid="time_uniform", x_T=x_T)(KEY)
   ddim_x, _ = _jitted("ddim", score_fn, sde, (256, 2), steps=20, x_T=x_T)(KEY)
   assert float(jnp.max(jnp.abs(dpm_x - ddim_x))) < 2e-5
 
@@ -199,8 +200,8 @@ def test_unknown_names_raise_with_the_valid_ones():
       (dict(method="pc", predictor="leapfrog"), "'reverse_diffusion'"),
       (dict(method="pc", corrector="hmc"), "'ald'"),
       (dict(method="ode", solver="rk4"), "'tsit5'"),
-      (dict(method="ddim", spacing="cosine"), "'quadratic'"),
-      (dict(method="dpm_solver", skip="edm"), "'logSNR'"),
+      (dict(method="ddim", grid="cosine"), "'time_quadratic'"),
+      (dict(method="dpm_solver", grid="edm"), "'log_snr'"),
       (dict(method="ddpm", variance="learned"), "'posterior'"),
   ]
   for options, valid in cases:
@@ -237,8 +238,8 @@ def test_invalid_option_values_raise(options):
 
 def test_unknown_option_names_raise_type_error():
   sde = SDES["vp"]
-  with pytest.raises(TypeError, match="rho") as info:
-    sampling.sample(KEY, FLAT.score_fn(sde), sde, (4, 2), method="ddim", rho=7.0)
+  with pytest.raises(TypeError, match="s_churn") as info:
+    sampling.sample(KEY, FLAT.score_fn(sde), sde, (4, 2), method="ddim", s_churn=7.0)
   assert "eta" in str(info.value)  # the valid options are listed
   with pytest.raises(TypeError):
     sampling.ddim_sample(KEY, FLAT.score_fn(sde), sde, (4, 2), order=2)
@@ -393,8 +394,8 @@ METHOD_CASES = {
     "ode": ("ode", {}),
     "ddpm": ("ddpm", dict(steps=500)),
     "ddpm_posterior": ("ddpm", dict(steps=500, variance="posterior")),
-    "ddim": ("ddim", dict(steps=100, spacing="quadratic")),
-    "ddim_eta1": ("ddim", dict(steps=200, spacing="quadratic", eta=1.0)),
+    "ddim": ("ddim", dict(steps=100, grid="time_quadratic")),
+    "ddim_eta1": ("ddim", dict(steps=200, grid="time_quadratic", eta=1.0)),
     "heun": ("heun", dict(steps=40)),
     "heun_churn": ("heun", dict(steps=40, s_churn=10.0)),
     "dpm_solver2": ("dpm_solver", dict(steps=50, order=2)),
@@ -431,7 +432,7 @@ def test_the_mixture_check_can_fail():
   """The statistical check rejects a sampler with a wrong noise scale and a skewed mode."""
   sde = SDES["vp"]
   x, _ = sampling.ddim_sample(KEY, FLAT.score_fn(sde), sde, (2000, 2), steps=100,
-                              spacing="quadratic")
+                              grid="time_quadratic")
   assert_reproduces(x, FLAT)
   labels = np.asarray(FLAT.responsibilities(x).argmax(-1))
   means = jnp.asarray(FLAT.means)[labels]
