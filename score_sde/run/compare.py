@@ -50,6 +50,7 @@ import numpy as np
 from tqdm import tqdm
 
 from score_sde import metrics, mixtures, sampling
+from score_sde.checks import check_choice
 from score_sde import sde as sde_lib
 from score_sde.run import experiment, programs, quality, timing
 
@@ -107,10 +108,6 @@ MIXTURES: dict[str, Callable[[tuple[int, ...]], mixtures.GaussianMixture]] = {
 }
 
 
-def _unknown(what: str, value, valid) -> ValueError:
-  return ValueError(f"Unknown {what} {value!r}; valid: {sorted(valid)}")
-
-
 @dataclasses.dataclass(frozen=True)
 class CompareOptions:
   """What to compare, and how.
@@ -163,18 +160,13 @@ class CompareOptions:
 
   def __post_init__(self):
     """Raises ValueError naming a bad value (and the valid ones)."""
-    if self.problem not in PROBLEMS:
-      raise _unknown("problem", self.problem, PROBLEMS)
+    check_choice("problem", self.problem, PROBLEMS)
     if self.problem == "checkpoint" and not self.workdir:
       raise ValueError("problem 'checkpoint' needs a workdir (a trained run)")
-    if self.mixture not in MIXTURES:
-      raise _unknown("mixture", self.mixture, MIXTURES)
-    if self.sde not in sde_lib.SDES:
-      raise _unknown("SDE", self.sde, sde_lib.SDES)
-    if self.score not in SCORES:
-      raise _unknown("score", self.score, SCORES)
-    if self.reference_dtype not in REFERENCE_DTYPES:
-      raise _unknown("reference dtype", self.reference_dtype, REFERENCE_DTYPES)
+    check_choice("mixture", self.mixture, MIXTURES)
+    check_choice("SDE", self.sde, sde_lib.SDES)
+    check_choice("score", self.score, SCORES)
+    check_choice("reference dtype", self.reference_dtype, REFERENCE_DTYPES)
     unknown = sorted(set(self.samplers) - set(SAMPLER_GRID))
     if unknown:
       raise ValueError(f"Unknown sampler(s) {unknown}; valid: {sorted(SAMPLER_GRID)}")

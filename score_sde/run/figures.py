@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from score_sde import likelihood, sampling, trajectories
+from score_sde.checks import check_choice
 from score_sde.io import images, parallel
 from score_sde.run import experiment, programs, quality
 
@@ -90,8 +91,7 @@ def sampler_panel(run: programs.Run, methods: Sequence[str], num_samples: int, s
     ValueError: an unknown method or threshold, or a batch the devices do not divide.
   """
   check_samplers(methods)
-  if threshold not in sampling.THRESHOLDS:
-    raise ValueError(f"Unknown threshold {threshold!r}; valid: {sampling.THRESHOLDS}")
+  check_choice("threshold", threshold, sampling.THRESHOLDS)
   mesh = parallel.make_mesh()
   parallel.check_batch(num_samples, mesh, "num_samples")
   score_fn, sde = run.score_fn(), run.spec.sde
