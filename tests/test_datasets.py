@@ -13,6 +13,8 @@ import sys
 import tarfile
 import time
 
+import dataclasses
+
 import ml_collections
 import numpy as np
 import pytest
@@ -22,12 +24,14 @@ from score_sde.io import datasets
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
-def make_config(dataset="synthetic", **data):
-  fields = dict(dataset=dataset, image_size=8, num_channels=3, random_flip=False,
-                uniform_dequantization=False, centered=False, tfds_data_dir="", data_dir="")
-  fields.update(data)
-  return ml_collections.ConfigDict(dict(
-      seed=0, training=dict(batch_size=4), eval=dict(batch_size=4), data=fields))
+BATCH = 4  # the batch size of the tests that do not choose one
+
+
+def make_spec(dataset="synthetic", **fields) -> datasets.DataSpec:
+  """A `DataSpec` of `dataset`: 8x8x3 images, no flips or dequantization, seed 0, no data
+  folders, unless `fields` say otherwise."""
+  return datasets.DataSpec(**{**dict(dataset=dataset, image_size=8, num_channels=3),
+                              **fields})
 
 
 # ---- scalers ----------------------------------------------------------------------------
@@ -82,9 +86,9 @@ def test_idx_round_trip(tmp_path, gz):
 
 def test_idx_dataset_pads_to_32_or_keeps_28(tmp_path):
   arrays = write_idx_dir(tmp_path)
-  config = make_config("fashion_mnist", data_dir=str(tmp_path), image_size=32,
+  spec = make_spec("fashion_mnist", data_dir=str(tmp_path), image_size=32,
                        num_channels=1)
-  ds = datasets.get_dataset(config, "test", batch_size=3)
+  ds = datasets.get_dataset(spec, "test", batch_size=3)
   assert ds.image_shape == (32, 32, 1) and ds.num_examples == 3 and ds.num_classes == 10
   batch = ds.batch(0)  # test split: stored order, no flips
   image = batch["image"][..., 0]
@@ -93,11 +97,11 @@ def test_idx_dataset_pads_to_32_or_keeps_28(tmp_path):
   assert not image.any()  # the 2-pixel border is zeros
   np.testing.assert_array_equal(batch["label"], arrays["test"][1])
 
-  config.data.image_size = 28
-  assert datasets.get_dataset(config, "test", batch_size=3).image_shape == (28, 28, 1)
-  config.data.image_size = 30
+  spec = dataclasses.replace(spec, image_size=28)
+  assert datasets.get_dataset(spec, "test", batch_size=3).image_shape == (28, 28, 1)
+  spec = dataclasses.replace(spec, image_size=30)
   with pytest.raises(ValueError, match="image_size"):
-    datasets.get_dataset(config, "test", batch_size=3)
+    datasets.get_dataset(spec, "test", batch_size=3)
 
 
 def test_idx_corrupt_files_raise(tmp_path):
@@ -215,8 +219,8 @@ def test_cifar_tarball_reads_chw_rows_as_hwc(tmp_path):
   np.testing.assert_array_equal(
       labels, np.concatenate([batches[f"data_batch_{i}"][b"labels"] for i in range(1, 6)]))
 
-  config = make_config("cifar10_tarball", data_dir=str(tmp_path), image_size=32)
-  ds = datasets.get_dataset(config, "test", batch_size=3)
+  spec = make_spec("cifar10_tarball", data_dir=str(tmp_path), image_size=32)
+  ds = datasets.get_dataset(spec, "test", batch_size=3)
   assert (ds.num_examples, ds.image_shape, ds.num_classes) == (3, (32, 32, 3), 10)
   np.testing.assert_array_equal(ds.batch(0)["image"][0, 0, 1, 0] * 255,
                                 batches["test_batch"][b"data"][0, 1])
@@ -274,10 +278,10 @@ def test_cifar_wrong_structure_raises(tmp_path):
 
 
 def test_missing_tfds_dataset_fails_fast_with_path_and_fix(tmp_path):
-  config = make_config("cifar10", tfds_data_dir=str(tmp_path), image_size=32)
+  spec = make_spec("cifar10", tfds_data_dir=str(tmp_path), image_size=32)
   start = time.monotonic()
   with pytest.raises(FileNotFoundError) as info:
-    datasets.get_dataset(config, "train")
+    datasets.get_dataset(spec, "train", batch_size=BATCH)
   assert time.monotonic() - start < 10.0
   message = str(info.value)
   assert str(tmp_path) in message
@@ -288,26 +292,26 @@ def test_missing_tfds_dataset_fails_fast_with_path_and_fix(tmp_path):
 
 
 def test_unknown_dataset_name_raises_value_error(tmp_path):
-  config = make_config("no_such_dataset_xyz", tfds_data_dir=str(tmp_path))
+  spec = make_spec("no_such_dataset_xyz", tfds_data_dir=str(tmp_path))
   with pytest.raises(ValueError, match="no_such_dataset_xyz.*fashion_mnist"):
-    datasets.get_dataset(config, "train")
+    datasets.get_dataset(spec, "train", batch_size=BATCH)
 
 
 def test_missing_idx_dir_names_dir_files_and_package(tmp_path):
   missing = tmp_path / "nowhere"
-  config = make_config("fashion_mnist", data_dir=str(missing), image_size=28,
+  spec = make_spec("fashion_mnist", data_dir=str(missing), image_size=28,
                        num_channels=1)
   with pytest.raises(FileNotFoundError) as info:
-    datasets.get_dataset(config, "train")
+    datasets.get_dataset(spec, "train", batch_size=BATCH)
   message = str(info.value)
   assert str(missing) in message and "train-images-idx3-ubyte" in message
   assert "sudo apt-get install dataset-fashion-mnist" in message
 
 
 def test_missing_cifar_tarball_names_path_and_url(tmp_path):
-  config = make_config("cifar10_tarball", data_dir=str(tmp_path), image_size=32)
+  spec = make_spec("cifar10_tarball", data_dir=str(tmp_path), image_size=32)
   with pytest.raises(FileNotFoundError) as info:
-    datasets.get_dataset(config, "train")
+    datasets.get_dataset(spec, "train", batch_size=BATCH)
   assert str(tmp_path) in str(info.value) and datasets.CIFAR10_URL in str(info.value)
 
 
@@ -337,10 +341,10 @@ class FakeTFDS(list):
 def test_tfds_open_with_mocked_tfds(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
   from unittest import mock  # pylint: disable=g-import-not-at-top
-  config = make_config("celeb_a", tfds_data_dir=str(tmp_path), image_size=16)
+  spec = make_spec("celeb_a", tfds_data_dir=str(tmp_path), image_size=16)
   with tfds.testing.mock_data(num_examples=5), mock.patch.object(
       tfds.core.DatasetBuilder, "is_prepared", return_value=True):
-    ds = datasets.get_dataset(config, "test", batch_size=2)
+    ds = datasets.get_dataset(spec, "test", batch_size=2)
     # tfds's mock lacks a working __getitems__; give it one with the real semantics.
     inner = ds.source.data_source.data_source
     inner.__getitems__ = lambda keys: [inner[k] for k in keys]
@@ -362,14 +366,32 @@ def array_dataset(n=10, batch_size=4, seed=0, split="train", **kwargs):
 
 
 def test_batches_are_a_pure_function_of_seed_and_step():
-  config = make_config(random_flip=True, uniform_dequantization=True)
-  a, b = datasets.get_dataset(config), datasets.get_dataset(config)
+  spec = make_spec(random_flip=True, uniform_dequantization=True)
+  a, b = (datasets.get_dataset(spec, batch_size=BATCH) for _ in range(2))
   for step in (7, 0, 200, 7):  # any order
     for key in ("image", "label"):
       np.testing.assert_array_equal(a.batch(step)[key], b.batch(step)[key])
-  other = datasets.get_dataset(config, seed=1)
+  other = datasets.get_dataset(dataclasses.replace(spec, seed=1), batch_size=BATCH)
   assert not np.array_equal(a.batch(0)["image"], other.batch(0)["image"])
   assert not np.array_equal(a.batch(0)["image"], a.batch(1)["image"])
+
+
+def test_config_reads_into_the_spec_and_the_batch_sizes():
+  # The config edge (run.experiment): config.data and config.seed -> DataSpec; the batch size
+  # defaults to training.batch_size for train and eval.batch_size for test.
+  from score_sde.run import experiment  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(dict(
+      seed=3, training=dict(batch_size=4), eval=dict(batch_size=2),
+      data=dict(dataset="synthetic", image_size=8, num_channels=3, random_flip=True,
+                uniform_dequantization=True, centered=False, tfds_data_dir="", data_dir="")))
+  spec = experiment.data_spec(config)
+  assert spec == datasets.DataSpec(dataset="synthetic", image_size=8, num_channels=3,
+                                   data_dir=None, tfds_data_dir="", random_flip=True,
+                                   uniform_dequantization=True, seed=3)
+  train, test = experiment.make_dataset(config, "train"), experiment.make_dataset(config, "test")
+  assert (train.batch_size, test.batch_size) == (4, 2)
+  np.testing.assert_array_equal(
+      train.batch(5)["image"], datasets.get_dataset(spec, batch_size=4).batch(5)["image"])
 
 
 def test_resumed_iteration_sees_the_same_batches():
@@ -454,12 +476,12 @@ def test_bad_batch_size_raises(batch_size):
 
 def test_bad_split_channel_count_and_host_count_raise(tmp_path):
   with pytest.raises(ValueError, match="split"):
-    datasets.get_dataset(make_config(), "validation")
+    datasets.get_dataset(make_spec(), "validation", batch_size=BATCH)
   write_idx_dir(tmp_path)
-  config = make_config("fashion_mnist", data_dir=str(tmp_path), image_size=28,
+  spec = make_spec("fashion_mnist", data_dir=str(tmp_path), image_size=28,
                        num_channels=3)
   with pytest.raises(ValueError, match="num_channels=3"):
-    datasets.get_dataset(config, "test", batch_size=2)
+    datasets.get_dataset(spec, "test", batch_size=2)
   with pytest.raises(ValueError, match="process_count"):
     array_dataset(batch_size=3, process_count=2)
 
@@ -470,9 +492,9 @@ def test_bad_split_channel_count_and_host_count_raise(tmp_path):
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR),
                     reason="dataset-fashion-mnist is not installed")
 def test_real_fashion_mnist():
-  config = make_config("fashion_mnist", data_dir="", image_size=28, num_channels=1)
-  train = datasets.get_dataset(config, "train", batch_size=64)
-  test = datasets.get_dataset(config, "test", batch_size=64)
+  spec = make_spec("fashion_mnist", image_size=28, num_channels=1)
+  train = datasets.get_dataset(spec, "train", batch_size=64)
+  test = datasets.get_dataset(spec, "test", batch_size=64)
   assert (train.num_examples, test.num_examples) == (60000, 10000)
   assert train.image_shape == test.image_shape == (28, 28, 1)
   assert train.num_classes == 10
