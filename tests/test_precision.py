@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_sde.run import experiment, train
+from score_sde.run import experiment, networks, programs
 from score_sde import models, sampling
 from score_sde.models import layers
 from test_train import tiny_config
@@ -52,11 +52,11 @@ def network_and_inputs(name):
   """`(model, variables, x, labels)`. init_scale=1 so every residual branch contributes (the
   default 0 makes the last convolution of each branch, and the output, nearly zero)."""
   config = network_config(NETWORKS[name])
-  model = models.get_model(config).clone(init_scale=1.0)
-  variables = models.init_model(jax.random.key(0), config, model)
-  x = jax.random.normal(jax.random.key(1), (2, *models.image_shape(config)))
+  model = networks.get_model(config).clone(init_scale=1.0)
+  variables = networks.init_model(jax.random.key(0), config, model)
+  x = jax.random.normal(jax.random.key(1), (2, *networks.image_shape(config)))
   t = jnp.array([0.3, 0.8])
-  labels = experiment.make_sde(config).noise_labels(t, bool(config.training.continuous))
+  labels = experiment.make_score_model(config, None).noise_labels(t)
   return model, variables, x, labels
 
 
@@ -82,7 +82,7 @@ def test_float32_is_unchanged_and_bfloat16_shares_the_variables(name):
   assert bf16.dtype == jnp.bfloat16
   # One checkpoint for every precision: the same tree of the same float32 arrays.
   config = network_config(NETWORKS[name])
-  bf16_variables = models.init_model(jax.random.key(0), config, bf16)
+  bf16_variables = networks.init_model(jax.random.key(0), config, bf16)
   assert (jax.tree_util.tree_structure(bf16_variables)
           == jax.tree_util.tree_structure(variables))
   for a, b in zip(jax.tree_util.tree_leaves(bf16_variables), jax.tree_util.tree_leaves(variables)):
@@ -139,8 +139,9 @@ def ddpmpp_spec_and_variables():
   variables."""
   config = network_config(NETWORKS["ddpmpp"])
   spec = experiment.run_spec(config)
-  spec = dataclasses.replace(spec, model=spec.model.clone(init_scale=1.0))
-  return config, spec, models.init_model(jax.random.key(0), config, spec.model)
+  spec = dataclasses.replace(
+      spec, score_model=spec.score_model.with_network(spec.model.clone(init_scale=1.0)))
+  return config, spec, networks.init_model(jax.random.key(0), config, spec.model)
 
 
 def smooth_images(n, size=8, channels=1):
@@ -157,12 +158,11 @@ def test_one_step_gradients_match_float32():
   x0 = spec.scaler(smooth_images(8, channels=config.data.num_channels))
 
   def gradients(precision):
-    model = models.with_precision(spec.model, precision)
+    score_model = spec.score_model.with_network(models.with_precision(spec.model, precision))
 
     def objective(params):
       def param_score_fn(params, x, t):
-        return models.get_score_fn(spec.sde, model, {**variables, "params": params},
-                                   continuous=spec.continuous)(x, t)
+        return score_model.score_fn({**variables, "params": params})(x, t)
       return spec.loss_fn(jax.random.key(4), param_score_fn, params, x0)[0]
 
     return jax.jit(jax.grad(objective))(variables["params"])
@@ -182,11 +182,10 @@ def test_bfloat16_sampling_matches_float32():
   # almost every pixel of the clipped [0, 1] images to 0 or 1, which would hide differences.
   config, spec32, variables = ddpmpp_spec_and_variables()
   spec16 = dataclasses.replace(spec32, sample_precision="bfloat16")
-  shape = (2, *models.image_shape(config))
+  shape = (2, *networks.image_shape(config))
 
   def sample(spec):
-    score_fn = models.get_score_fn(spec.sde, spec.network("sample"), variables,
-                                   continuous=spec.continuous)
+    score_fn = spec.score_model_for("sample").score_fn(variables)
     return jax.jit(lambda key: sampling.sample(key, score_fn, spec.sde, shape, "ddim",
                                                steps=4)[0])(jax.random.key(5))
 
@@ -204,7 +203,7 @@ def test_unknown_precision_is_a_clear_error(section):
   assert (f"Unknown config.{section}.precision 'float16'; valid: ['bfloat16', 'float32']"
           in str(e.value))
   with pytest.raises(ValueError, match="Unknown precision 'fp8'; valid: "):
-    models.with_precision(models.get_model(config), "fp8")
+    models.with_precision(networks.get_model(config), "fp8")
 
 
 # ----------------------------------------------------------------------------------------
@@ -232,11 +231,11 @@ def test_bfloat16_trains_like_float32_and_keeps_a_float32_state():
     spec = experiment.run_spec(config)
     assert (spec.train_precision, spec.eval_precision, spec.sample_precision) == (
         precision,) * 3
-    step_fn = train.make_train_step(spec)
-    state = jax.jit(lambda k: train.init_state(k, config, spec.model, spec.optimizer))(
+    step_fn = programs.make_train_step(spec)
+    state = jax.jit(lambda k: programs.init_state(k, spec))(
         jax.random.key(0))
     if eval_fn is None:  # one float32 judge of both runs: fixed key, 64 examples
-      eval_fn = train.make_eval_loss_fn(spec)
+      eval_fn = programs.make_eval_loss_fn(spec)
       start = float(np.divide(*eval_fn(state.variables(ema=False), jax.random.key(3),
                                        eval_batch)))
     for _ in range(TRAIN_STEPS):
