@@ -2,9 +2,12 @@
 
 For the probability-flow ODE dx/dt = f~(x, t) = f(x, t) - g(t)^2 score(x, t) / 2, the
 instantaneous change of variables (Chen et al. 2018) gives d log p_t(x_t) / dt = -div f~(x_t, t),
-hence, integrating from the data side t = eps to the prior side t = T,
+hence, integrating from the data side t = eps to the prior side t_max = `sde.t_max` (T for
+VP / sub-VP / VE, 1 - 1e-3 for rectified flow and TrigFlow, where f and g diverge at T),
 
-    log p_eps(x) = log p_T(z) + int_eps^T div f~(x_t, t) dt,      z = x_T.
+    log p_eps(x) = log p_t_max(z) + int_eps^t_max div f~(x_t, t) dt,      z = x_t_max,
+
+with p_t_max replaced by the SDE's prior (N(0, I) for the interpolants).
 
 `log_likelihood` solves the ODE for x together with the divergence integral in one diffrax
 solve (one compiled program), with the divergence either estimated by the Hutchinson-Skilling
@@ -13,7 +16,7 @@ computed exactly as the trace of the Jacobian (D Jacobian-vector products; small
 
 Units: log-likelihoods are in nats per example; `bits_per_dim` turns them into bits per
 dimension of 8-bit data (see its docstring for the offset convention). Only `sde.reverse`,
-`sde.prior_logp` and `sde.T` are used, so any SDE of `score_sde.sde` works.
+`sde.prior_logp` and `sde.t_max` are used, so any SDE of `score_sde.sde` works.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ def log_likelihood(key: jax.Array, score_fn: ScoreFn, sde: SDE, x: jax.Array, *,
   """log p_eps(x) by the probability-flow ODE, in nats per example.
 
   Solves the probability-flow ODE of `sde` driven by `score_fn` from t = eps (data) to
-  t = sde.T (prior), together with the divergence integral, with an adaptive diffrax solver
-  (`PIDController(rtol, atol)`, first step 0.01 (T - eps); the error norm is the RMS over the
+  t = sde.t_max (prior side), together with the divergence integral, with an adaptive diffrax
+  solver (`PIDController(rtol, atol)`, first step 0.01 (t_max - eps); the error norm is the RMS over the
   whole batch state, as in the reference's scipy solve). Pure and jittable (`sde`, `score_fn`, and the keyword
   options must be static under `jax.jit`).
 
@@ -59,19 +62,21 @@ def log_likelihood(key: jax.Array, score_fn: ScoreFn, sde: SDE, x: jax.Array, *,
     max_steps: the solver's step budget (the solve fails loudly beyond it).
 
   Returns:
-    logp: `[B]`, log p_eps(x) = sde.prior_logp(z) + int_eps^T div f~ dt, in nats.
-    z: `[B, *D]`, the latent x_T.
+    logp: `[B]`, log p_eps(x) = sde.prior_logp(z) + int_eps^t_max div f~ dt, in nats.
+    z: `[B, *D]`, the latent x_t_max.
     nfe: int scalar, the number of ODE-function evaluations (`solvers.function_evaluations`).
       One ODE-function evaluation is one evaluation of the drift and of its divergence on
       the whole batch: one call of `score_fn` inside a forward-mode JVP (Hutchinson; about
       2-3x the cost of a bare score evaluation), or one vmapped batch of D JVPs (exact).
 
   Raises:
-    ValueError: on an unknown `divergence` or `solver` name.
+    ValueError: on an unknown `divergence` or `solver` name, or eps outside (0, t_max).
   """
   if divergence not in DIVERGENCES:
     raise ValueError(f"Unknown divergence {divergence!r}; valid: {list(DIVERGENCES)}")
   solvers.check_solver(solver, adaptive=True)
+  if not 0 < eps < sde.t_max:
+    raise ValueError(f"eps must lie in (0, t_max = {sde.t_max}), got {eps}")
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"x must be floating point data scaled for the model, got {x.dtype}")
@@ -114,7 +119,7 @@ def log_likelihood(key: jax.Array, score_fn: ScoreFn, sde: SDE, x: jax.Array, *,
 
   erk = solvers.SOLVERS[solver]()
   sol = diffrax.diffeqsolve(
-      diffrax.ODETerm(vector_field), erk, t0=eps, t1=sde.T, dt0=0.01 * (sde.T - eps),
+      diffrax.ODETerm(vector_field), erk, t0=eps, t1=sde.t_max, dt0=0.01 * (sde.t_max - eps),
       y0=(x, jnp.zeros((batch,), x.dtype)),
       stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
       saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)

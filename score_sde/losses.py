@@ -4,7 +4,9 @@ The continuous objective (Song et al. 2021) is
 
     J(theta) = 1 / (T - eps) int_eps^T lambda(t) E_{x_0, z} || s(x_t, t) + z / sigma(t) ||^2 dt,
 
-x_t = alpha(t) x_0 + sigma(t) z, estimated with one t ~ U(eps, T) per example. Weightings:
+x_t = alpha(t) x_0 + sigma(t) z, estimated with one t ~ U(eps, T) per example (T stands for
+`sde.t_max`, the first time samplers start from: `sde.T` except for rectified flow and
+TrigFlow, whose alpha vanishes at T). Weightings:
 
 - `"sigma2"`: lambda = sigma(t)^2, the reference default; the loss is || sigma s + z ||^2.
 - `"likelihood"`: lambda = g(t)^2, which makes J an upper bound on the negative log-likelihood
@@ -18,9 +20,17 @@ x_t = alpha(t) x_0 + sigma(t) z, estimated with one t ~ U(eps, T) per example. W
   lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 on || D - x0 ||^2, in sigma_hat = sigma /
   alpha; it makes the loss of the raw output F unit-weighted). With the network predicting
   the same quantity, each is the plain MSE of its raw output (up to EDM's c_out).
+- `"flow_matching"`: conditional flow matching (Lipman et al. 2023; Liu et al. 2023), the
+  squared error of the velocity v = f x - g^2 / 2 s (the probability-flow drift) against the
+  conditional velocity alpha' x_0 + sigma' z = f x - g^2 / 2 (-z / sigma): their difference
+  is -g^2 / 2 (s + z / sigma), so lambda = (g^2 / 2)^2, i.e. (g^2 / (2 sigma))^2 per unit of
+  || sigma s + z ||^2 (= ((alpha sigma' - sigma alpha') / alpha)^2: 1 / (1 - t)^2 for
+  rectified flow). With a 'velocity' network it is the plain MSE of its raw output.
 - `time_sampling="log_normal"`: instead of t ~ U(eps, T), draw log sigma_hat ~ N(p_mean,
-  p_std^2) (EDM: -1.2, 1.2), clipped to the SDE's range [sigma_hat(eps), sigma_hat(T)], and
+  p_std^2) (EDM: -1.2, 1.2), clipped to the SDE's range [sigma_hat(eps), sigma_hat(t_max)], and
   map it to t by the SDE's inverse log-SNR, t = sde.t_from_log_snr(-log sigma_hat).
+- `time_sampling="logit_normal"`: t = sigmoid(n), n ~ N(p_mean, p_std^2) (Stable Diffusion 3,
+  Esser et al. 2024: 0, 1), clipped to [eps, t_max]; time itself, for any SDE.
 - `"ddpm"` / `"smld"`: the discrete losses: an integer step i ~ U{0..N-1} of the SDE's discrete
   chain (DDPM for VP: this is L_simple of Ho et al. 2020, || eps - eps_hat ||^2; SMLD for VE),
   weighted by its std^2. Both names select the SDE's own chain.
@@ -44,8 +54,10 @@ from score_sde.sde import SDE, batch_scalar
 ParamScoreFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 LossFn = Callable[[jax.Array, ParamScoreFn, Any, jax.Array], tuple[jax.Array, dict]]
 
-WEIGHTINGS = ("sigma2", "likelihood", "x0", "v", "edm", "ddpm", "smld")
-TIME_SAMPLINGS = ("uniform", "log_normal")
+WEIGHTINGS = ("sigma2", "likelihood", "x0", "v", "edm", "ddpm", "smld", "flow_matching")
+TIME_SAMPLINGS = ("uniform", "log_normal", "logit_normal")
+# (p_mean, p_std) of each non-uniform time sampling when not given: EDM's and SD3's.
+TIME_SAMPLING_DEFAULTS = {"log_normal": (-1.2, 1.2), "logit_normal": (0.0, 1.0)}
 
 
 def _snr_weight(sde: SDE, weighting: str, t: jax.Array, sigma_data: float) -> jax.Array:
@@ -65,7 +77,7 @@ def _reduce(v: jax.Array, reduce_mean: bool) -> jax.Array:
 
 
 class ImportanceSampler:
-  """Draws t in [eps, T] with density q(t) proportional to g(t)^2 / sigma(t)^2.
+  """Draws t in [eps, t_max] with density q(t) proportional to g(t)^2 / sigma(t)^2.
 
   The density is tabulated once on a grid uniform in log t (where it is smooth: it behaves
   like 1/t near 0 for VP) and its CDF inverted by interpolation, so it works for any SDE.
@@ -73,7 +85,7 @@ class ImportanceSampler:
   """
 
   def __init__(self, sde: SDE, eps: float, num_points: int = 4096):
-    log_t = np.linspace(np.log(eps), np.log(sde.T), num_points)
+    log_t = np.linspace(np.log(eps), np.log(sde.t_max), num_points)
     t = np.exp(log_t)
     _, g = sde.sde(jnp.zeros((num_points, 1)), jnp.asarray(t, jnp.float32))
     density = np.asarray(g, np.float64) ** 2 / np.asarray(sde.sigma(t), np.float64) ** 2
@@ -82,7 +94,7 @@ class ImportanceSampler:
     cdf = np.concatenate([[0.0], np.cumsum(0.5 * (integrand[1:] + integrand[:-1])
                                            * np.diff(log_t))])
     self.sde, self.eps = sde, eps
-    self.normalizer = float(cdf[-1])  # Z = int_eps^T g^2 / sigma^2 dt
+    self.normalizer = float(cdf[-1])  # Z = int_eps^t_max g^2 / sigma^2 dt
     self._cdf = (cdf / cdf[-1]).astype(np.float32)
     self._t = t.astype(np.float32)
 
@@ -92,15 +104,15 @@ class ImportanceSampler:
     return jnp.interp(u, self._cdf, self._t)
 
   def weight(self, t: jax.Array) -> jax.Array:
-    """lambda(t) / ((T - eps) q(t)) for lambda = g^2, i.e. Z sigma(t)^2 / (T - eps): the
-    factor that makes a draw t ~ q an unbiased estimate of the uniform-t objective."""
-    return self.normalizer * self.sde.sigma(t) ** 2 / (self.sde.T - self.eps)
+    """lambda(t) / ((t_max - eps) q(t)) for lambda = g^2, i.e. Z sigma(t)^2 / (t_max - eps):
+    the factor that makes a draw t ~ q an unbiased estimate of the uniform-t objective."""
+    return self.normalizer * self.sde.sigma(t) ** 2 / (self.sde.t_max - self.eps)
 
 
 def get_loss_fn(sde: SDE, *, weighting: str = "sigma2", reduce_mean: bool = True,
                 eps: float = 1e-5, importance_sampling: bool = False,
-                time_sampling: str = "uniform", p_mean: float = -1.2, p_std: float = 1.2,
-                sigma_data: float = 0.5) -> LossFn:
+                time_sampling: str = "uniform", p_mean: float | None = None,
+                p_std: float | None = None, sigma_data: float = 0.5) -> LossFn:
   """Builds a denoising score matching loss.
 
   Args:
@@ -108,12 +120,13 @@ def get_loss_fn(sde: SDE, *, weighting: str = "sigma2", reduce_mean: bool = True
     weighting: one of `WEIGHTINGS` (see the module docstring).
     reduce_mean: average the squared error over dimensions (True) or sum it (False, the
       reference's default for likelihood weighting).
-    eps: smallest time of t ~ U(eps, T), for the continuous weightings.
+    eps: smallest time of t ~ U(eps, sde.t_max), for the continuous weightings.
     importance_sampling: draw t from q(t) ~ g^2 / sigma^2; only with `weighting="likelihood"`.
-    time_sampling: 'uniform' (t ~ U(eps, T)) or 'log_normal' (EDM's log sigma_hat ~
-      N(p_mean, p_std^2), mapped to t through the SDE's inverse log-SNR); continuous
-      weightings only.
-    p_mean, p_std: the log-normal's mean and std of log sigma_hat.
+    time_sampling: 'uniform' (t ~ U(eps, t_max)), 'log_normal' (EDM's log sigma_hat ~
+      N(p_mean, p_std^2), mapped to t through the SDE's inverse log-SNR) or 'logit_normal'
+      (SD3's t = sigmoid(n), n ~ N(p_mean, p_std^2)); continuous weightings only.
+    p_mean, p_std: mean and std of log sigma_hat ('log_normal') or of logit t
+      ('logit_normal'); None: `TIME_SAMPLING_DEFAULTS` (EDM's -1.2, 1.2; SD3's 0, 1).
     sigma_data: the data std of the 'edm' weighting (the `ScoreModel`'s).
 
   Returns:
@@ -123,7 +136,7 @@ def get_loss_fn(sde: SDE, *, weighting: str = "sigma2", reduce_mean: bool = True
 
   Raises:
     ValueError: for an unknown weighting or time sampling, importance sampling without the
-      likelihood weighting or with log-normal times, eps outside (0, T), a non-positive
+      likelihood weighting or with non-uniform times, eps outside (0, t_max), a non-positive
       p_std, or a discrete weighting on an SDE without a discrete chain.
   """
   if weighting not in WEIGHTINGS:
@@ -135,41 +148,62 @@ def get_loss_fn(sde: SDE, *, weighting: str = "sigma2", reduce_mean: bool = True
       raise ValueError(f"time_sampling={time_sampling!r} needs a continuous weighting without "
                        f"importance sampling, got weighting={weighting!r}, "
                        f"importance_sampling={importance_sampling}")
+    default_mean, default_std = TIME_SAMPLING_DEFAULTS[time_sampling]
+    p_mean = default_mean if p_mean is None else p_mean
+    p_std = default_std if p_std is None else p_std
     if not p_std > 0:
       raise ValueError(f"p_std must be positive, got {p_std}")
   if importance_sampling and weighting != "likelihood":
     raise ValueError("importance_sampling=True needs weighting='likelihood', "
                      f"got weighting={weighting!r}")
-  if not 0 < eps < sde.T:
-    raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps}")
+  if not 0 < eps < sde.t_max:
+    raise ValueError(f"eps must lie in (0, t_max={sde.t_max}), got {eps}")
   if weighting in ("ddpm", "smld"):
     sde.discrete_marginal(jnp.zeros((1, 1)), jnp.zeros((1,), jnp.int32))  # raises if none
     return functools.partial(_discrete_loss, sde, reduce_mean)
   sampler = ImportanceSampler(sde, eps) if importance_sampling else None
   if time_sampling == "log_normal":
     sampler = LogNormalSampler(sde, eps, p_mean, p_std)
+  if time_sampling == "logit_normal":
+    sampler = LogitNormalSampler(sde, eps, p_mean, p_std)
   return functools.partial(_continuous_loss, sde, weighting, reduce_mean, eps, sampler,
                            sigma_data)
 
 
 class LogNormalSampler:
   """Draws t with log sigma_hat(t) ~ N(p_mean, p_std^2) (EDM's training noise levels),
-  sigma_hat = sigma / alpha = exp(-log_snr), clipped to [sigma_hat(eps), sigma_hat(T)].
+  sigma_hat = sigma / alpha = exp(-log_snr), clipped to [sigma_hat(eps), sigma_hat(t_max)].
 
   The loss is then an expectation over this t, not over U(eps, T): `weight` is 1.
   """
 
   def __init__(self, sde: SDE, eps: float, p_mean: float, p_std: float):
-    ends = np.asarray(sde.log_snr(jnp.asarray([sde.T, eps], jnp.float32)), np.float64)
+    ends = np.asarray(sde.log_snr(jnp.asarray([sde.t_max, eps], jnp.float32)), np.float64)
     self.sde, self.p_mean, self.p_std = sde, p_mean, p_std
     self._log_snr_range = (float(ends[0]), float(ends[1]))
     self.eps = eps
 
   def sample(self, key: jax.Array, n: int) -> jax.Array:
-    """Draws `[n]` times in [eps, T]."""
+    """Draws `[n]` times in [eps, t_max]."""
     log_sigma_hat = self.p_mean + self.p_std * jax.random.normal(key, (n,))
     log_snr = jnp.clip(-log_sigma_hat, *self._log_snr_range)
-    return jnp.clip(self.sde.t_from_log_snr(log_snr), self.eps, self.sde.T)
+    return jnp.clip(self.sde.t_from_log_snr(log_snr), self.eps, self.sde.t_max)
+
+
+class LogitNormalSampler:
+  """Draws t = sigmoid(n), n ~ N(p_mean, p_std^2) (Esser et al. 2024, Stable Diffusion 3: 0, 1),
+  clipped to [eps, t_max]. The density of t is N(logit t; p_mean, p_std^2) / (t (1 - t)).
+
+  The loss is then an expectation over this t, not over U(eps, t_max): `weight` is 1.
+  """
+
+  def __init__(self, sde: SDE, eps: float, p_mean: float, p_std: float):
+    self.sde, self.eps, self.p_mean, self.p_std = sde, eps, p_mean, p_std
+
+  def sample(self, key: jax.Array, n: int) -> jax.Array:
+    """Draws `[n]` times in [eps, t_max]."""
+    logit_t = self.p_mean + self.p_std * jax.random.normal(key, (n,))
+    return jnp.clip(jax.nn.sigmoid(logit_t), self.eps, self.sde.t_max)
 
 
 def _continuous_loss(sde, weighting, reduce_mean, eps, sampler, sigma_data, key, score_fn, params,
@@ -177,7 +211,7 @@ def _continuous_loss(sde, weighting, reduce_mean, eps, sampler, sigma_data, key,
   k_t, k_z = jax.random.split(key)
   b = x0.shape[0]
   if sampler is None:
-    t = jax.random.uniform(k_t, (b,), minval=eps, maxval=sde.T)
+    t = jax.random.uniform(k_t, (b,), minval=eps, maxval=sde.t_max)
   else:
     t = sampler.sample(k_t, b)
   z = jax.random.normal(k_z, x0.shape, x0.dtype)
@@ -191,6 +225,9 @@ def _continuous_loss(sde, weighting, reduce_mean, eps, sampler, sigma_data, key,
     per_example = sq_err
   elif weighting in ("x0", "v", "edm"):
     per_example = sq_err * _snr_weight(sde, weighting, t, sigma_data)
+  elif weighting == "flow_matching":
+    # lambda = (g^2 / 2)^2 on || s + z / sigma ||^2 = || sigma s + z ||^2 / sigma^2.
+    per_example = sq_err * (0.5 * sde.sde(x_t, t)[1] ** 2 / std) ** 2
   elif not isinstance(sampler, ImportanceSampler):
     per_example = sq_err * sde.sde(x_t, t)[1] ** 2 / std**2
   else:

@@ -16,13 +16,22 @@ Every SDE here has the kernel x_t = alpha x_0 + sigma z. A network may predict
   (sd = sigma_data). c_in x_hat = x / sqrt(sigma^2 + alpha^2 sd^2): unit variance for data of
   std sd. c_noise is the SDE's own noise label (999 t for VP, sigma for VE), a monotone
   function of sigma_hat as EDM's 1/4 log sigma is; it matches the networks' embeddings.
+- `"velocity"`: the velocity dx_t / dt = alpha' x_0 + sigma' z of the interpolant (flow
+  matching, Lipman et al. 2023; rectified flow, Liu et al. 2023; SiT), for any SDE; primes are
+  time derivatives (`sde.d_alpha(t)`, `sde.d_sigma(t)`). It is the probability-flow drift:
+  E[alpha' x_0 + sigma' z | x_t] = f x - g^2 / 2 score, with f = alpha' / alpha and
+  g^2 / 2 = sigma sigma' - f sigma^2. The conversions solve the 2x2 system
+  (x, velocity) = (alpha x_0 + sigma z, alpha' x_0 + sigma' z), whose determinant
+  alpha sigma' - sigma alpha' = -alpha sigma d(log-SNR)/dt is positive for every SDE here.
+  The network sees x itself (as SD3 and SiT feed x_t).
 
 `"auto"` picks the SDE's default (the reference codebase's behaviour). With sigma_data = 1
 `"edm"` and `"v"` give the same denoiser (c_skip = a^2, c_out = b, F = -v); they differ in
 the input scale when sigma_data != 1.
 
 The conversions below are pure functions of the per-example `alpha`, `sigma` (already
-broadcast against x) so that tests can check them as exact inverses.
+broadcast against x) so that tests can check them as exact inverses; those of 'velocity' also
+take `d_alpha`, `d_sigma` (broadcast the same way).
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-PARAMETERIZATIONS = ("auto", "epsilon", "x0", "v", "score", "edm")
+PARAMETERIZATIONS = ("auto", "epsilon", "x0", "v", "score", "edm", "velocity")
 
 
 def check_name(name: str, field: str = "parameterization") -> None:
@@ -103,12 +112,81 @@ def edm_coefficients(alpha: jax.Array, sigma: jax.Array, sigma_data: float
   return alpha * sd2 / norm2, sigma * sigma_data * jax.lax.rsqrt(norm2), jax.lax.rsqrt(norm2)
 
 
+def velocity_determinant(alpha: jax.Array, sigma: jax.Array, d_alpha: jax.Array,
+                         d_sigma: jax.Array) -> jax.Array:
+  """W = alpha sigma' - sigma alpha' (> 0): minus the determinant of the map (x_0, z) ->
+  (velocity, x). W = 1 for rectified flow, pi / 2 for TrigFlow, sigma' for VE."""
+  return alpha * d_sigma - sigma * d_alpha
+
+
+def eps_x0_to_velocity(eps: jax.Array, x0: jax.Array, d_alpha: jax.Array, d_sigma: jax.Array
+                       ) -> jax.Array:
+  """velocity = alpha' x0 + sigma' eps."""
+  return d_alpha * x0 + d_sigma * eps
+
+
+def x0_to_velocity(x0: jax.Array, x: jax.Array, alpha: jax.Array, sigma: jax.Array,
+                   d_alpha: jax.Array, d_sigma: jax.Array) -> jax.Array:
+  """velocity = (sigma' x - W x0) / sigma, with eps = (x - alpha x0) / sigma."""
+  w = velocity_determinant(alpha, sigma, d_alpha, d_sigma)
+  return (d_sigma * x - w * x0) / sigma
+
+
+def eps_to_velocity(eps: jax.Array, x: jax.Array, alpha: jax.Array, sigma: jax.Array,
+                    d_alpha: jax.Array, d_sigma: jax.Array) -> jax.Array:
+  """velocity = (alpha' x + W eps) / alpha, with x0 = (x - sigma eps) / alpha."""
+  w = velocity_determinant(alpha, sigma, d_alpha, d_sigma)
+  return (d_alpha * x + w * eps) / alpha
+
+
+def score_to_velocity(score: jax.Array, x: jax.Array, alpha: jax.Array, sigma: jax.Array,
+                      d_alpha: jax.Array, d_sigma: jax.Array) -> jax.Array:
+  """velocity = f x - g^2 / 2 score = (alpha' x - W sigma score) / alpha: the probability-flow
+  drift (f = alpha' / alpha, g^2 / 2 = sigma W / alpha = sigma sigma' - f sigma^2)."""
+  w = velocity_determinant(alpha, sigma, d_alpha, d_sigma)
+  return (d_alpha * x - w * sigma * score) / alpha
+
+
+def velocity_to_x0(velocity: jax.Array, x: jax.Array, alpha: jax.Array, sigma: jax.Array,
+                   d_alpha: jax.Array, d_sigma: jax.Array) -> jax.Array:
+  """x0 = (sigma' x - sigma velocity) / W."""
+  w = velocity_determinant(alpha, sigma, d_alpha, d_sigma)
+  return (d_sigma * x - sigma * velocity) / w
+
+
+def velocity_to_eps(velocity: jax.Array, x: jax.Array, alpha: jax.Array, sigma: jax.Array,
+                    d_alpha: jax.Array, d_sigma: jax.Array) -> jax.Array:
+  """eps = (alpha velocity - alpha' x) / W."""
+  w = velocity_determinant(alpha, sigma, d_alpha, d_sigma)
+  return (alpha * velocity - d_alpha * x) / w
+
+
+def velocity_to_score(velocity: jax.Array, x: jax.Array, alpha: jax.Array, sigma: jax.Array,
+                      d_alpha: jax.Array, d_sigma: jax.Array) -> jax.Array:
+  """score = -eps / sigma = (alpha' x - alpha velocity) / (W sigma)."""
+  return -velocity_to_eps(velocity, x, alpha, sigma, d_alpha, d_sigma) / sigma
+
+
+def _derivatives(name: str, d_alpha, d_sigma) -> tuple[jax.Array, jax.Array]:
+  """(d_alpha, d_sigma), or a ValueError naming the missing ones."""
+  missing = [k for k, v in (("d_alpha", d_alpha), ("d_sigma", d_sigma)) if v is None]
+  if missing:
+    raise ValueError(f"parameterization {name!r} needs d_alpha and d_sigma (the time "
+                     "derivatives of alpha and sigma at t, e.g. sde.d_alpha(t) and "
+                     f"sde.d_sigma(t), broadcast against x); missing: {missing}")
+  return d_alpha, d_sigma
+
+
 # --- the network's side ---------------------------------------------------------------------
 
 
 def network_input(name: str, x: jax.Array, alpha: jax.Array, sigma: jax.Array,
-                  sigma_data: float) -> jax.Array:
-  """What the network sees for `x = x_t`: c_in x for 'edm', x / r for 'v', else x."""
+                  sigma_data: float, *, d_alpha: jax.Array | None = None,
+                  d_sigma: jax.Array | None = None) -> jax.Array:
+  """What the network sees for `x = x_t`: c_in x for 'edm', x / r for 'v', else x (also for
+  'velocity', which takes `d_alpha`, `d_sigma` like the other functions here but does not
+  need them for its input)."""
+  del d_alpha, d_sigma
   if name == "edm":
     return edm_coefficients(alpha, sigma, sigma_data)[2] * x
   if name == "v":
@@ -117,10 +195,17 @@ def network_input(name: str, x: jax.Array, alpha: jax.Array, sigma: jax.Array,
 
 
 def output_to_x0(name: str, output: jax.Array, x: jax.Array, alpha: jax.Array,
-                 sigma: jax.Array, sigma_data: float) -> jax.Array:
-  """The network's estimate of x_0 from its raw `output` (any parameterization)."""
+                 sigma: jax.Array, sigma_data: float, *, d_alpha: jax.Array | None = None,
+                 d_sigma: jax.Array | None = None) -> jax.Array:
+  """The network's estimate of x_0 from its raw `output` (any parameterization).
+
+  Raises:
+    ValueError: 'velocity' without `d_alpha` and `d_sigma`; an unknown or unresolved name.
+  """
   if name == "x0":
     return output
+  if name == "velocity":
+    return velocity_to_x0(output, x, alpha, sigma, *_derivatives(name, d_alpha, d_sigma))
   if name == "v":
     return v_to_x0(output, x, alpha, sigma)
   if name == "edm":
@@ -135,9 +220,17 @@ def output_to_x0(name: str, output: jax.Array, x: jax.Array, alpha: jax.Array,
 
 
 def output_to_score(name: str, output: jax.Array, x: jax.Array, alpha: jax.Array,
-                    sigma: jax.Array, sigma_data: float) -> jax.Array:
+                    sigma: jax.Array, sigma_data: float, *, d_alpha: jax.Array | None = None,
+                    d_sigma: jax.Array | None = None) -> jax.Array:
   """The score from the network's raw `output`. For the data predictions ('x0', 'v',
-  'edm') score = (alpha x0_hat - x) / sigma^2."""
+  'edm') score = (alpha x0_hat - x) / sigma^2; for 'velocity' (which needs `d_alpha`,
+  `d_sigma`) `velocity_to_score`.
+
+  Raises:
+    ValueError: 'velocity' without `d_alpha` and `d_sigma`; an unknown or unresolved name.
+  """
+  if name == "velocity":
+    return velocity_to_score(output, x, alpha, sigma, *_derivatives(name, d_alpha, d_sigma))
   if name == "epsilon":
     return eps_to_score(output, sigma)
   if name == "score":
@@ -146,9 +239,16 @@ def output_to_score(name: str, output: jax.Array, x: jax.Array, alpha: jax.Array
 
 
 def target(name: str, x0: jax.Array, eps: jax.Array, alpha: jax.Array, sigma: jax.Array,
-           sigma_data: float) -> jax.Array:
+           sigma_data: float, *, d_alpha: jax.Array | None = None,
+           d_sigma: jax.Array | None = None) -> jax.Array:
   """The regression target of the raw output for x_t = alpha x0 + sigma eps (for tests and
-  for losses written in the network's own units)."""
+  for losses written in the network's own units); 'velocity' needs `d_alpha`, `d_sigma`.
+
+  Raises:
+    ValueError: 'velocity' without `d_alpha` and `d_sigma`; an unknown or unresolved name.
+  """
+  if name == "velocity":
+    return eps_x0_to_velocity(eps, x0, *_derivatives(name, d_alpha, d_sigma))
   x = alpha * x0 + sigma * eps
   if name == "epsilon":
     return eps

@@ -132,6 +132,18 @@ class SDE(abc.ABC):
     """Half log signal-to-noise ratio lambda(t) = log(alpha(t) / sigma(t)); decreasing in t."""
     return self.log_alpha(t) - jnp.log(self.sigma(t))
 
+  def d_alpha(self, t: jax.Array) -> jax.Array:
+    """d alpha / dt, elementwise in t (forward-mode derivative of `alpha`; subclasses with a
+    simple closed form override it)."""
+    t = jnp.asarray(t, dtype=jnp.result_type(t, jnp.float32))
+    return jax.jvp(self.alpha, (t,), (jnp.ones_like(t),))[1]
+
+  def d_sigma(self, t: jax.Array) -> jax.Array:
+    """d sigma / dt, elementwise in t (forward-mode derivative of `sigma`; subclasses with a
+    simple closed form override it)."""
+    t = jnp.asarray(t, dtype=jnp.result_type(t, jnp.float32))
+    return jax.jvp(self.sigma, (t,), (jnp.ones_like(t),))[1]
+
   def marginal_prob(self, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Mean `[B, *D]` and std `[B]` of p_0t(x_t | x_0 = x)."""
     t = _batch_t(t, x)
@@ -466,11 +478,141 @@ class VESDE(SDE):
     return x, self.discrete_sigmas()[timestep]
 
 
-SDES: dict[str, type[SDE]] = {"vpsde": VPSDE, "subvpsde": SubVPSDE, "vesde": VESDE}
+@dataclasses.dataclass(frozen=True)
+class _Interpolant(SDE):
+  """An interpolant x_t = alpha(t) x_0 + sigma(t) z from the data (alpha = 1, sigma = 0 at
+  t = 0) to pure noise (alpha = 0, sigma = 1 at t = T = 1), with prior N(0, I).
+
+  As an SDE, dx = f(t) x dt + g(t) dw with the drift and diffusion implied by the kernel,
+  f = d log alpha / dt and g^2 = d sigma^2 / dt - 2 f sigma^2. Both diverge at t = 1, where
+  alpha = 0 and the score -x carries no information about x_0: samplers and the likelihood
+  start at `t_max` = 1 - 1e-3 instead (with the prior N(0, I) there; p_t_max is
+  N(alpha x_0, sigma^2 I) with alpha = O(1e-3), sigma = 1 - O(1e-3)). `T` stays 1.
+  Subclasses define the kernel (`log_alpha`, `sigma`, `t_from_log_snr`, `d_alpha`, `d_sigma`)
+  and `_drift_coefficient` (f) and `_diffusion_squared` (g^2) in closed form.
+  """
+
+  N: int = 1000
+
+  def __post_init__(self):
+    if self.N < 1:
+      raise ValueError(f"N must be a positive number of steps, got {self.N}")
+
+  @property
+  def t_max(self) -> float:
+    """1 - 1e-3: at t = 1 (alpha = 0) the score carries no information and f, g^2 diverge."""
+    return 1.0 - 1e-3
+
+  @abc.abstractmethod
+  def _drift_coefficient(self, t: jax.Array) -> jax.Array:
+    """f(t) = d log alpha / dt (the drift is f(t) x), elementwise in t."""
+
+  @abc.abstractmethod
+  def _diffusion_squared(self, t: jax.Array) -> jax.Array:
+    """g(t)^2 = d sigma^2 / dt - 2 f(t) sigma^2, elementwise in t."""
+
+  def sde(self, x, t):
+    t = _batch_t(t, x)
+    return batch_scalar(self._drift_coefficient(t), x) * x, jnp.sqrt(self._diffusion_squared(t))
+
+  def prior_sampling(self, key, shape):
+    return jax.random.normal(key, shape)
+
+  def prior_logp(self, z):
+    return _standard_normal_logp(z, 1.0)
+
+
+def _float_t(t) -> jax.Array:
+  return jnp.asarray(t, dtype=jnp.result_type(t, jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class RectifiedFlow(_Interpolant):
+  """Rectified flow / conditional flow matching (Liu et al. 2023; Lipman et al. 2023; SiT's
+  "linear" interpolant, Stable Diffusion 3): alpha(t) = 1 - t, sigma(t) = t.
+
+  f = -1 / (1 - t), g^2 = 2 t / (1 - t); log-SNR lambda = log((1 - t) / t), so
+  t = sigmoid(-lambda). The velocity alpha' x_0 + sigma' z is z - x_0.
+  """
+
+  def log_alpha(self, t):
+    return jnp.log1p(-_float_t(t))
+
+  def alpha(self, t):
+    return 1.0 - _float_t(t)
+
+  def sigma(self, t):
+    return _float_t(t)
+
+  def log_snr(self, t):
+    t = _float_t(t)
+    return jnp.log1p(-t) - jnp.log(t)
+
+  def t_from_log_snr(self, log_snr):
+    return jax.nn.sigmoid(-log_snr)
+
+  def d_alpha(self, t):
+    return jnp.full_like(_float_t(t), -1.0)
+
+  def d_sigma(self, t):
+    return jnp.ones_like(_float_t(t))
+
+  def _drift_coefficient(self, t):
+    return -1.0 / (1.0 - t)
+
+  def _diffusion_squared(self, t):
+    return 2.0 * t / (1.0 - t)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrigFlow(_Interpolant):
+  """The trigonometric interpolant (SiT's "GVP"; Lu & Song 2024's TrigFlow, there in the
+  angle pi t / 2 and with data scaled by sigma_data): alpha(t) = cos(pi t / 2), sigma(t) = sin(pi t / 2), so alpha^2 + sigma^2 = 1 (variance
+  preserving).
+
+  f = -pi/2 tan(pi t / 2), g^2 = pi tan(pi t / 2); lambda = -log tan(pi t / 2), so
+  t = 2 / pi arctan(exp(-lambda)). Near t = 1 alpha is computed as sin(pi (1 - t) / 2), near
+  t = 0 log alpha as log1p(-2 sin^2(pi t / 4)), so neither end loses float32 digits.
+  """
+
+  def log_alpha(self, t):
+    t = _float_t(t)
+    near_zero = jnp.log1p(-2.0 * jnp.sin(0.25 * math.pi * t) ** 2)
+    near_one = jnp.log(jnp.sin(0.5 * math.pi * (1.0 - t)))
+    return jnp.where(t < 0.5, near_zero, near_one)
+
+  def alpha(self, t):
+    return jnp.sin(0.5 * math.pi * (1.0 - _float_t(t)))  # = cos(pi t / 2)
+
+  def sigma(self, t):
+    return jnp.sin(0.5 * math.pi * _float_t(t))
+
+  def t_from_log_snr(self, log_snr):
+    # tan(pi t / 2) = exp(-lambda); for lambda < 0, t = 1 - 2 / pi arctan(exp(lambda)) keeps
+    # the digits of 1 - t.
+    below = jnp.arctan(jnp.exp(-jnp.abs(log_snr))) * (2.0 / math.pi)
+    return jnp.where(log_snr >= 0, below, 1.0 - below)
+
+  def d_alpha(self, t):
+    return -0.5 * math.pi * self.sigma(t)
+
+  def d_sigma(self, t):
+    return 0.5 * math.pi * self.alpha(t)
+
+  def _drift_coefficient(self, t):
+    return -0.5 * math.pi * self.sigma(t) / self.alpha(t)
+
+  def _diffusion_squared(self, t):
+    return math.pi * self.sigma(t) / self.alpha(t)
+
+
+SDES: dict[str, type[SDE]] = {"vpsde": VPSDE, "subvpsde": SubVPSDE, "vesde": VESDE,
+                              "rectified_flow": RectifiedFlow, "trigflow": TrigFlow}
 
 
 def get_sde(name: str, **kwargs) -> SDE:
-  """Builds an SDE from its name in `SDES` ('vpsde', 'subvpsde', 'vesde') and its parameters."""
+  """Builds an SDE from its name in `SDES` ('vpsde', 'subvpsde', 'vesde', 'rectified_flow',
+  'trigflow') and its parameters."""
   if name not in SDES:
     raise ValueError(f"Unknown SDE {name!r}; valid: {sorted(SDES)}")
   return SDES[name](**kwargs)

@@ -126,6 +126,15 @@ class ScoreModel:
     t = _batch_t(t, x)
     return batch_scalar(self.sde.alpha(t), x), batch_scalar(self.sde.sigma(t), x)
 
+  def _derivatives(self, x: jax.Array, t: jax.Array) -> dict:
+    """`d_alpha`, `d_sigma` (broadcast against x) where the parameterization needs them
+    (the velocity); else nothing."""
+    if self.resolved_parameterization != "velocity":
+      return {}
+    t = _batch_t(t, x)
+    return dict(d_alpha=batch_scalar(self.sde.d_alpha(t), x),
+                d_sigma=batch_scalar(self.sde.d_sigma(t), x))
+
   def network_input(self, x: jax.Array, t: jax.Array) -> jax.Array:
     """What the network is fed for x_t: x itself, scaled by c_in for 'edm' and by
     1 / sqrt(alpha^2 + sigma^2) for 'v'."""
@@ -133,7 +142,7 @@ class ScoreModel:
       return x
     alpha, sigma = self._kernel(x, t)
     return param_lib.network_input(self.resolved_parameterization, x, alpha, sigma,
-                                   self.sigma_data)
+                                   self.sigma_data, **self._derivatives(x, t))
 
   def output_to_score(self, output: jax.Array, x: jax.Array, t: jax.Array) -> jax.Array:
     """The score `[B, *D]` from the network's raw `output` at x_t = `x`, times `t` `[B]`.
@@ -154,7 +163,8 @@ class ScoreModel:
         _, std = self.sde.discrete_marginal(output, timestep)
       return -output / batch_scalar(std, output)
     alpha, sigma = self._kernel(x, t)
-    return param_lib.output_to_score(name, output, x, alpha, sigma, self.sigma_data)
+    return param_lib.output_to_score(name, output, x, alpha, sigma, self.sigma_data,
+                                     **self._derivatives(x, t))
 
   def output_to_x0(self, output: jax.Array, x: jax.Array, t: jax.Array) -> jax.Array:
     """The estimate of E[x_0 | x_t = x] from the raw `output` (Tweedie's formula for the
@@ -164,7 +174,8 @@ class ScoreModel:
     if name in ("epsilon", "score"):
       score = self.output_to_score(output, x, t)
       return param_lib.score_to_x0(score, x, alpha, sigma)
-    return param_lib.output_to_x0(name, output, x, alpha, sigma, self.sigma_data)
+    return param_lib.output_to_x0(name, output, x, alpha, sigma, self.sigma_data,
+                                  **self._derivatives(x, t))
 
   # --- functions of the variables -------------------------------------------------------
 
