@@ -24,11 +24,11 @@ import pytest
 
 from configs import fashion_mnist_vp
 from score_sde.io import checkpoints, datasets, images
-from score_sde.run import evaluate, experiment
+from score_sde import models
+from score_sde.run import evaluate, experiment, programs
 from score_sde import main as main_lib
 from score_sde.io import parallel
 from score_sde.run import train
-from score_sde.io import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,8 +59,8 @@ def cli_flags(**overrides):
 
 def params_of(workdir, step=None):
   config = tiny_config()
-  state, step, _, _ = evaluate.load_checkpoint(config, workdir, step)
-  return jax.device_get(state.params), step
+  run = programs.restore_run(config, workdir, step)
+  return jax.device_get(run.state.params), run.step
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,8 @@ def test_sampler_settings_maps_reference_names():
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"training.sde": "vp"}, "Unknown config.training.sde 'vp'; valid: ['subvpsde', 'vesde'"),
+    ({"training.sde": "vp"}, "Unknown config.training.sde 'vp'; valid: ['rectified_flow', "
+                             "'subvpsde', 'trigflow', 'vesde', 'vpsde']"),
     ({"model.name": "unet"}, "Unknown model 'unet'"),
     ({"sampling.method": "euler"}, "Unknown config.sampling.method 'euler'"),
     ({"training.weighting": "snr"}, "Unknown config.training.weighting 'snr'"),
@@ -147,14 +148,16 @@ def test_train_step_ema_follows_its_formula(ema_warmup):
   optimizer = experiment.make_optimizer(config)
   x = jnp.zeros((1, 8, 8, 1))
   params = model.init(jax.random.PRNGKey(0), x, jnp.ones((1,)))["params"]
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=optimizer.init(params),
-                           ema_params=jax.tree_util.tree_map(jnp.copy, params), constants={})
+  state = programs.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=optimizer.init(params),
+                              ema_params=jax.tree_util.tree_map(jnp.copy, params),
+                              constants={})
   mesh = parallel.make_mesh()
-  spec = experiment.RunSpec(sde=sde, model=model, loss_fn=experiment.make_loss_fn(config, sde),
-                            optimizer=optimizer, ema_rate=0.9, ema_warmup=ema_warmup)
-  step_fn = train.make_train_step(spec, mesh=mesh)
-  data = datasets.get_dataset(config, "train")
+  spec = experiment.RunSpec(score_model=models.ScoreModel(model, sde), image_shape=(8, 8, 1),
+                            loss_fn=experiment.make_loss_fn(config, sde), optimizer=optimizer,
+                            ema_rate=0.9, ema_warmup=ema_warmup)
+  step_fn = programs.make_train_step(spec, mesh=mesh)
+  data = experiment.make_dataset(config, "train")
   trajectory = [jax.device_get(params)]
   for i in range(3):
     batch = {k: v[None] for k, v in data.batch(i).items()}
@@ -180,15 +183,14 @@ def test_two_devices_match_one_device():
   config = tiny_config()
   spec = dataclasses.replace(experiment.run_spec(config), ema_rate=0.9, ema_warmup=False,
                              schedule=None)
-  model, optimizer = spec.model, spec.optimizer
-  data = datasets.get_dataset(config, "train")
+  data = experiment.make_dataset(config, "train")
   batch = {k: np.stack([data.batch(i)[k] for i in range(3)]) for k in ("image", "label")}
   results = []
   for devices in (jax.devices()[:1], jax.devices()[:2]):
     mesh = parallel.make_mesh(devices)
-    state = train.init_state(jax.random.PRNGKey(0), config, model, optimizer)
+    state = programs.init_state(jax.random.PRNGKey(0), spec)
     state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    step_fn = train.make_train_step(spec, mesh=mesh)
+    step_fn = programs.make_train_step(spec, mesh=mesh)
     key = jax.device_put(jax.random.PRNGKey(1),
                          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     state, metrics = step_fn(state, key, parallel.shard_batch(batch, mesh, axis=1))
@@ -225,7 +227,7 @@ def test_train_writes_checkpoints_samples_and_logs(trained):
   assert any(f.startswith("events.out.tfevents") for f in
              os.listdir(os.path.join(workdir, "tensorboard")))
   saved = json.load(open(os.path.join(workdir, "config.json")))
-  assert saved == workdir_lib.to_plain(tiny_config())
+  assert saved == experiment.config_to_plain(tiny_config())
 
 
 @pytest.mark.slow
@@ -260,8 +262,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(trained, tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
   real = datasets.get_dataset
 
-  def poisoned(config, split="train", **kwargs):
-    data = real(config, split, **kwargs)
+  def poisoned(spec, split="train", **kwargs):
+    data = real(spec, split, **kwargs)
     if split == "train":
       clean = data.batch
 
