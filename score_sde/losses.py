@@ -80,14 +80,17 @@ class ImportanceSampler:
   """Draws t in [eps, t_max] with density q(t) proportional to g(t)^2 / sigma(t)^2.
 
   The density is tabulated once on a grid uniform in log t (where it is smooth: it behaves
-  like 1/t near 0 for VP) and its CDF inverted by interpolation, so it works for any SDE.
-  Static data only (numpy arrays), so it can be closed over by a jitted function.
+  like 1/t near 0 for VP), joined with one uniform in log(t_max - t) (where rectified flow's
+  2 / (t (1 - t)) is steep, 1 - t_max = 1e-3), and its CDF inverted by interpolation, so it
+  works for any SDE. Static data only (numpy arrays), so it can be closed over by a jitted
+  function.
   """
 
   def __init__(self, sde: SDE, eps: float, num_points: int = 4096):
-    log_t = np.linspace(np.log(eps), np.log(sde.t_max), num_points)
-    t = np.exp(log_t)
-    _, g = sde.sde(jnp.zeros((num_points, 1)), jnp.asarray(t, jnp.float32))
+    top = sde.t_max - np.geomspace(1e-5, sde.t_max - eps, num_points)
+    t = np.unique(np.concatenate([np.geomspace(eps, sde.t_max, num_points), top[top > eps]]))
+    log_t = np.log(t)
+    _, g = sde.sde(jnp.zeros((len(t), 1)), jnp.asarray(t, jnp.float32))
     density = np.asarray(g, np.float64) ** 2 / np.asarray(sde.sigma(t), np.float64) ** 2
     # Trapezoid rule in log t: int q dt = int q t d(log t).
     integrand = density * t

@@ -96,6 +96,13 @@ def _check_name(kind: str, name: str, valid) -> None:
     raise ValueError(f"Unknown {kind} {name!r}; valid: {sorted(valid)}")
 
 
+def _check_steps(steps: int | None, sde: SDE, minimum: int = 1) -> int:
+  steps = sde.N if steps is None else steps
+  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < minimum:
+    raise ValueError(f"steps must be an integer >= {minimum}, got {steps!r}")
+  return int(steps)
+
+
 def _check_eps(eps: float | None, sde: SDE) -> float:
   eps = default_eps(sde) if eps is None else float(eps)
   if not 0.0 < eps < sde.t_max:

@@ -7,157 +7,117 @@
 Prints one JSON line per measurement: images/s from the median of `--runs` timed calls after
 compilation, the compile time separately, the FLOPs of one call from XLA's cost analysis with
 the achieved TFLOP/s (and the fraction of the device's peak on known GPUs / TPUs), and the
-peak memory (device `memory_stats()` where the backend has them, else the process's max RSS).
-The forward pass is the network in eval mode; the train step is the one `train.py` runs: the
-config's loss, forward + backward, gradient clipping, the Adam update and the EMA, one
-optimizer step per call. Both shard the batch over a `"batch"` mesh of `--devices` devices
-(on a CPU, simulated ones: each runs its share on one core, see docs/benchmarks.md).
-`--precision bfloat16` runs both in mixed precision (bfloat16 convolutions and matmuls,
-float32 parameters; docs/precision.md) and takes the peak fraction against the device's
-bfloat16 peak. A config path may end in `:tiny` for its tiny variant.
+peak memory (device `memory_stats()` where the backend has them, else the process's max RSS;
+`score_sde.run.timing`). The forward pass is the network in eval mode; the train step is the
+one training runs (`programs.make_train_step`): the config's loss, forward + backward,
+gradient clipping, the Adam update and the EMA, one optimizer step per call. Both shard the
+batch over a `"batch"` mesh of `--devices` devices (on a CPU, simulated ones: each runs its
+share on one core, see docs/benchmarks.md). `--precision=bfloat16` runs both in mixed
+precision (bfloat16 convolutions and matmuls, float32 parameters; docs/precision.md) and
+takes the peak fraction against the device's bfloat16 peak. `--config=path:tiny` picks the
+file's tiny variant; `--config.<section>.<field>=value` overrides a field.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import resource
-from typing import Any
+import sys
 
-import common  # scripts/common.py; puts the repository root on sys.path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
 
-from score_sde.run import experiment, train
 from score_sde import models
 from score_sde.io import parallel
+from score_sde.run import cli, experiment, networks, programs, timing
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:tiny]).",
+                                lock_config=False)
+flags.DEFINE_integer("batch_size", 8, "Global batch size.", lower_bound=1)
+flags.DEFINE_integer("devices", 1, "Data-parallel devices (the batch is sharded over them).",
+                     lower_bound=1)
+flags.DEFINE_integer("runs", 5, "Timed calls (median).", lower_bound=1)
+flags.DEFINE_enum("mode", "both", ["forward", "train", "both"], "What to measure.")
+flags.DEFINE_enum("precision", "float32", list(models.PRECISIONS),
+                  "Compute precision of the network (forward and train step).")
+flags.mark_flags_as_required(["config"])
 
 
-def peak_memory() -> dict:
-  stats = jax.devices()[0].memory_stats()
-  if stats and "peak_bytes_in_use" in stats:
-    return {"peak_memory_bytes": int(stats["peak_bytes_in_use"]), "memory_source": "device"}
-  # ru_maxrss is in KiB on Linux.
-  return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-          "memory_source": "process_max_rss"}
+def benchmark(config, config_name: str, batch_size: int, devices: int, runs: int, mode: str,
+              precision: str) -> list[dict]:
+  """The measurements (one dict per program, printed as they come).
 
-
-# Vendor peak dense matrix throughput (FLOP/s) by device kind and compute dtype, for the
-# fraction-of-peak column; devices not listed (CPUs among them) get no fraction.
-PEAK_FLOPS = {
-    "H200": {"float32": 67e12, "bfloat16": 989e12},
-    "H100": {"float32": 67e12, "bfloat16": 989e12},
-    "A100": {"float32": 19.5e12, "bfloat16": 312e12},
-    "TPU v4": {"bfloat16": 275e12},
-    "TPU v5 lite": {"bfloat16": 197e12},
-}
-
-
-def utilization(compiled, seconds: float, device_kind: str, devices: int = 1,
-                dtype: str = "float32") -> dict:
-  """XLA's FLOP count of one call of `compiled` (all `devices` together: XLA counts one
-  device's share of a partitioned program), the achieved FLOP/s at `seconds` per call, and
-  the fraction of one device's peak where `PEAK_FLOPS` knows it."""
-  analysis = compiled.cost_analysis()
-  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-  flops = float((analysis or {}).get("flops", 0.0)) * devices
-  if flops <= 0:
-    return {}
-  out = {"gflops_per_call": round(flops / 1e9, 3),
-         "achieved_tflops": round(flops / seconds / 1e12, 4)}
-  for kind, peaks in PEAK_FLOPS.items():
-    if kind.lower() in device_kind.lower() and dtype in peaks:
-      out["peak_fraction"] = round(flops / devices / seconds / peaks[dtype], 4)
-  return out
-
-
-def time_compiled(fn, args, runs: int) -> tuple[Any, float, float]:
-  """(compiled, compile seconds, median run seconds) of `jax.jit`-ed `fn` on `args`."""
-  compiled, compile_s = common.compile_timed(fn, *args)
-  return compiled, compile_s, common.median_seconds(lambda: compiled(*args), runs)
-
-
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", required=True, help="config file, optionally ':tiny'")
-  parser.add_argument("--batch_size", type=int, default=8)
-  parser.add_argument("--devices", type=int, default=1,
-                      help="data-parallel devices (the batch is sharded over them)")
-  parser.add_argument("--runs", type=int, default=5)
-  parser.add_argument("--mode", choices=("forward", "train", "both"), default="both")
-  parser.add_argument("--precision", choices=tuple(models.PRECISIONS), default="float32",
-                      help="compute precision of the network (forward and train step)")
-  args = parser.parse_args(argv)
-
-  config = common.load_config(args.config)
-  config.training.precision = args.precision  # the train step's (run_spec reads it)
+  Raises:
+    ValueError: more devices than visible, or a batch they do not divide.
+  """
+  config.training.precision = precision  # the train step's (run_spec reads it)
   available = jax.devices()
-  if not 1 <= args.devices <= len(available):
-    raise ValueError(f"--devices={args.devices}, but {len(available)} devices are visible "
+  if devices > len(available):
+    raise ValueError(f"--devices={devices}, but {len(available)} devices are visible "
                      "(on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
-  if args.batch_size % args.devices:
-    raise ValueError(f"--batch_size={args.batch_size} is not divisible by "
-                     f"--devices={args.devices}")
-
-  model = models.with_precision(models.get_model(config), args.precision)
-  sde = experiment.make_sde(config)
-  continuous = bool(config.training.continuous)
+  if batch_size % devices:
+    raise ValueError(f"--batch_size={batch_size} is not divisible by --devices={devices}")
+  spec = experiment.run_spec(config)
+  model = models.with_precision(spec.model, precision)
   key = jax.random.key(config.seed)
-  variables = jax.jit(lambda k: models.init_model(k, config, model))(key)
-  x = jax.random.normal(jax.random.key(1), (args.batch_size, *models.image_shape(config)))
-  t = jnp.linspace(0.1, 0.9, args.batch_size)
-  base = {"config": args.config, "model": config.model.name,
-          "n_params": models.count_params(variables), "batch_size": args.batch_size,
+  variables = jax.jit(lambda k: networks.init_model(k, config, model))(key)
+  shape = (batch_size, *spec.image_shape)
+  x = jax.random.normal(jax.random.key(1), shape)
+  t = jnp.linspace(0.1, 0.9, batch_size)
+  base = {"config": config_name, "model": config.model.name,
+          "n_params": models.count_params(variables), "batch_size": batch_size,
           "platform": available[0].platform, "device_kind": available[0].device_kind,
-          "precision": args.precision}
-
-  mesh = parallel.make_mesh(available[:args.devices])
+          "precision": precision, "devices": devices}
+  mesh = parallel.make_mesh(available[:devices])
   replicated = NamedSharding(mesh, P())
-  if args.mode in ("forward", "both"):
-    # The batch sharded over the devices, as the samplers do (`train.make_sample_fn`).
-    batch_sharding = NamedSharding(mesh, P("batch"))
-    labels = jax.device_put(sde.noise_labels(t, continuous), batch_sharding)
-    forward = jax.jit(lambda v, x, labels: model.apply(v, x, labels, train=False))
-    compiled, compile_s, run_s = time_compiled(
-        forward, (jax.device_put(variables, replicated), jax.device_put(x, batch_sharding),
-                  labels), args.runs)
-    print(json.dumps({**base, "mode": "forward", "devices": args.devices,
-                      "compile_s": round(compile_s, 3),
-                      "median_s": round(run_s, 5),
-                      "images_per_s": round(args.batch_size / run_s, 2),
-                      **utilization(compiled, run_s, base["device_kind"], args.devices,
-                                    dtype=args.precision), **peak_memory()}),
-          flush=True)
+  results = []
 
-  if args.mode in ("train", "both"):
-    spec = experiment.run_spec(config)
-    optimizer = spec.optimizer
-    step_fn = train.make_train_step(spec, mesh=mesh)
-    state = jax.jit(lambda k: train.init_state(k, config, model, optimizer),
-                    out_shardings=replicated)(key)
+  def report(name: str, compiled, compile_s: float, run_s: float) -> None:
+    line = {**base, "mode": name, "compile_s": round(compile_s, 3),
+            "median_s": round(run_s, 5), "images_per_s": round(batch_size / run_s, 2),
+            **timing.utilization(compiled, run_s, base["device_kind"], devices,
+                                 dtype=precision), **timing.peak_memory()}
+    print(json.dumps(line), flush=True)
+    results.append(line)
+
+  if mode in ("forward", "both"):
+    # The batch sharded over the devices, as the samplers do (`programs.make_sample_fn`).
+    batch_sharding = NamedSharding(mesh, P("batch"))
+    labels = jax.device_put(spec.score_model.noise_labels(t), batch_sharding)
+    args = (jax.device_put(variables, replicated), jax.device_put(x, batch_sharding), labels)
+    forward = jax.jit(lambda v, x, labels: model.apply(v, x, labels, train=False))
+    compiled, compile_s = timing.compile_timed(forward, *args)
+    report("forward", compiled, compile_s, timing.median_seconds(lambda: compiled(*args), runs))
+
+  if mode in ("train", "both"):
+    step_fn = programs.make_train_step(spec, mesh=mesh)
+    state = jax.jit(lambda k: programs.init_state(k, spec), out_shardings=replicated)(key)
     step_key = jax.device_put(jax.random.PRNGKey(2), replicated)
-    x01 = np.random.default_rng(0).random((1, args.batch_size, *models.image_shape(config)),
-                                          dtype=np.float32)
-    batch = parallel.shard_batch({"image": x01, "label": np.zeros((1, args.batch_size),
-                                                              np.int32)}, mesh, axis=1)
-    compiled, compile_s = common.compile_timed(step_fn, state, step_key, batch)
+    x01 = np.random.default_rng(0).random((1, *shape), dtype=np.float32)
+    batch = parallel.shard_batch({"image": x01, "label": np.zeros((1, batch_size), np.int32)},
+                                 mesh, axis=1)
+    compiled, compile_s = timing.compile_timed(step_fn, state, step_key, batch)
 
     def train_step():  # the state is donated: each call takes the previous call's
       nonlocal state
       state, metrics = compiled(state, step_key, batch)
       return metrics
 
-    run_s = common.median_seconds(train_step, args.runs)
-    print(json.dumps({**base, "mode": "train_step", "devices": args.devices,
-                      "compile_s": round(compile_s, 3), "median_s": round(run_s, 5),
-                      "images_per_s": round(args.batch_size / run_s, 2),
-                      **utilization(compiled, run_s, base["device_kind"], args.devices,
-                                    dtype=args.precision),
-                      **peak_memory()}),
-          flush=True)
+    report("train_step", compiled, compile_s, timing.median_seconds(train_step, runs))
+  return results
+
+
+def main(argv) -> None:
+  del argv
+  cli.setup()
+  name = config_flags.get_config_filename(FLAGS["config"])
+  sys.exit(cli.execute(lambda: benchmark(FLAGS.config, name, FLAGS.batch_size, FLAGS.devices,
+                                         FLAGS.runs, FLAGS.mode, FLAGS.precision)))
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main, flags_parser=cli.parse_flags)

@@ -13,24 +13,27 @@ call.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
-import common  # scripts/common.py: the repository root on sys.path; timing
 import jax
+from absl import app, flags
+
+from score_sde.run import cli, timing
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("batch", 32, "Batch size.", lower_bound=1)
+flags.DEFINE_integer("size", 32, "Image height = width.", lower_bound=1)
+flags.DEFINE_integer("channels", 64, "Input channels.", lower_bound=1)
+flags.DEFINE_integer("features", 64, "Output channels.", lower_bound=1)
+flags.DEFINE_integer("runs", 10, "Timed calls (median).", lower_bound=1)
+flags.DEFINE_integer("torch_threads", os.cpu_count(), "Threads of the torch runs.",
+                     lower_bound=1)
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--batch", type=int, default=32)
-  parser.add_argument("--size", type=int, default=32)
-  parser.add_argument("--channels", type=int, default=64)
-  parser.add_argument("--features", type=int, default=64)
-  parser.add_argument("--runs", type=int, default=10)
-  parser.add_argument("--torch_threads", type=int, default=os.cpu_count())
-  args = parser.parse_args(argv)
-  b, h, c, o = args.batch, args.size, args.channels, args.features
+def main(argv) -> None:
+  del argv
+  b, h, c, o = FLAGS.batch, FLAGS.size, FLAGS.channels, FLAGS.features
   flops = 2 * b * h * h * 9 * c * o
   base = {"batch": b, "size": h, "channels": c, "features": o}
 
@@ -55,7 +58,7 @@ def main(argv=None) -> None:
                           (x, w, dy)),
   }
   for op, (fn, fn_args) in programs.items():
-    seconds = common.median_seconds(lambda: fn(*fn_args), args.runs)
+    seconds = timing.median_seconds(lambda: fn(*fn_args), FLAGS.runs)
     report(f"jax {jax.__version__}", op, seconds, devices=1)
 
   try:
@@ -63,7 +66,7 @@ def main(argv=None) -> None:
     import torch.nn.grad
   except ImportError:
     return
-  torch.set_num_threads(args.torch_threads)
+  torch.set_num_threads(FLAGS.torch_threads)
   tx, tw, tdy = torch.randn(b, c, h, h), torch.randn(o, c, 3, 3) * 0.05, torch.randn(b, o, h, h)
   calls = {
       "forward": lambda: torch.nn.functional.conv2d(tx, tw, padding=1),
@@ -72,9 +75,9 @@ def main(argv=None) -> None:
   }
   with torch.no_grad():
     for op, call in calls.items():
-      report(f"torch {torch.__version__}", op, common.median_seconds(call, args.runs),
+      report(f"torch {torch.__version__}", op, timing.median_seconds(call, FLAGS.runs),
              threads=torch.get_num_threads())
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main, flags_parser=cli.parse_flags)

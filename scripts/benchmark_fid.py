@@ -13,32 +13,37 @@ sample count.
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 import time
 
+import configs
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-import common  # scripts/common.py: the repository root on sys.path, config files
-from reference_stats import DEFAULT_CONFIG
-from score_sde.io import datasets
 from score_sde import metrics
-from score_sde.run import quality
+from score_sde.io import datasets
+from score_sde.run import cli, quality
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(configs.__file__), "fashion_mnist_vp.py"),
+    "Config file (data and feature network; default: the Fashion-MNIST demo's).",
+    lock_config=True)
+flags.DEFINE_integer("num_samples", 10_000, "Test images used as samples (repeated).",
+                     lower_bound=2)
+flags.DEFINE_bool("kid", False, "Also time KID and precision / recall.")
 
 
-def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--num_samples", type=int, default=10_000)
-  p.add_argument("--kid", action="store_true", help="also time KID and precision / recall")
-  p.add_argument("--config", default=DEFAULT_CONFIG)
-  args = p.parse_args(argv)
-
-  config = common.load_config(args.config)
+def time_fd(config, num_samples: int, kid: bool) -> dict:
+  """Times FD (and with `kid` KID, precision / recall) of `num_samples` test images against
+  the cached train statistics; prints and returns the values and seconds."""
   net = quality.get_feature_net(config)
   stats = quality.reference_stats(config, net)
   images, _ = datasets.load_idx(config.data.data_dir or datasets.FASHION_MNIST_DIR, "test")
-  reps = -(-args.num_samples // len(images))
-  samples = np.tile(images, (reps, 1, 1, 1))[:args.num_samples].astype(np.float32) / 255.0
+  reps = -(-num_samples // len(images))
+  samples = np.tile(images, (reps, 1, 1, 1))[:num_samples].astype(np.float32) / 255.0
   net(samples[:net.batch_size])  # compile
 
   times = {}
@@ -50,7 +55,7 @@ def main(argv=None) -> dict:
   fd = metrics.frechet_distance(mu, sigma, stats["mu"], stats["sigma"])
   times["statistics + FD"] = time.perf_counter() - t
   result = dict(fd=fd)
-  if args.kid:
+  if kid:
     t = time.perf_counter()
     result["kid"] = metrics.kernel_inception_distance(feats, stats["features"])[0]
     times["KID"] = time.perf_counter() - t
@@ -61,12 +66,18 @@ def main(argv=None) -> dict:
         stats["features"][rng.choice(len(stats["features"]), n, replace=False)], feats[:n])
     times["precision / recall"] = time.perf_counter() - t
   total = time.perf_counter() - start
-  print(f"FD-FMNIST of {args.num_samples} samples against cached {stats['meta']['split']} "
+  print(f"FD-FMNIST of {num_samples} samples against cached {stats['meta']['split']} "
         f"statistics: {total:.1f} s (measured under load on {os.cpu_count()} CPU cores): "
         + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
   print("values:", {k: v for k, v in result.items()})
   return dict(result, seconds=total, **{f"seconds_{k}": v for k, v in times.items()})
 
 
+def main(argv) -> None:
+  del argv
+  cli.setup()
+  sys.exit(cli.execute(lambda: time_fd(FLAGS.config, FLAGS.num_samples, FLAGS.kid)))
+
+
 if __name__ == "__main__":
-  main()
+  app.run(main, flags_parser=cli.parse_flags)

@@ -20,14 +20,36 @@ the network in eval mode under `torch.no_grad()`; the train step is the referenc
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import pathlib
 import resource
 import sys
 
-import common  # scripts/common.py: the repository root on sys.path; timing
+import configs
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from score_sde import models
+from score_sde.run import cli, networks, timing
+
+# Where this project's `configs` package is imported from (kept out of the reference's way).
+OUR_ROOT = pathlib.Path(configs.__file__).resolve().parents[1]
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("reference_dir", None, "Checkout of yang-song/score_sde_pytorch.")
+config_flags.DEFINE_config_file("config", None, "This project's config, optionally ':variant'.",
+                                lock_config=True)
+flags.DEFINE_string("reference_config", "configs/vp/cifar10_ddpmpp_continuous.py",
+                    "The reference's config file of the same experiment (relative to "
+                    "--reference_dir).")
+flags.DEFINE_integer("batch_size", 8, "Batch size.", lower_bound=1)
+flags.DEFINE_integer("runs", 5, "Timed calls (median).", lower_bound=1)
+flags.DEFINE_integer("threads", 0, "torch threads (0: torch's default).", lower_bound=0)
+flags.DEFINE_enum("mode", "both", ["forward", "train", "both"], "What to measure.")
+flags.mark_flags_as_required(["reference_dir", "config"])
 
 # config.model fields that are this project's only (or mean something else here).
 NOT_IN_REFERENCE = ("schedule", "num_classes", "parameterization", "sigma_data", "norm_groups")
@@ -62,8 +84,8 @@ def reference_config(reference_dir: pathlib.Path, config_path: str, ours):
     del sys.modules[name]
   saved_path = list(sys.path)
   # The reference's `configs` has no __init__.py: this project's package would win over it.
-  sys.path[:] = [str(reference_dir)] + [p for p in sys.path if p not in ("", str(common.ROOT))
-                                        and pathlib.Path(p or ".").resolve() != common.ROOT]
+  sys.path[:] = [str(reference_dir)] + [p for p in sys.path if p not in ("", str(OUR_ROOT))
+                                        and pathlib.Path(p or ".").resolve() != OUR_ROOT]
   try:
     spec = importlib.util.spec_from_file_location("_reference_config", path)
     module = importlib.util.module_from_spec(spec)
@@ -83,33 +105,22 @@ def reference_config(reference_dir: pathlib.Path, config_path: str, ours):
   return config
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--reference_dir", required=True, type=pathlib.Path,
-                      help="checkout of yang-song/score_sde_pytorch")
-  parser.add_argument("--config", required=True, help="this project's config, optionally ':variant'")
-  parser.add_argument("--reference_config", default="configs/vp/cifar10_ddpmpp_continuous.py",
-                      help="the reference's config file of the same experiment")
-  parser.add_argument("--batch_size", type=int, default=8)
-  parser.add_argument("--runs", type=int, default=5)
-  parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-  parser.add_argument("--mode", choices=("forward", "train", "both"), default="both")
-  args = parser.parse_args(argv)
+def benchmark_reference(args, config_name: str) -> None:
+  """Measures the reference on `args.config`'s network (`args`: the flags); prints JSON lines.
 
-  import numpy as np
-  import torch
-
-  import jax
-
-  from score_sde import models
+  Raises:
+    FileNotFoundError: not a checkout; ValueError: not the same network, or not a VP SDE.
+  """
+  reference_dir = pathlib.Path(args.reference_dir)
+  import torch  # optional: only this script needs it
 
   if args.threads:
     torch.set_num_threads(args.threads)
-  ours = common.load_config(args.config)
+  ours = args.config
   ours_params = models.count_params(
-      jax.eval_shape(lambda k: models.init_model(k, ours), jax.random.key(0)))
-  losses, sde_lib, mutils, ema_lib = import_reference(args.reference_dir)
-  config = reference_config(args.reference_dir, args.reference_config, ours)
+      jax.eval_shape(lambda k: networks.init_model(k, ours), jax.random.key(0)))
+  losses, sde_lib, mutils, ema_lib = import_reference(reference_dir)
+  config = reference_config(reference_dir, args.reference_config, ours)
   config.device = torch.device("cpu")
   torch.manual_seed(config.seed)
   net = mutils.get_model(config.model.name)(config)
@@ -117,7 +128,7 @@ def main(argv=None) -> None:
   if n_params != ours_params:
     raise ValueError(f"the reference network has {n_params} parameters, this project's "
                      f"{ours_params}: not the same network (check --reference_config)")
-  base = {"project": "score_sde_pytorch", "config": args.config, "model": config.model.name,
+  base = {"project": "score_sde_pytorch", "config": config_name, "model": config.model.name,
           "n_params": n_params, "batch_size": args.batch_size, "platform": "cpu",
           "torch": torch.__version__, "threads": torch.get_num_threads()}
   shape = (args.batch_size, config.data.num_channels, config.data.image_size,
@@ -139,7 +150,7 @@ def main(argv=None) -> None:
       with torch.no_grad():
         net(x, labels)
 
-    report("forward", common.median_seconds(forward, args.runs))
+    report("forward", timing.median_seconds(forward, args.runs))
 
   if args.mode in ("train", "both"):
     net.train()
@@ -160,8 +171,14 @@ def main(argv=None) -> None:
                                  likelihood_weighting=config.training.likelihood_weighting)
     batch = torch.from_numpy(
         np.random.default_rng(0).random(shape, dtype=np.float32) * 2 - 1)
-    report("train_step", common.median_seconds(lambda: step_fn(state, batch), args.runs))
+    report("train_step", timing.median_seconds(lambda: step_fn(state, batch), args.runs))
+
+
+def main(argv) -> None:
+  del argv
+  name = config_flags.get_config_filename(FLAGS["config"])
+  sys.exit(cli.execute(lambda: benchmark_reference(FLAGS, name)))
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main, flags_parser=cli.parse_flags)

@@ -19,17 +19,30 @@ set the library each side preloads ('' for none), e.g. the same for both.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
 import subprocess
 import sys
 
-import common  # noqa: F401  scripts/common.py: the repository root on sys.path
+from absl import app, flags
+
+from score_sde.run import cli
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 TCMALLOC = next(iter(sorted(glob.glob("/usr/lib/*/libtcmalloc_minimal.so.4"))), "")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("reference_dir", None, "Checkout of yang-song/score_sde_pytorch.")
+flags.DEFINE_string("config", "configs/cifar10_vp.py:small", "This project's config[:variant].")
+flags.DEFINE_integer("batch_size", 32, "Batch size.", lower_bound=1)
+flags.DEFINE_integer("runs", 5, "Timed calls (median).", lower_bound=1)
+flags.DEFINE_integer("devices", os.cpu_count(), "Simulated devices of this project's "
+                     "data-parallel run.", lower_bound=1)
+flags.DEFINE_integer("threads", os.cpu_count(), "torch threads.", lower_bound=1)
+flags.DEFINE_string("preload_ours", TCMALLOC, "LD_PRELOAD of this project's runs ('' for none).")
+flags.DEFINE_string("preload_reference", "", "LD_PRELOAD of the reference's run ('' for none).")
+flags.mark_flags_as_required(["reference_dir"])
 
 
 def run(args: list[str], env: dict | None = None) -> list[dict]:
@@ -42,27 +55,14 @@ def run(args: list[str], env: dict | None = None) -> list[dict]:
   return lines
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--reference_dir", required=True)
-  parser.add_argument("--config", default="configs/cifar10_vp.py:small")
-  parser.add_argument("--batch_size", type=int, default=32)
-  parser.add_argument("--runs", type=int, default=5)
-  parser.add_argument("--devices", type=int, default=os.cpu_count(),
-                      help="simulated devices of this project's data-parallel run")
-  parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
-  parser.add_argument("--preload_ours", default=TCMALLOC,
-                      help="LD_PRELOAD of this project's runs ('' for none)")
-  parser.add_argument("--preload_reference", default="",
-                      help="LD_PRELOAD of the reference's run ('' for none)")
-  args = parser.parse_args(argv)
-
+def compare(args) -> None:
+  """Runs the three measurements and prints the table (`args`: the flags)."""
   common_args = [f"--config={args.config}", f"--batch_size={args.batch_size}",
                  f"--runs={args.runs}"]
   rows = []  # (label, forward images/s, train images/s)
   for devices in sorted({1, args.devices}):
-    flags = os.environ.get("XLA_FLAGS", "")
-    env = {"XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}",
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    env = {"XLA_FLAGS": f"{xla_flags} --xla_force_host_platform_device_count={devices}",
            "LD_PRELOAD": args.preload_ours}
     lines = run([os.path.join(SCRIPTS, "benchmark.py"), *common_args, f"--devices={devices}"],
                 env)
@@ -87,5 +87,10 @@ def main(argv=None) -> None:
           f"{train / reference[1]:.2f}x |")
 
 
+def main(argv) -> None:
+  del argv
+  sys.exit(cli.execute(lambda: compare(FLAGS)))
+
+
 if __name__ == "__main__":
-  main()
+  app.run(main, flags_parser=cli.parse_flags)

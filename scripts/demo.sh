@@ -62,7 +62,7 @@ trained=$(date +%s)
 
 # 4. Samples from the same starting noise: every sampler side by side in one PNG, with the
 #    saturated-pixel fraction and pixel mean / std of each against the test images'.
-$PY scripts/sampler_panel.py --config="$CONFIG" --workdir="$WORKDIR" \
+$PY scripts/sampler_panel.py --workdir="$WORKDIR" \
   --out="$WORKDIR/all_samplers.png" --num_samples="$NUM_SAMPLES"
 sampled=$(date +%s)
 

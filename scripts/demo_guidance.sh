@@ -30,4 +30,4 @@ $PY -m score_sde.main "${COMMON[@]}" --mode=train \
 if [ "$JUDGE" = noise_classifier ]; then
   $PY -m score_sde.main "${COMMON[@]}" --mode=train_classifier
 fi
-$PY scripts/guidance_demo.py "${COMMON[@]}" --out="$OUT" --judge="$JUDGE"
+$PY scripts/guidance_demo.py --workdir="$WORKDIR" --out="$OUT" --judge="$JUDGE"

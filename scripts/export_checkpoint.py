@@ -16,31 +16,28 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-import common  # noqa: E402,F401  scripts/common.py: the repository root on sys.path
-from score_sde.io import logs
+from score_sde.run import cli, reference
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file of the run.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "The run directory to read the checkpoint from.")
 flags.DEFINE_string("output", None, "The .pth file to write.")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", lower_bound=0)
 flags.mark_flags_as_required(["config", "workdir", "output"])
 
 
 def main(argv) -> None:
   del argv
-  logs.setup_logging()
-  from score_sde.run import reference as reference_checkpoints
+  cli.setup()
 
-  try:
-    step = reference_checkpoints.export_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.output,
-                                                   step=FLAGS.step)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(f"exported step {step} of {FLAGS.workdir} to {FLAGS.output}")
+  def work():
+    step = reference.export_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.output,
+                                       step=FLAGS.step)
+    print(f"exported step {step} of {FLAGS.workdir} to {FLAGS.output}")
+
+  sys.exit(cli.execute(work))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -21,8 +21,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-import common  # noqa: E402,F401  scripts/common.py: the repository root on sys.path
-from score_sde.io import logs
+from score_sde.run import cli, reference
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py) whose "
@@ -35,17 +34,15 @@ flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
 
 def main(argv) -> None:
   del argv
-  logs.setup_logging()
-  from score_sde.run import reference as reference_checkpoints
+  cli.setup()
 
-  try:
-    step = reference_checkpoints.import_checkpoint(FLAGS.config, FLAGS.checkpoint,
-                                                   FLAGS.workdir, overwrite=FLAGS.overwrite)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(f"imported step {step} into {FLAGS.workdir} (optimizer state re-initialized)")
+  def work():
+    step = reference.import_checkpoint(FLAGS.config, FLAGS.checkpoint, FLAGS.workdir,
+                                       overwrite=FLAGS.overwrite)
+    print(f"imported step {step} into {FLAGS.workdir} (optimizer state re-initialized)")
+
+  sys.exit(cli.execute(work))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -20,7 +20,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-import common  # noqa: E402,F401  scripts/common.py: the repository root on sys.path
+from score_sde.run import cli, guided
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
@@ -28,27 +28,24 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (configs
 flags.DEFINE_string("workdir", None, "The run's directory (its checkpoints are read).")
 flags.DEFINE_enum("task", "inpaint", ["inpaint", "colorize"], "What to do.")
 flags.DEFINE_string("mask", "right_half", "Mask name or .npy file (inpaint).")
-flags.DEFINE_integer("num_images", 16, "Test images to complete.")
+flags.DEFINE_integer("num_images", 16, "Test images to complete.", lower_bound=1)
 flags.DEFINE_string("scheme", None, "'reimpose' (pc only) or 'score' (default: by method).")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).", lower_bound=0)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv) -> None:
   del argv
-  from score_sde.io import logs
-  logs.setup_logging()
-  from score_sde.run import guided as controllable
+  cli.setup()
 
-  try:
-    result = controllable.complete_test_images(
+  def work():
+    result = guided.complete_test_images(
         FLAGS.config, FLAGS.workdir, FLAGS.task, mask=FLAGS.mask, num_images=FLAGS.num_images,
         scheme=FLAGS.scheme, step=FLAGS.step)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(json.dumps(result))
+    print(json.dumps(result))
+
+  sys.exit(cli.execute(work))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -15,7 +15,6 @@ error of the mean of the unknown coordinates (in units of the component std), an
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import time
@@ -23,9 +22,16 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 from score_sde import guidance, mixtures, sampling
 from score_sde import sde as sde_lib
+from score_sde.run import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("n", 4000, "Completions per scheme and sampler.", lower_bound=2)
+flags.DEFINE_enum("sde", "vpsde", sorted(sde_lib.SDES), "Forward process.")
+flags.DEFINE_string("out", None, "Markdown file for the table.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,24 +143,20 @@ def exact_control(problem: Problem, sde, n: int, key) -> dict:
   return measure(problem, x)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--n", type=int, default=4000)
-  parser.add_argument("--sde", default="vpsde", choices=sorted(sde_lib.SDES))
-  parser.add_argument("--out", default=None, help="Markdown file for the table")
-  args = parser.parse_args()
-  sde = sde_lib.get_sde(args.sde)
+def main(argv) -> None:
+  del argv
+  sde = sde_lib.get_sde(FLAGS.sde)
   lines = ["| problem | scheme / sampler | NFE | mode-0 weight (exact) | weight error "
            "(+- 1 s.e.) | mean error / std |", "|---|---|---|---|---|---|"]
   for name, make in PROBLEMS.items():
     problem = make()
-    control = exact_control(problem, sde, args.n, jax.random.key(7))
+    control = exact_control(problem, sde, FLAGS.n, jax.random.key(7))
     lines.append(f"| {name} | exact conditional (control) | 101 | {control['w0']:.3f} "
                  f"({control['w0_exact']:.3f}) | {control['weight_error']:+.3f} +- "
                  f"{control['weight_se']:.3f} | {control['mean_error']:.3f} |")
     for label, method, scheme, options in CASES:
       start = time.perf_counter()
-      x, nfe = problem.run(jax.random.key(1), problem.mix.score_fn(sde), sde, args.n,
+      x, nfe = problem.run(jax.random.key(1), problem.mix.score_fn(sde), sde, FLAGS.n,
                            method, scheme, options)
       m = measure(problem, x)
       lines.append(f"| {name} | {label} | {int(nfe)} | {m['w0']:.3f} ({m['w0_exact']:.3f}) | "
@@ -163,11 +165,11 @@ def main() -> None:
       print(lines[-1], f"({time.perf_counter() - start:.1f} s)", flush=True)
   table = "\n".join(lines)
   print(table)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(f"Measured by `python scripts/inpainting_bias.py --n={args.n} --sde={args.sde}`"
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      f.write(f"Measured by `python scripts/inpainting_bias.py --n={FLAGS.n} --sde={FLAGS.sde}`"
               f"\n\n{table}\n")
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main, flags_parser=cli.parse_flags)

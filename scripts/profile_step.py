@@ -15,22 +15,32 @@ milliseconds per call by category and by operation, and with `--top` the slowest
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import json
 import re
+import sys
 import tempfile
 
-import common  # scripts/common.py; puts the repository root on sys.path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
 
-from score_sde.run import experiment, train
-from score_sde import models
 from score_sde.io import parallel
+from score_sde.run import cli, experiment, networks, programs, timing
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None,
+                                "Experiment config file (configs/*.py[:variant]).",
+                                lock_config=False)
+flags.DEFINE_integer("batch_size", 8, "Batch size.", lower_bound=1)
+flags.DEFINE_enum("mode", "forward", ["forward", "train"], "What to profile.")
+flags.DEFINE_integer("runs", 3, "Timed and traced calls.", lower_bound=1)
+flags.DEFINE_integer("top", 0, "Also print the N slowest kernels.", lower_bound=0)
+flags.mark_flags_as_required(["config"])
 
 # (category, pattern on the op_name metadata), first match wins. Layer names are the Flax
 # module paths of score_sde.models.
@@ -111,7 +121,7 @@ def category(op_name: str, ops: list[str]) -> str:
 def profile(call, runs: int) -> tuple[float, list[tuple[str, float]]]:
   """(median wall ms per call, [(kernel name, ms per call)]): `runs` timed calls of
   `call()`, then `runs` traced ones."""
-  wall_ms = common.median_seconds(call, runs) * 1e3
+  wall_ms = timing.median_seconds(call, runs) * 1e3
   with tempfile.TemporaryDirectory() as directory:
     jax.profiler.start_trace(directory)
     for _ in range(runs):
@@ -131,25 +141,18 @@ def profile(call, runs: int) -> tuple[float, list[tuple[str, float]]]:
   return wall_ms, [(k, ns / runs / 1e6) for k, ns in kernels.most_common()]
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", required=True, help="config file, optionally ':variant'")
-  parser.add_argument("--batch_size", type=int, default=8)
-  parser.add_argument("--mode", choices=("forward", "train"), default="forward")
-  parser.add_argument("--runs", type=int, default=3)
-  parser.add_argument("--top", type=int, default=0, help="also print the N slowest kernels")
-  args = parser.parse_args(argv)
-
-  config = common.load_config(args.config)
-  model = models.get_model(config)
+def profile_program(config, config_name: str, batch_size: int, mode: str, runs: int,
+                    top: int) -> dict:
+  """Profiles the config's forward pass or train step; prints the tables, returns the JSON
+  summary."""
+  spec = experiment.run_spec(config)
+  model = spec.model
   key = jax.random.key(config.seed)
-  shape = (args.batch_size, *models.image_shape(config))
-  if args.mode == "forward":
-    sde = experiment.make_sde(config)
-    variables = jax.jit(lambda k: models.init_model(k, config, model))(key)
+  shape = (batch_size, *spec.image_shape)
+  if mode == "forward":
+    variables = jax.jit(lambda k: networks.init_model(k, config, model))(key)
     x = jax.random.normal(jax.random.key(1), shape)
-    labels = sde.noise_labels(jnp.linspace(0.1, 0.9, args.batch_size),
-                              bool(config.training.continuous))
+    labels = spec.score_model.noise_labels(jnp.linspace(0.1, 0.9, batch_size))
     compiled = jax.jit(lambda v, x, l: model.apply(v, x, l, train=False)).lower(
         variables, x, labels).compile()
 
@@ -157,14 +160,13 @@ def main(argv=None) -> None:
       return compiled(variables, x, labels)
   else:
     mesh = parallel.make_mesh(jax.devices()[:1])
-    spec = experiment.run_spec(config)
-    state = jax.jit(lambda k: train.init_state(k, config, model, spec.optimizer),
+    state = jax.jit(lambda k: programs.init_state(k, spec),
                     out_shardings=NamedSharding(mesh, P()))(key)
     images = np.random.default_rng(0).random((1, *shape), dtype=np.float32)
-    batch = parallel.shard_batch({"image": images, "label": np.zeros((1, args.batch_size),
+    batch = parallel.shard_batch({"image": images, "label": np.zeros((1, batch_size),
                                                                      np.int32)}, mesh, axis=1)
     step_key = jax.random.PRNGKey(2)
-    compiled = train.make_train_step(spec, mesh=mesh).lower(state, step_key, batch).compile()
+    compiled = programs.make_train_step(spec, mesh=mesh).lower(state, step_key, batch).compile()
 
     def call():  # the state is donated: each call takes the previous call's
       nonlocal state
@@ -172,7 +174,7 @@ def main(argv=None) -> None:
       return metrics
 
   hlo = parse_hlo(compiled.as_text())
-  wall_ms, kernels = profile(call, args.runs)
+  wall_ms, kernels = profile(call, runs)
   by_category: collections.Counter = collections.Counter()
   by_kind: collections.Counter = collections.Counter()
   for name, ms in kernels:
@@ -180,20 +182,30 @@ def main(argv=None) -> None:
     by_category[category(op_name, ops)] += ms
     by_kind[operation_kind(ops)] += ms
   kernel_ms = sum(ms for _, ms in kernels)
-  print(f"{args.config} {args.mode} batch {args.batch_size}: {wall_ms:.1f} ms per call "
+  print(f"{config_name} {mode} batch {batch_size}: {wall_ms:.1f} ms per call "
         f"({kernel_ms:.1f} ms in kernels; {jax.devices()[0].device_kind})")
   for title, table in (("by layer", by_category), ("by operation", by_kind)):
     print(f"  {title}:")
     for name, ms in table.most_common():
       print(f"    {name:32s} {ms:9.1f} ms {100 * ms / kernel_ms:5.1f}%")
-  for name, ms in kernels[:args.top]:
+  for name, ms in kernels[:top]:
     op_name, ops = hlo.get(name, ("", ["?"]))
     print(f"    {ms:8.2f} ms  {name:28s} {operation_kind(ops):12s} {op_name[:90]}")
-  print(json.dumps({"config": args.config, "mode": args.mode, "batch_size": args.batch_size,
-                    "wall_ms": round(wall_ms, 2),
-                    "by_layer_ms": {k: round(v, 2) for k, v in by_category.items()},
-                    "by_operation_ms": {k: round(v, 2) for k, v in by_kind.items()}}))
+  summary = {"config": config_name, "mode": mode, "batch_size": batch_size,
+             "wall_ms": round(wall_ms, 2),
+             "by_layer_ms": {k: round(v, 2) for k, v in by_category.items()},
+             "by_operation_ms": {k: round(v, 2) for k, v in by_kind.items()}}
+  print(json.dumps(summary))
+  return summary
+
+
+def main(argv) -> None:
+  del argv
+  cli.setup()
+  name = config_flags.get_config_filename(FLAGS["config"])
+  sys.exit(cli.execute(lambda: profile_program(FLAGS.config, name, FLAGS.batch_size,
+                                               FLAGS.mode, FLAGS.runs, FLAGS.top)))
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main, flags_parser=cli.parse_flags)

@@ -3,8 +3,9 @@ recall, and measures the metric floor: the distance between two splits of the da
 
     python scripts/reference_stats.py                                      # Fashion-MNIST train, fmnist features
     python scripts/reference_stats.py --split=test --floor_against=train   # + the FD / KID floor
-    python scripts/reference_stats.py --config=configs/cifar10_vp.py --feature_net=inception \
-        --inception_weights=pt_inception-2015-12-05-6726825d.pth
+    python scripts/reference_stats.py --config=configs/cifar10_vp.py \
+        --config.eval.fid_feature_net=inception \
+        --config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth
 
 Writes an .npz (`--out`, default: the cache file `--mode=eval` looks for,
 `~/.cache/score_sde/stats/<dataset>_<split>_<size>_<net>-<sha>.npz`) holding mu, sigma, the
@@ -13,21 +14,37 @@ size, so that `--mode=eval` refuses statistics of another network or dataset.
 `--floor_against=SPLIT` also computes (or loads) the statistics of SPLIT and prints FD, KID,
 IS and precision / recall of this split against it: no sampler can be expected to beat that
 number with this many samples.
+
+The feature network, its weights and the data folder are the config's
+(`--config.eval.fid_feature_net`, `--config.eval.inception_weights`, `--config.data.data_dir`);
+`--config=path:arg` picks a variant.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 import time
 
-import common  # scripts/common.py: the repository root on sys.path, config files
-from score_sde import metrics
-from score_sde.run import quality
+import configs
+from absl import app, flags
+from ml_collections import config_flags
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "configs", "fashion_mnist_vp.py")
+from score_sde import metrics
+from score_sde.run import cli, quality
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(configs.__file__), "fashion_mnist_vp.py"),
+    "Config file (its data.* and eval.* are used; default: the Fashion-MNIST demo's).",
+    lock_config=True)
+flags.DEFINE_string("split", "train", "The split to compute statistics of.")
+flags.DEFINE_string("out", None, "The .npz (default: the eval cache file).")
+flags.DEFINE_integer("limit", None, "Only the first LIMIT examples.", lower_bound=1)
+flags.DEFINE_bool("recompute", False, "Ignore cached files.")
+flags.DEFINE_string("floor_against", None, "Another split: print the metrics of --split "
+                    "against it.")
 
 
 def stats_for_split(config, net, split: str, out: str | None, recompute: bool,
@@ -44,50 +61,37 @@ def stats_for_split(config, net, split: str, out: str | None, recompute: bool,
   return stats
 
 
-def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", default=DEFAULT_CONFIG, help="config file (its data.* is used)")
-  p.add_argument("--config_arg", default=None, help="argument of get_config (e.g. tiny)")
-  p.add_argument("--feature_net", default=None,
-                 help="fmnist | inception (default: the config's eval.fid_feature_net)")
-  p.add_argument("--inception_weights", default=None, help="pt_inception-2015-12-05-*.pth")
-  p.add_argument("--data_dir", default=None, help="overrides config.data.data_dir")
-  p.add_argument("--split", default="train")
-  p.add_argument("--out", default=None, help="the .npz (default: the eval cache file)")
-  p.add_argument("--limit", type=int, default=None, help="only the first LIMIT examples")
-  p.add_argument("--recompute", action="store_true", help="ignore cached files")
-  p.add_argument("--floor_against", default=None,
-                 help="another split: print the metrics of --split against it")
-  args = p.parse_args(argv)
-
-  spec = f"{args.config}:{args.config_arg}" if args.config_arg else args.config
-  config = common.load_config(spec)
-  if args.feature_net:
-    config.eval.fid_feature_net = args.feature_net
-  if args.inception_weights:
-    config.eval.inception_weights = args.inception_weights
-  if args.data_dir:
-    config.data.data_dir = args.data_dir
+def reference_floor(config, split: str, out: str | None, recompute: bool,
+                    limit: int | None, floor_against: str | None) -> dict:
+  """Statistics of `split` (cached), and with `floor_against` the metrics of `split`
+  against that split (printed and returned; {} without)."""
   net = quality.get_feature_net(config)
-  stats = stats_for_split(config, net, args.split, args.out, args.recompute, args.limit)
-  if not args.floor_against:
+  stats = stats_for_split(config, net, split, out, recompute, limit)
+  if not floor_against:
     return {}
-  other = stats_for_split(config, net, args.floor_against, None, args.recompute, args.limit)
+  other = stats_for_split(config, net, floor_against, None, recompute, limit)
   start = time.perf_counter()
   e = config.eval
   floor = metrics.feature_metrics(stats["features"], stats["logits"], other,
-                                 kid_subsets=int(e.get("kid_subsets", 100)),
-                                 kid_subset_size=int(e.get("kid_subset_size", 1000)),
-                                 pr_k=int(e.get("pr_k", 3)),
-                                 pr_num_real=int(e.get("pr_num_real", 10_000)))
+                                  kid_subsets=int(e.get("kid_subsets", 100)),
+                                  kid_subset_size=int(e.get("kid_subset_size", 1000)),
+                                  pr_k=int(e.get("pr_k", 3)),
+                                  pr_num_real=int(e.get("pr_num_real", 10_000)))
   floor["seconds"] = time.perf_counter() - start
   floor = quality.name_by_network(floor, net.name)
-  print(f"floor: {config.data.dataset} {args.split} ({len(stats['features'])} images) vs "
-        f"{args.floor_against} ({len(other['features'])}), {net.name} features:")
+  print(f"floor: {config.data.dataset} {split} ({len(stats['features'])} images) vs "
+        f"{floor_against} ({len(other['features'])}), {net.name} features:")
   print(json.dumps(floor, indent=2))
   return floor
 
 
+def main(argv) -> None:
+  del argv
+  cli.setup()
+  sys.exit(cli.execute(lambda: reference_floor(FLAGS.config, FLAGS.split, FLAGS.out,
+                                               FLAGS.recompute, FLAGS.limit,
+                                               FLAGS.floor_against)))
+
+
 if __name__ == "__main__":
-  main()
+  app.run(main, flags_parser=cli.parse_flags)

@@ -2,6 +2,8 @@
 
     python scripts/sample_grid.py --workdir=runs/fashion_mnist_vp --out=pc_vs_ode.png pc ode
 
+The positional arguments are the sampling methods to show.
+
 Reads, for each method, the newest file of the highest step k in `workdir/samples`:
 `<method>_step_<k>_<sampler settings>_n<N>[.<i>].npz` (written by
 `python -m score_sde.main --mode=sample`; older runs wrote `<method>_step_<k>.npz`).
@@ -9,15 +11,21 @@ Reads, for each method, the newest file of the highest step k in `workdir/sample
 
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import re
+import sys
 
-import common  # noqa: F401  scripts/common.py; puts the repository root on sys.path
 import numpy as np
+from absl import app, flags
 
 from score_sde.io import images
+from score_sde.run import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "The run's directory (samples/ is read).")
+flags.DEFINE_string("out", None, "PNG to write.")
+flags.mark_flags_as_required(["workdir", "out"])
 
 
 def latest_samples(workdir: str, method: str) -> tuple[np.ndarray, int]:
@@ -38,18 +46,21 @@ def latest_samples(workdir: str, method: str) -> tuple[np.ndarray, int]:
   return np.load(found[step])["samples"], step
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--out", required=True, help="PNG to write")
-  parser.add_argument("methods", nargs="+", help="sampling methods to show, e.g. pc ode")
-  args = parser.parse_args(argv)
-  panels = {}
-  for method in args.methods:
-    x, step = latest_samples(args.workdir, method)
-    panels[f"{method} (step {step}, {len(x)} samples)"] = x
-  print(images.save_side_by_side(panels, args.out))
+def main(argv) -> None:
+  methods = argv[1:]
+  if not methods:
+    print("error: name the sampling methods to show, e.g. `... pc ode`", file=sys.stderr)
+    sys.exit(cli.EXIT_BAD_INPUT)
+
+  def work():
+    panels = {}
+    for method in methods:
+      x, step = latest_samples(FLAGS.workdir, method)
+      panels[f"{method} (step {step}, {len(x)} samples)"] = x
+    print(images.save_side_by_side(panels, FLAGS.out))
+
+  sys.exit(cli.execute(work))
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main, flags_parser=cli.parse_flags)

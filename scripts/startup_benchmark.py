@@ -13,7 +13,6 @@ one JSON line per run and a summary line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -21,6 +20,16 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from absl import app, flags
+
+from score_sde.run import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", None, "Config file, optionally ':tiny' (passed to score_sde.main).")
+flags.DEFINE_multi_string("override", [], "Config override section.field=value (repeatable).")
+flags.DEFINE_integer("warm_runs", 2, "Runs after the cold one.", lower_bound=0)
+flags.mark_flags_as_required(["config"])
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -40,26 +49,21 @@ def one_run(config: str, overrides: list[str], workdir: str, cache_dir: str) -> 
   return seconds
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", required=True, help="config file, optionally ':tiny'")
-  parser.add_argument("--override", action="append", default=[],
-                      help="config override section.field=value (repeatable)")
-  parser.add_argument("--warm_runs", type=int, default=2)
-  args = parser.parse_args(argv)
+def main(argv) -> None:
+  del argv
 
   with tempfile.TemporaryDirectory(prefix="score_sde_startup_") as tmp:
     cache = os.path.join(tmp, "cache")
     times = []
-    for i in range(1 + args.warm_runs):
-      seconds = one_run(args.config, args.override, os.path.join(tmp, f"run{i}"), cache)
+    for i in range(1 + FLAGS.warm_runs):
+      seconds = one_run(FLAGS.config, FLAGS.override, os.path.join(tmp, f"run{i}"), cache)
       times.append(seconds)
-      print(json.dumps({"config": args.config, "run": "cold" if i == 0 else "warm",
+      print(json.dumps({"config": FLAGS.config, "run": "cold" if i == 0 else "warm",
                         "seconds": round(seconds, 2)}), flush=True)
   warm = min(times[1:]) if len(times) > 1 else float("nan")
-  print(json.dumps({"config": args.config, "cold_s": round(times[0], 2),
+  print(json.dumps({"config": FLAGS.config, "cold_s": round(times[0], 2),
                     "warm_s": round(warm, 2), "warm_over_cold": round(warm / times[0], 3)}))
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main, flags_parser=cli.parse_flags)

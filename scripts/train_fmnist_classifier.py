@@ -13,18 +13,28 @@ machines, so the shipped file, not a retraining, is what makes numbers comparabl
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags
 
-import common  # noqa: F401  scripts/common.py: the repository root on sys.path
 from score_sde.io import datasets
 from score_sde.models import fmnist_classifier as fc
+from score_sde.run import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data_dir", datasets.FASHION_MNIST_DIR, "Folder of the four idx files.")
+flags.DEFINE_string("out", fc.WEIGHTS_PATH, "The .npz of the weights to write.")
+flags.DEFINE_integer("epochs", 8, "Epochs.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 128, "Batch size.", lower_bound=1)
+flags.DEFINE_float("lr", 2e-3, "Peak learning rate.", lower_bound=0)
+flags.DEFINE_integer("shift", 0, "Random shifts of up to SHIFT pixels.", lower_bound=0)
+flags.DEFINE_integer("seed", 0, "Seed.")
 
 
 def augment(rng: np.random.Generator, x: np.ndarray, shift: int = 0) -> np.ndarray:
@@ -51,17 +61,13 @@ def accuracy(net, variables, images: np.ndarray, labels: np.ndarray, batch: int 
   return correct / len(images)
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--data_dir", default=datasets.FASHION_MNIST_DIR)
-  parser.add_argument("--out", default=fc.WEIGHTS_PATH)
-  parser.add_argument("--epochs", type=int, default=8)
-  parser.add_argument("--batch_size", type=int, default=128)
-  parser.add_argument("--lr", type=float, default=2e-3)
-  parser.add_argument("--shift", type=int, default=0, help="random shifts of up to SHIFT px")
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
+def main(argv) -> None:
+  del argv
+  sys.exit(cli.execute(lambda: train(FLAGS)))
 
+
+def train(args) -> None:
+  """Trains, evaluates and writes the classifier (`args`: the flags)."""
   train_x, train_y = datasets.load_idx(args.data_dir, "train")
   test_x, test_y = datasets.load_idx(args.data_dir, "test")
   net = fc.FashionMNISTClassifier()
@@ -106,4 +112,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main, flags_parser=cli.parse_flags)

@@ -66,8 +66,9 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
       sys.exit(EXIT_BAD_INPUT)
   try:
     rest = FLAGS(argv)
-    if path is not None and "config" in FLAGS:
-      FLAGS.config.get("training")  # a config that failed to load raises on first access
+    if path is not None and not isinstance(FLAGS.config, str):
+      # A config file flag: a config that failed to load raises on first access.
+      FLAGS.config.get("training")
   except Exception as e:  # noqa: BLE001 (flags and config files raise anything)
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     detail = lines[-1] if lines else type(e).__name__
