@@ -158,8 +158,8 @@ class SDE(abc.ABC):
     """Whether alpha(t) = 1 for all t, i.e. the signal is never scaled (VE-like).
 
     Samplers ask it for their defaults (`eps` 1e-5 rather than 1e-3; the SMLD variance of
-    ancestral sampling). Read off `log_alpha(T) == 0`, since alpha decreases in t; an SDE
-    may override it.
+    ancestral sampling). Read off `log_alpha(T) == 0`, since alpha decreases in t; the SDEs
+    here answer without computing (no device work on the config-checking path).
     """
     with jax.ensure_compile_time_eval():
       return float(self.log_alpha(jnp.asarray(self.T, jnp.float32))) == 0.0
@@ -234,6 +234,11 @@ class _BetaSchedule(SDE):
 
   SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")
   SIGMOID_K = 6.0
+
+
+  @property
+  def constant_alpha(self) -> bool:
+    return False
 
   def __post_init__(self):
     if self.schedule not in self.SCHEDULES:
@@ -426,6 +431,11 @@ class VESDE(SDE):
   sigma_max: float = 50.0
   N: int = 1000
 
+
+  @property
+  def constant_alpha(self) -> bool:
+    return True
+
   def __post_init__(self):
     if not 0 < self.sigma_min < self.sigma_max:
       raise ValueError(f"Need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
@@ -535,6 +545,11 @@ class RectifiedFlow(_Interpolant):
   t = sigmoid(-lambda). The velocity alpha' x_0 + sigma' z is z - x_0.
   """
 
+
+  @property
+  def constant_alpha(self) -> bool:
+    return False
+
   def log_alpha(self, t):
     return jnp.log1p(-_float_t(t))
 
@@ -574,6 +589,11 @@ class TrigFlow(_Interpolant):
   t = 2 / pi arctan(exp(-lambda)). Near t = 1 alpha is computed as sin(pi (1 - t) / 2), near
   t = 0 log alpha as log1p(-2 sin^2(pi t / 4)), so neither end loses float32 digits.
   """
+
+
+  @property
+  def constant_alpha(self) -> bool:
+    return False
 
   def log_alpha(self, t):
     t = _float_t(t)

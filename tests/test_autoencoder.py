@@ -205,19 +205,10 @@ def test_ldm_checkpoint_files(tmp_path, reference, model):
 
 
 def _import_diffusers():
-  """diffusers (skipped where it is not installed). diffusers imports torchvision when it is
-  installed but works without it; a torchvision that cannot load (e.g. a CUDA build beside a
-  CPU torch: "operator torchvision::nms does not exist") is hidden from it."""
-  pytest.importorskip("torch")
-  if "diffusers" not in sys.modules:
-    try:
-      import torchvision  # noqa: F401
-    except ImportError:
-      pass
-    except Exception:  # noqa: BLE001 -- a broken install raises RuntimeError
-      for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-        del sys.modules[name]
-      sys.modules["torchvision"] = None  # import fails with ImportError; find_spec gives None
+  """diffusers (skipped where it is not installed), with the torchvision work-around of
+  test_dit.py (the PyPI torchvision wheel does not load beside the CPU torch)."""
+  from test_dit import _import_diffusers_dit
+  _import_diffusers_dit()
   return pytest.importorskip("diffusers")
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from score_sde.io import checkpoints, logs
-from score_sde.run import experiment, train
+from score_sde.run import experiment, programs, train
 from score_sde import main as main_lib
 from score_sde.io import workdir as workdir_lib
 from test_train import REPO, tiny_config
@@ -35,12 +35,12 @@ def run_dir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
   config = tiny_config()
   spec = experiment.run_spec(config)
-  state = jax.jit(lambda k: train.init_state(k, config, spec.model, spec.optimizer))(
+  state = jax.jit(lambda k: programs.init_state(k, spec))(
       jax.random.PRNGKey(0))
   with checkpoints.get_manager(workdir, keep=3) as manager:
     for step in (2, 4):
       checkpoints.save(manager, step, state.replace(step=jnp.asarray(step, jnp.int32)))
-  workdir_lib.save_config(config, workdir)
+  workdir_lib.save_config(experiment.config_to_plain(config), workdir)
   return workdir
 
 
@@ -239,9 +239,10 @@ def test_eval_config_is_the_runs_with_overrides_on_top(run_dir):
 
 def test_config_json_is_never_replaced_silently(tmp_path):
   workdir = str(tmp_path)
-  assert workdir_lib.save_config(tiny_config(), workdir) is None
-  assert workdir_lib.save_config(tiny_config(), workdir) is None  # same: untouched
-  moved = workdir_lib.save_config(tiny_config(**{"training.n_iters": 8}), workdir)
+  plain = experiment.config_to_plain
+  assert workdir_lib.save_config(plain(tiny_config()), workdir) is None
+  assert workdir_lib.save_config(plain(tiny_config()), workdir) is None  # same: untouched
+  moved = workdir_lib.save_config(plain(tiny_config(**{"training.n_iters": 8})), workdir)
   assert moved == os.path.join(workdir, "config.1.json")
   assert json.load(open(moved))["training"]["n_iters"] == 6
   assert json.load(open(os.path.join(workdir, "config.json")))["training"]["n_iters"] == 8

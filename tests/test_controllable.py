@@ -144,14 +144,14 @@ def test_guidance_bad_input_raises(cond_run, tmp_path):
   with pytest.raises(ValueError, match="class_label .*10.* out of range"):  # null: CFG only
     sample(**{"sampling.guidance": "classifier", "sampling.class_label": 10})
   with pytest.raises(ValueError, match="needs a class-conditional model"):
-    controllable.check_guidance_config(
+    experiment.check_guidance_config(
         cond_config(**{"model.num_classes": 0, "training.label_dropout": 0.0,
                        "sampling.guidance": "cfg"}))
   with pytest.raises(ValueError, match="Unknown config.sampling.guidance 'magic'"):
     sample(**{"sampling.guidance": "magic"})
   with pytest.raises(FileNotFoundError, match="No classifier"):
-    controllable.check_guidance_config(cond_config(**{"sampling.guidance": "classifier"}),
-                                       str(tmp_path))
+    controllable.check_guidance(cond_config(**{"sampling.guidance": "classifier"}),
+                                str(tmp_path))
   with pytest.raises(ValueError, match="needs a class-conditional model"):
     experiment.check_config(cond_config(**{"model.num_classes": 0}))
   with pytest.raises(ValueError, match="label_dropout must lie in"):
@@ -163,7 +163,7 @@ def test_classifier_for_another_dataset_raises(cond_run):
                           "sampling.guidance": "classifier"})
   with pytest.raises(ValueError, match="dataset: checkpoint 'synthetic' vs config "
                                        "'fashion_mnist'"):
-    controllable.check_guidance_config(config, cond_run)
+    controllable.check_guidance(config, cond_run)
   with pytest.raises(ValueError, match="trained for other data"):
     classifier_training.train_classifier(config, cond_run)
 

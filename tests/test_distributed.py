@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import fashion_mnist_vp
-from score_sde.run import evaluate
+from score_sde.run import programs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,8 +76,9 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
     assert p.returncode == 0, err[-3000:]
 
   config = _config()
-  reference, step_1, _, _ = evaluate.load_checkpoint(config, single)
-  distributed, step_2, _, _ = evaluate.load_checkpoint(config, multi)
+  first, second = programs.restore_run(config, single), programs.restore_run(config, multi)
+  reference, step_1 = first.state, first.step
+  distributed, step_2 = second.state, second.step
   assert step_1 == step_2 == 4
   ref, dist = jax.device_get((reference.params, distributed.params))
   for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(dist),

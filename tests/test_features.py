@@ -12,7 +12,7 @@ import pytest
 
 from configs import fashion_mnist_vp
 from score_sde.io import datasets
-from score_sde.run import quality
+from score_sde.run import experiment, quality
 from score_sde.models import features, fmnist_classifier
 
 FMNIST_AVAILABLE = os.path.exists(os.path.join(datasets.FASHION_MNIST_DIR,
@@ -100,7 +100,7 @@ def test_reference_stats_cached_and_checked(tmp_path):
   stats = quality.reference_stats(config, net)  # computed on first use
   assert stats["features"].shape == (512, 128) and stats["meta"]["split"] == "train"
   assert stats["meta"]["dataset"] == "synthetic" and stats["meta"]["image_size"] == "28"
-  data = datasets.get_dataset(config, "train", batch_size=512)
+  data = experiment.make_dataset(config, "train", batch_size=512)
   x = next(data.iterate_once())["image"]
   np.testing.assert_allclose(stats["mu"], net(x)[0].astype(np.float64).mean(0), rtol=1e-5,
                              atol=1e-6)

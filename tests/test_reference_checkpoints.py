@@ -4,7 +4,7 @@ The fixtures (`shared/fixtures/score_sde_pytorch/`, beside the repository; overr
 `SCORE_SDE_FIXTURES=<dir holding score_sde_pytorch/>`) are checkpoints written by the
 reference implementation for four small networks, with the reference network's outputs on
 fixed inputs. Each converted network must reproduce them within 1e-4 relative (max |error| /
-max |reference|), through `model.apply` and through `models.get_score_fn`.
+max |reference|), through `model.apply` and through `ScoreModel.score_fn`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import pytest
 from score_sde import models
 from score_sde.io import torch_zip
 from score_sde.run import reference as rc
-from score_sde.run import experiment
+from score_sde.run import experiment, networks, programs
 from test_models import REFERENCE_PARAM_COUNTS, TINY_OVERRIDES
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -197,15 +197,16 @@ def test_fixture_keys_follow_the_reference_order(case):
 
 def test_fixture_outputs_through_apply_and_score_fn(case):
   """The converted network reproduces the reference outputs (model and EMA weights), and
-  `get_score_fn` the score the reference derives from them."""
+  `ScoreModel.score_fn` the score the reference derives from them."""
   name, config, checkpoint, outputs = case
   weights = rc.import_state(config, checkpoint)
   assert weights.step == 7
-  model = models.get_model(config)
+  model = networks.get_model(config)
   x = jnp.asarray(nhwc(outputs["x_nchw"]))
   labels = np.asarray(outputs["labels"])
   sde = experiment.make_sde(config)
   continuous = bool(config.training.continuous)
+  score_model = models.ScoreModel(model, sde, continuous=continuous)
   m = config.model
 
   # The times whose noise labels are the fixture's labels, and the reference's score from
@@ -225,8 +226,7 @@ def test_fixture_outputs_through_apply_and_score_fn(case):
     betas = np.linspace(m.beta_min / n, m.beta_max / n, n)
     std = np.sqrt(1.0 - np.cumprod(1.0 - betas))[labels.astype(int)]
     to_score = lambda out: -out / std[:, None, None, None]  # noqa: E731
-  np.testing.assert_allclose(np.asarray(sde.noise_labels(jnp.asarray(t, jnp.float32),
-                                                         continuous)),
+  np.testing.assert_allclose(np.asarray(score_model.noise_labels(jnp.asarray(t, jnp.float32))),
                              labels, rtol=1e-5)
 
   for which, params in (("model", weights.params), ("ema", weights.ema_params)):
@@ -234,7 +234,7 @@ def test_fixture_outputs_through_apply_and_score_fn(case):
     reference = nhwc(outputs[f"out_{which}_nchw"])
     out = model.apply(variables, x, jnp.asarray(labels))
     assert relative_error(out, reference) < RTOL, (name, which)
-    score_fn = models.get_score_fn(sde, model, variables, continuous=continuous)
+    score_fn = score_model.score_fn(variables)
     score = score_fn(x, jnp.asarray(t, jnp.float32))
     assert relative_error(score, to_score(reference)) < RTOL, (name, which)
   # The two weight sets differ, so the EMA test is not the model test again.
@@ -277,7 +277,7 @@ def test_export_round_trips_a_fresh_network(tmp_path):
   config = load_config("cifar10_ve", "tiny")
   config.model.update(progressive="output_skip", progressive_input="input_skip",
                       progressive_combine="cat", ch_mult=(1, 2), attn_resolutions=(16,))
-  abstract = jax.eval_shape(lambda k: models.init_model(k, config), jax.random.PRNGKey(0))
+  abstract = jax.eval_shape(lambda k: networks.init_model(k, config), jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   variables = jax.tree_util.tree_map(
       lambda a: rng.normal(size=a.shape).astype(np.float32), abstract)
@@ -299,7 +299,7 @@ def test_sigmas_the_network_divides_by_must_match(caplog):
   another sigma_max is an error; with Fourier labels the buffer is unused."""
   config = published_config("ve/cifar10_ncsnpp")
   config.model.update(nf=16, ch_mult=(1, 2), num_res_blocks=1)
-  abstract = jax.eval_shape(lambda k: models.init_model(k, config), jax.random.PRNGKey(0))
+  abstract = jax.eval_shape(lambda k: networks.init_model(k, config), jax.random.PRNGKey(0))
   variables = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, np.float32), abstract)
   params = variables.pop("params")
   exported = rc.export_state(config, params, params, variables, 1)
@@ -338,16 +338,16 @@ def test_exported_file_loads_in_torch(tmp_path):
 
 
 def test_import_into_workdir_then_load_checkpoint(tmp_path):
-  """The imported workdir is a normal checkpoint: evaluate.load_checkpoint returns the
+  """The imported workdir is a normal checkpoint: programs.restore_run returns the
   fixture's weights (EMA as the EMA params) and step; a second import is refused unless
   overwrite=True."""
-  from score_sde.run import evaluate
 
   config = fixture_config("ve_ncsnpp_continuous")
   workdir = tmp_path / "run"
   step = rc.import_checkpoint(config, fixture_path("ve_ncsnpp_continuous.pth"), workdir)
   assert step == 7
-  state, loaded_step, model, _ = evaluate.load_checkpoint(config, str(workdir))
+  loaded = programs.restore_run(config, str(workdir))
+  state, loaded_step, model = loaded.state, loaded.step, loaded.score_model.network
   assert loaded_step == 7 and int(state.step) == 7
   weights = rc.import_state(config, torch_zip.load(fixture_path("ve_ncsnpp_continuous.pth")))
   for a, b in ((state.ema_params, weights.ema_params), (state.params, weights.params)):

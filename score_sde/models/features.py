@@ -157,5 +157,5 @@ def get_feature_net(name: str, *, inception_weights: str | None = None) -> Featu
     ValueError: unknown name.
     FileNotFoundError: missing weights (the message says where to get them).
   """
-  check_choice("feature network (config.eval.fid_feature_net)", name, FEATURE_NETS)
+  check_choice("feature network", name, FEATURE_NETS, hint="(config.eval.fid_feature_net)")
   return FEATURE_NETS[name](inception_weights=inception_weights)

@@ -505,14 +505,10 @@ def _check_sampling(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) ->
   for field, limits in ranges.items():
     if SAMPLING_RENAMES.get(field, field) in options or field == "steps":
       _number("sampling", config, field, **limits)
-  # The sampler's own checks (option combinations, ranges that depend on the SDE), by
-  # tracing it once on one example with a stand-in score: nothing is compiled.
-  shape = (1, *networks.image_shape(config))
-  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-  sde = make_sde(config)
+  # The sampler's own checks (option combinations, ranges that depend on the SDE), without
+  # tracing or compiling it.
   try:
-    jax.eval_shape(lambda k: sampling.sample(k, lambda x, t: -x, sde, shape, method, **options),
-                   key)
+    sampling.check_options(make_sde(config), method, options)
   except (ValueError, TypeError) as e:
     raise ValueError(f"config.sampling (method={method!r}): {e}") from None
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from score_sde.io import datasets
 from score_sde import metrics
+from score_sde.run import experiment
 from score_sde.models import features as features_lib
 
 STATS_CACHE_DIR = os.path.join("~", ".cache", "score_sde", "stats")
