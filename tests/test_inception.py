@@ -8,13 +8,13 @@ then perturbed), so resizing, normalization, the FID blocks and the pooling are 
 
 from __future__ import annotations
 
-import pickle
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from score_sde.io import inception_files, torch_zip
 from score_sde.models import inception
 
 torch = pytest.importorskip("torch")
@@ -89,20 +89,31 @@ def test_torch_file_reader_both_formats_and_refuses_code(tmp_path):
   for legacy in (False, True):
     path = tmp_path / f"w{legacy}.pth"
     torch.save(state, path, _use_new_zipfile_serialization=not legacy)
-    got = inception.read_torch_state_dict(path)
+    got = inception_files.load_inception_variables(path)
     assert set(got) == set(state)
     for k, v in state.items():
       np.testing.assert_array_equal(got[k], v.numpy())
       assert got[k].dtype == v.numpy().dtype
   evil = tmp_path / "evil.pth"
   torch.save({"x": torch.zeros(1), "f": print}, evil)  # a pickled function: refused
-  with pytest.raises(pickle.UnpicklingError, match=r"refusing to load .*print"):
-    inception.read_torch_state_dict(evil)
+  with pytest.raises(torch_zip.CheckpointFormatError, match=r"refusing to load .*print"):
+    inception_files.load_inception_variables(evil)
+
+
+def test_weights_file_constants_agree():  # io does not import models: the two copies match
+  assert inception_files.WEIGHTS_FILENAME == inception.WEIGHTS_FILENAME
+  assert inception_files.WEIGHTS_URL == inception.WEIGHTS_URL
+
+
+def test_not_an_fid_inception_state_dict_is_refused():
+  with pytest.raises(ValueError, match="not the FID Inception-v3"):
+    inception.variables_from_state_dict({"fc.weight": np.zeros((10, 2048), np.float32),
+                                         "fc.bias": np.zeros(10, np.float32)}, "w.pth")
 
 
 def test_missing_weights_file_says_where_to_get_it(tmp_path):
   with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth from https"):
-    inception.load_variables(tmp_path / "nope.pth")
+    inception_files.load_inception_variables(tmp_path / "nope.pth")
 
 
 @pytest.mark.slow
@@ -120,7 +131,7 @@ def test_flax_inception_equals_pytorch_fid_on_random_weights(tmp_path, monkeypat
 
   path = tmp_path / inception.WEIGHTS_FILENAME
   torch.save(state, path)
-  variables = inception.load_variables(path)
+  variables = inception.variables_from_state_dict(inception_files.load_inception_variables(path))
   pool, logits = jax.jit(inception.InceptionV3().apply)(variables, jnp.asarray(x))
   assert pool.shape == (2, 2048) and logits.shape == (2, 1008)
   assert _relative_error(pool, pool_ref) < 1e-4

@@ -40,6 +40,8 @@ from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
+from score_sde.io import torch_zip
+
 Batch = dict[str, np.ndarray]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -233,37 +235,24 @@ def _safe_dtype(spec, align=False, copy=True):
   return np.dtype("u1", align, copy)
 
 
-class _CifarUnpickler(pickle.Unpickler):
-  """Unpickles the CIFAR-10 python batches and nothing else.
-
-  A CIFAR batch is a dict of byte strings, lists and one uint8 numpy array, so the only
-  globals it names are numpy's array reconstructor, `numpy.ndarray` and `numpy.dtype`. Any
-  other global (`os.system`, `builtins.eval`, ...) raises `pickle.UnpicklingError` before
-  it can be called.
-  """
-
-  _ALLOWED = {
-      ("numpy.core.multiarray", "_reconstruct"): _safe_reconstruct,  # as in the real files
-      ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct,  # numpy >= 2 writers
-      ("numpy", "ndarray"): np.ndarray,
-      ("numpy", "dtype"): _safe_dtype,
-  }
-
-  def find_class(self, module, name):
-    try:
-      return self._ALLOWED[(module, name)]
-    except KeyError:
-      raise pickle.UnpicklingError(
-          f"CIFAR pickle refers to the global {module}.{name}, which a CIFAR-10 batch never "
-          "needs; refusing to load it (tampered or wrong file?)") from None
-
-  def persistent_load(self, pid):
-    raise pickle.UnpicklingError("CIFAR pickle: persistent ids are not allowed")
+# The globals a CIFAR-10 batch names (a dict of byte strings, lists and one uint8 array):
+# numpy's array reconstructor, `numpy.ndarray` and `numpy.dtype`. Any other global
+# (`os.system`, `builtins.eval`, ...) is refused by `torch_zip.RestrictedUnpickler` before it
+# can be called.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _safe_reconstruct,  # as in the real files
+    ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct,  # numpy >= 2 writers
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _safe_dtype,
+}
 
 
 def _load_cifar_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
   """One pickled CIFAR-10 batch -> `(images uint8 [N, 32, 32, 3], labels int32 [N])`."""
-  batch = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
+  batch = torch_zip.RestrictedUnpickler(
+      io.BytesIO(raw), _CIFAR_GLOBALS, where,
+      what="a CIFAR-10 batch never needs it (tampered or wrong file?)",
+      error=pickle.UnpicklingError, encoding="bytes").load()
   if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
     raise ValueError(f"{where}: not a CIFAR-10 batch (a dict with b'data' and b'labels')")
   data, labels = batch[b"data"], np.asarray(batch[b"labels"])

@@ -9,7 +9,12 @@ allow-list of names (the tensor rebuild functions, the storage types, `OrderedDi
 functions of this module that build numpy arrays, and refuses every other global. Plain
 containers (dict, list, tuple, str, numbers, bool, None) need no globals.
 
-    obj = load(path)     # tensors -> np.ndarray, everything else plain Python
+`RestrictedUnpickler(file, allowed, where)` is that mechanism for any pickle: every reader of
+pickled files in the project (these checkpoints, the CIFAR-10 batches) goes through it with
+its own allow-list.
+
+    obj = load(path)     # tensors -> np.ndarray, everything else plain Python (also reads
+                         # torch's legacy pre-1.6 format)
     save(obj, path)      # np.ndarray -> tensors; torch.load(path, weights_only=True) reads it
 """
 
@@ -23,7 +28,7 @@ import pickle
 import struct
 import types
 import zipfile
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -108,66 +113,79 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-  """Unpickles `data.pkl` of a torch zip archive; tensors become numpy arrays."""
+class RestrictedUnpickler(pickle.Unpickler):
+  """A `pickle.Unpickler` that resolves only the globals of an allow-list.
 
-  def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, byteorder: str,
-               path: str):
-    super().__init__(io.BytesIO(data))
-    self._archive, self._prefix, self._byteorder, self._path = archive, prefix, byteorder, path
-    self._storages: dict[str, np.ndarray] = {}
-
-  def find_class(self, module: str, name: str) -> Any:
-    if (module, name) in _ALLOWED_GLOBALS:
-      return _ALLOWED_GLOBALS[(module, name)]
-    raise CheckpointFormatError(
-        f"{self._path}: refusing to load the pickled global '{module}.{name}': a checkpoint "
-        "may hold only tensors and plain containers (allowed globals: "
-        f"{sorted('.'.join(k) for k in _ALLOWED_GLOBALS)})")
-
-  def persistent_load(self, pid: Any) -> np.ndarray:
-    if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage"
-        or not isinstance(pid[1], _StorageType) or not isinstance(pid[2], str)):
-      raise CheckpointFormatError(f"{self._path}: unexpected persistent id {pid!r}")
-    _, storage_type, key, _location, numel = pid
-    if key not in self._storages:
-      record = f"{self._prefix}data/{key}"
-      try:
-        raw = self._archive.read(record)
-      except KeyError:
-        raise CheckpointFormatError(f"{self._path}: missing storage record {record}") from None
-      dtype = storage_type.dtype.newbyteorder("<" if self._byteorder == "little" else ">")
-      if len(raw) != numel * dtype.itemsize:
-        raise CheckpointFormatError(f"{self._path}: storage {key} has {len(raw)} bytes, "
-                                    f"expected {numel} x {dtype.itemsize}")
-      self._storages[key] = np.frombuffer(raw, dtype).astype(storage_type.dtype)
-    return self._storages[key]
-
-
-def load(path: str | os.PathLike) -> Any:
-  """Reads a `torch.save` zip checkpoint without torch and without executing pickled code.
+  Every global a pickle names (`GLOBAL` / `STACK_GLOBAL`: the functions and classes it will
+  call) is looked up in `allowed`; any other one raises `error` before anything is called.
+  Persistent ids go to `persistent_load`, or are refused when it is None.
 
   Args:
-    path: the `.pth` / `.pt` file.
-
-  Returns:
-    The saved object with every tensor as a numpy array (same dtype and shape; bfloat16 as
-    `jnp.bfloat16`) and every container as plain Python (`OrderedDict` stays one; an
-    `argparse.Namespace` becomes a `types.SimpleNamespace` of the same fields).
-
-  Raises:
-    FileNotFoundError: no such file.
-    CheckpointFormatError: not a torch zip archive (e.g. the legacy pre-1.6 format, or not a
-      checkpoint at all), a malformed archive, or a pickle that references anything but the
-      tensor-rebuild functions, storage types, `OrderedDict` and `argparse.Namespace`.
+    file: a binary file positioned at the pickle.
+    allowed: `(module, name) -> the object returned for it`.
+    where: the file, for error messages.
+    what: what such a file may hold, for the refusal message.
+    persistent_load: `pid -> object`, or None to refuse persistent ids.
+    error: the exception class raised on a refusal.
+    **kwargs: `pickle.Unpickler`'s (e.g. `encoding="bytes"`).
   """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"No checkpoint file {path}")
-  if not zipfile.is_zipfile(path):
-    raise CheckpointFormatError(
-        f"{path} is not a PyTorch zip checkpoint (the format of torch.save since torch 1.6); "
-        "if it was written by an older torch, re-save it with a current one")
+
+  def __init__(self, file, allowed: Mapping[tuple[str, str], Any], where: str, *,
+               what: str = "a checkpoint may hold only tensors and plain containers",
+               persistent_load: Callable[[Any], Any] | None = None,
+               error: type[Exception] | None = None, **kwargs):
+    super().__init__(file, **kwargs)
+    self._allowed, self._where, self._what = allowed, where, what
+    self._persistent, self._error = persistent_load, error or CheckpointFormatError
+
+  def find_class(self, module: str, name: str) -> Any:
+    if (module, name) in self._allowed:
+      return self._allowed[(module, name)]
+    raise self._error(
+        f"{self._where}: refusing to load the pickled global '{module}.{name}': {self._what} "
+        f"(allowed globals: {sorted('.'.join(k) for k in self._allowed)})")
+
+  def persistent_load(self, pid: Any) -> Any:
+    if self._persistent is None:
+      raise self._error(f"{self._where}: refusing the persistent id {pid!r}: {self._what}")
+    return self._persistent(pid)
+
+
+def _storage_pid(pid: Any, path: str) -> tuple[_StorageType, str, int]:
+  """`('storage', storage_type, key, location, numel[, view])` -> (type, key, numel)."""
+  if (not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] not in ("storage",
+                                                                             b"storage")
+      or not isinstance(pid[1], _StorageType) or not isinstance(pid[2], (str, bytes))
+      or not isinstance(pid[4], int) or isinstance(pid[4], bool) or pid[4] < 0):
+    raise CheckpointFormatError(f"{path}: unexpected persistent id {pid!r}")
+  if len(pid) == 6 and pid[5] is not None:
+    raise CheckpointFormatError(f"{path}: storage views (persistent id {pid!r}) are not "
+                                "supported")
+  key = pid[2].decode("ascii", "replace") if isinstance(pid[2], bytes) else pid[2]
+  return pid[1], key, pid[4]
+
+
+def _read_storage(raw: bytes, storage_type: _StorageType, numel: int, little: bool, key: str,
+                  path: str) -> np.ndarray:
+  dtype = storage_type.dtype.newbyteorder("<" if little else ">")
+  if len(raw) != numel * dtype.itemsize:
+    raise CheckpointFormatError(f"{path}: storage {key} has {len(raw)} bytes, "
+                                f"expected {numel} x {dtype.itemsize}")
+  return np.frombuffer(raw, dtype).astype(storage_type.dtype)
+
+
+def _unpickle(unpickler: RestrictedUnpickler, path: str, what: str) -> Any:
+  """`unpickler.load()`; any failure but a refusal -> CheckpointFormatError naming `what`."""
+  try:
+    return unpickler.load()
+  except CheckpointFormatError:
+    raise
+  except Exception as e:  # a malformed pickle: bad opcodes, truncation, wrong arguments
+    raise CheckpointFormatError(f"{path}: unreadable pickle in {what}: "
+                                f"{type(e).__name__}: {e}") from None
+
+
+def _load_zip(path: str) -> Any:
   with zipfile.ZipFile(path) as archive:
     pickles = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
     if len(pickles) != 1:
@@ -179,15 +197,134 @@ def load(path: str | os.PathLike) -> Any:
       byteorder = archive.read(f"{prefix}byteorder").decode("ascii", "replace").strip()
       if byteorder not in ("little", "big"):
         raise CheckpointFormatError(f"{path}: unknown byteorder {byteorder!r}")
-    unpickler = _RestrictedUnpickler(archive.read(pickles[0]), archive, prefix, byteorder,
-                                     path)
+    storages: dict[str, np.ndarray] = {}
+
+    def storage(pid: Any) -> np.ndarray:
+      storage_type, key, numel = _storage_pid(pid, path)
+      if key not in storages:
+        record = f"{prefix}data/{key}"
+        try:
+          raw = archive.read(record)
+        except KeyError:
+          raise CheckpointFormatError(f"{path}: missing storage record {record}") from None
+        storages[key] = _read_storage(raw, storage_type, numel, byteorder == "little", key,
+                                      path)
+      return storages[key]
+
+    unpickler = RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), _ALLOWED_GLOBALS,
+                                    path, persistent_load=storage)
+    return _unpickle(unpickler, path, pickles[0])
+
+
+# The legacy format (torch < 1.6, or `_use_new_zipfile_serialization=False`): five pickles in
+# a row -- this magic number, the protocol version, a system-info dict, the object (its
+# storages as persistent ids), the sorted list of storage keys -- then, per key in that
+# order, the storage: its element count as an int64 and its raw elements, both in the
+# writer's byte order (`sys_info['little_endian']`).
+LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL_VERSION = 1001
+
+
+def _plain_pickle(f, path: str, what: str) -> Any:
+  """One pickle of plain data (no globals, no persistent ids) from `f`."""
+  return _unpickle(RestrictedUnpickler(f, {}, path, what=f"{what} is plain data"), path, what)
+
+
+def _is_legacy(path: str) -> bool:
+  with open(path, "rb") as f:
+    if f.read(1) != b"\x80":  # a pickle's PROTO opcode
+      return False
+    f.seek(0)
     try:
-      return unpickler.load()
+      return _plain_pickle(f, path, "the magic number") == LEGACY_MAGIC_NUMBER
     except CheckpointFormatError:
-      raise
-    except Exception as e:  # a malformed pickle: bad opcodes, truncation, wrong arguments
-      raise CheckpointFormatError(f"{path}: unreadable pickle in {pickles[0]}: "
-                                  f"{type(e).__name__}: {e}") from None
+      return False
+
+
+def _load_legacy(path: str) -> Any:
+  with open(path, "rb") as f:
+    _plain_pickle(f, path, "the magic number")
+    version = _plain_pickle(f, path, "the protocol version")
+    if version != LEGACY_PROTOCOL_VERSION:
+      raise CheckpointFormatError(f"{path}: legacy torch checkpoint of protocol version "
+                                  f"{version!r}; only {LEGACY_PROTOCOL_VERSION} is read")
+    sys_info = _plain_pickle(f, path, "the system info")
+    if not isinstance(sys_info, dict) or not isinstance(sys_info.get("little_endian", True),
+                                                        bool):
+      raise CheckpointFormatError(f"{path}: bad system info {sys_info!r}")
+    little = sys_info.get("little_endian", True)
+    start = f.tell()
+    # Pass 1: the storages' types and sizes, which the data after the pickles do not repeat.
+    # Same allow-list (so a refusal happens here already), tensors not yet built.
+    found: dict[str, tuple[_StorageType, int]] = {}
+
+    def record(pid: Any) -> None:
+      storage_type, key, numel = _storage_pid(pid, path)
+      found.setdefault(key, (storage_type, numel))
+
+    skeleton = {k: (lambda *_: None) if k[0] == "torch._utils" else v
+                for k, v in _ALLOWED_GLOBALS.items()}
+    _unpickle(RestrictedUnpickler(f, skeleton, path, persistent_load=record), path,
+              "the object")
+    keys = _plain_pickle(f, path, "the storage keys")
+    if not isinstance(keys, list) or not all(isinstance(k, (str, bytes)) for k in keys):
+      raise CheckpointFormatError(f"{path}: bad list of storage keys")
+    keys = [k.decode("ascii", "replace") if isinstance(k, bytes) else k for k in keys]
+    if set(keys) != set(found):
+      raise CheckpointFormatError(f"{path}: the storage keys {sorted(keys)} are not those "
+                                  f"the object uses, {sorted(found)}")
+    storages: dict[str, np.ndarray] = {}
+    for key in keys:
+      storage_type, numel = found[key]
+      head = f.read(8)
+      if len(head) != 8:
+        raise CheckpointFormatError(f"{path}: truncated before storage {key}")
+      (size,) = struct.unpack("<q" if little else ">q", head)
+      if size != numel:
+        raise CheckpointFormatError(f"{path}: storage {key} holds {size} elements, the "
+                                    f"object expects {numel}")
+      raw = f.read(numel * storage_type.dtype.itemsize)
+      storages[key] = _read_storage(raw, storage_type, numel, little, key, path)
+    # Pass 2: the object, with its tensors.
+    f.seek(start)
+    unpickler = RestrictedUnpickler(
+        f, _ALLOWED_GLOBALS, path, persistent_load=lambda pid: storages[_storage_pid(pid,
+                                                                                   path)[1]])
+    return _unpickle(unpickler, path, "the object")
+
+
+def load(path: str | os.PathLike) -> Any:
+  """Reads a `torch.save` checkpoint without torch and without executing pickled code.
+
+  Reads both of torch's formats: the zip archive (`torch.save` since torch 1.6) and the
+  legacy sequential one (older torch, or `_use_new_zipfile_serialization=False`; e.g.
+  pytorch-fid's Inception weights).
+
+  Args:
+    path: the `.pth` / `.pt` file.
+
+  Returns:
+    The saved object with every tensor as a numpy array (same dtype and shape; bfloat16 as
+    `jnp.bfloat16`) and every container as plain Python (`OrderedDict` stays one; an
+    `argparse.Namespace` becomes a `types.SimpleNamespace` of the same fields).
+
+  Raises:
+    FileNotFoundError: no such file.
+    CheckpointFormatError: not a torch checkpoint in either format, a malformed one (e.g. a
+      tensor reaching outside its storage, storage views of the legacy format), or a pickle
+      that references anything but the tensor-rebuild functions, storage types,
+      `OrderedDict` and `argparse.Namespace`.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No checkpoint file {path}")
+  if zipfile.is_zipfile(path):
+    return _load_zip(path)
+  if _is_legacy(path):
+    return _load_legacy(path)
+  raise CheckpointFormatError(
+      f"{path} is not a PyTorch zip checkpoint (the format of torch.save since torch 1.6), "
+      "nor one of torch's legacy sequential format")
 
 
 # --- writing ---------------------------------------------------------------------------------

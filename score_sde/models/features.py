@@ -1,7 +1,11 @@
 """Feature networks for sample-quality metrics: images -> (features, logits), batched and jitted.
 
     net = features.get_feature_net("fmnist")                      # shipped weights, checksum verified
-    net = features.get_feature_net("inception", inception_weights="pt_inception-2015-12-05-6726825d.pth")
+    path = "pt_inception-2015-12-05-6726825d.pth"                  # pytorch-fid's weights
+    state_dict = inception_files.load_inception_variables(path)  # score_sde.io.inception_files
+    net = features.get_feature_net("inception", inception_state_dict=state_dict,
+                                   inception_sha256=inception_files.sha256_of_file(path))
+    # (score_sde.run.quality.get_feature_net(config) does both from config.eval)
     feats, logits = net(images)        # images [N, H, W, C] in [0, 1] -> [N, d], [N, num_classes]
 
 | name | network | images | features | logits |
@@ -121,8 +125,8 @@ def _prepare_inception(images: np.ndarray) -> np.ndarray:
   return np.clip(images, 0.0, 1.0).astype(np.float32)
 
 
-def _fmnist_net(inception_weights: str | None = None) -> FeatureNet:
-  del inception_weights
+def _fmnist_net(inception_state_dict=None, inception_sha256=None) -> FeatureNet:
+  del inception_state_dict, inception_sha256
   net = fmnist_classifier.FashionMNISTClassifier()
   variables = fmnist_classifier.load_variables()
   apply = jax.jit(lambda v, x: net.apply(v, x)[::-1])  # -> (features, logits)
@@ -131,10 +135,17 @@ def _fmnist_net(inception_weights: str | None = None) -> FeatureNet:
                     variables, _prepare_fmnist, batch_size=1000)
 
 
-def _inception_net(inception_weights: str | None = None) -> FeatureNet:
-  variables = inception.load_variables(inception_weights)
+def _inception_net(inception_state_dict: dict[str, np.ndarray] | None = None,
+                   inception_sha256: str | None = None) -> FeatureNet:
+  if inception_state_dict is None or not inception_sha256:
+    raise ValueError(
+        "feature net 'inception' needs pytorch-fid's weights: pass inception_state_dict="
+        "score_sde.io.inception_files.load_inception_variables(path) and inception_sha256="
+        "inception_files.sha256_of_file(path) (run.quality.get_feature_net(config) does, "
+        "from config.eval.inception_weights)")
+  variables = inception.variables_from_state_dict(inception_state_dict)
   apply = jax.jit(inception.InceptionV3().apply)
-  return FeatureNet("inception", fmnist_classifier.sha256_of_file(inception_weights),
+  return FeatureNet("inception", inception_sha256,
                     inception.FEATURE_DIM, inception.NUM_LOGITS, apply, variables,
                     _prepare_inception, batch_size=50)
 
@@ -145,17 +156,22 @@ FEATURE_NETS: dict[str, Callable[..., FeatureNet]] = {
 }
 
 
-def get_feature_net(name: str, *, inception_weights: str | None = None) -> FeatureNet:
+def get_feature_net(name: str, *, inception_state_dict: dict[str, np.ndarray] | None = None,
+                    inception_sha256: str | None = None) -> FeatureNet:
   """The feature network `name` with its weights.
 
   Args:
     name: a key of `FEATURE_NETS`.
-    inception_weights: path of pytorch-fid's `pt_inception-2015-12-05-*.pth` (for
+    inception_state_dict: pytorch-fid's Inception-v3 state dict, as
+      `score_sde.io.inception_files.load_inception_variables(path)` reads it (for
       'inception').
+    inception_sha256: the SHA-256 of that file (`inception_files.sha256_of_file(path)`),
+      recorded with reference statistics (for 'inception').
 
   Raises:
-    ValueError: unknown name.
-    FileNotFoundError: missing weights (the message says where to get them).
+    ValueError: unknown name, 'inception' without its state dict and digest, or a state dict
+      that is not the FID Inception-v3.
   """
   check_choice("feature network", name, FEATURE_NETS, hint="(config.eval.fid_feature_net)")
-  return FEATURE_NETS[name](inception_weights=inception_weights)
+  return FEATURE_NETS[name](inception_state_dict=inception_state_dict,
+                            inception_sha256=inception_sha256)

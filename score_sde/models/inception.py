@@ -13,23 +13,19 @@ torchvision's Inception-v3 with a few blocks changed, and ship its weights as
 * outputs: the 2048-d average-pooled features and the 1008 logits of its classifier (for
   the Inception Score).
 
-The weights cannot be downloaded here: `load_variables(path)` reads the .pth file a user
-already has, with a restricted unpickler that accepts only tensors and plain containers (no
-code runs), in torch's zip format or its older sequential format. Submodule names follow the
-torch ones, so `convert_state_dict` is a renaming plus transpositions.
+The weights cannot be downloaded here: `score_sde.io.inception_files.load_inception_variables
+(path)` reads the .pth file a user already has (with `torch_zip`'s restricted unpickler, no
+code runs), and `variables_from_state_dict` turns it into this network's variables.
+Submodule names follow the torch ones, so `convert_state_dict` is a renaming plus
+transpositions.
 
-    variables = load_variables("pt_inception-2015-12-05-6726825d.pth")
+    state_dict = inception_files.load_inception_variables("pt_inception-2015-12-05-6726825d.pth")
+    variables = variables_from_state_dict(state_dict)
     pool, logits = InceptionV3().apply(variables, images)   # images [B, H, W, 3] in [0, 1]
 """
 
 from __future__ import annotations
 
-import collections
-import io
-import os
-import pickle
-import struct
-import zipfile
 from typing import Any
 
 import flax.linen as nn
@@ -215,118 +211,7 @@ class InceptionV3(nn.Module):
     return pool, nn.Dense(NUM_LOGITS, name="fc")(pool)
 
 
-# ---- Weights from a torch file, without running pickled code ---------------------------
-
-_STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-    "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
-    "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
-}
-
-
-class _StorageType:
-  def __init__(self, name: str):
-    self.name = name
-
-
-class _Storage:
-  def __init__(self, dtype, numel: int):
-    self.dtype, self.numel, self.data = dtype, numel, None
-
-
-class _TensorRef:
-  """A tensor whose storage may not be read yet (the old format stores data after the pickle)."""
-
-  def __init__(self, storage, offset, size, stride):
-    self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), stride
-
-  def materialize(self) -> np.ndarray:
-    flat = self.storage.data
-    if not self.size:
-      return flat[self.offset].copy()
-    view = np.lib.stride_tricks.as_strided(
-        flat[self.offset:], shape=self.size,
-        strides=tuple(s * flat.dtype.itemsize for s in self.stride))
-    return np.array(view)
-
-
-def _rebuild_tensor(storage, offset, size, stride, *unused):
-  del unused  # requires_grad, backward hooks, metadata
-  return _TensorRef(storage, offset, size, stride)
-
-
-def _rebuild_parameter(data, *unused):
-  del unused
-  return data
-
-
-class _TensorUnpickler(pickle.Unpickler):
-  """Unpickles a torch state dict: tensors become numpy arrays; any other global is refused."""
-
-  _ALLOWED = {("collections", "OrderedDict"): collections.OrderedDict,
-              ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-              ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-              ("torch._utils", "_rebuild_parameter"): _rebuild_parameter}
-
-  def __init__(self, file, storages: dict, legacy: bool):
-    super().__init__(file)
-    self.storages, self.legacy = storages, legacy
-
-  def find_class(self, module, name):
-    if (module, name) in self._ALLOWED:
-      return self._ALLOWED[(module, name)]
-    if module == "torch" and name in _STORAGE_DTYPES:
-      return _StorageType(name)
-    raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only tensors and plain "
-                                 f"containers are read from weight files")
-
-  def persistent_load(self, pid):
-    if not (isinstance(pid, tuple) and pid and pid[0] in ("storage", b"storage")):
-      raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
-    storage_type, key, _, numel = pid[1:5]
-    if not isinstance(storage_type, _StorageType):
-      raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
-    key = key.decode() if isinstance(key, bytes) else str(key)
-    if key not in self.storages:
-      self.storages[key] = _Storage(np.dtype(_STORAGE_DTYPES[storage_type.name]), int(numel))
-    storage = self.storages[key]
-    if self.legacy and len(pid) > 5 and pid[5] is not None:
-      raise pickle.UnpicklingError("storage views are not supported")
-    return storage
-
-
-def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a `torch.save`d dict of tensors as numpy arrays without importing torch or
-  executing pickled code.
-
-  Handles torch's zip format (torch >= 1.6) and its older sequential format.
-
-  Raises:
-    pickle.UnpicklingError: the file holds anything but tensors and plain containers.
-  """
-  storages: dict[str, _Storage] = {}
-  if zipfile.is_zipfile(path):
-    with zipfile.ZipFile(path) as archive:
-      names = archive.namelist()
-      pkl = next(n for n in names if n.endswith("data.pkl"))
-      prefix = pkl[:-len("data.pkl")]
-      result = _TensorUnpickler(io.BytesIO(archive.read(pkl)), storages, legacy=False).load()
-      for key, storage in storages.items():
-        raw = archive.read(f"{prefix}data/{key}")
-        storage.data = np.frombuffer(raw, storage.dtype.newbyteorder("<"))[:storage.numel]
-  else:
-    with open(path, "rb") as f:
-      for _ in range(3):  # magic number, protocol version, system info
-        pickle.load(f)
-      result = _TensorUnpickler(f, storages, legacy=True).load()
-      for key in pickle.load(f):  # then each storage: int64 element count, raw data
-        storage = storages[str(key)]
-        (numel,) = struct.unpack("<q", f.read(8))
-        storage.data = np.frombuffer(f.read(numel * storage.dtype.itemsize),
-                                     storage.dtype.newbyteorder("<"))
-  if not isinstance(result, dict):
-    raise pickle.UnpicklingError(f"{path}: holds a {type(result).__name__}, not a state dict")
-  return {k: v.materialize() if isinstance(v, _TensorRef) else v for k, v in result.items()}
+# ---- Weights: pytorch-fid's state dict -> variables (pure) --------------------------
 
 
 def convert_state_dict(state_dict: dict[str, Any]) -> dict:
@@ -365,28 +250,25 @@ def convert_state_dict(state_dict: dict[str, Any]) -> dict:
   return {"params": params, "batch_stats": stats}
 
 
-def load_variables(path: str | os.PathLike | None) -> dict:
-  """Variables of `InceptionV3` from pytorch-fid's weights file.
+def variables_from_state_dict(state_dict: dict[str, Any], where: str = "the state dict"
+                              ) -> dict:
+  """Variables of `InceptionV3` from pytorch-fid's state dict (`convert_state_dict`), checked
+  against the network's shapes.
 
   Args:
-    path: the `pt_inception-2015-12-05-*.pth` file (a torch state dict).
+    state_dict: torch name -> array, as `score_sde.io.inception_files.load_inception_variables`
+      reads it from the `pt_inception-2015-12-05-*.pth` file.
+    where: names the weights in the error message (e.g. the file).
 
   Raises:
-    FileNotFoundError: no file (the message says where to download it).
-    ValueError: the file is not an Inception-v3 state dict of the FID form.
+    ValueError: not an Inception-v3 state dict of the FID form.
   """
-  if path is None or not os.path.exists(path):
-    raise FileNotFoundError(
-        f"Inception-v3 FID weights not found at {path!r}. This machine does not download "
-        f"them: get {WEIGHTS_FILENAME} from {WEIGHTS_URL} (the file pytorch-fid uses; "
-        f"torch-fidelity and pytorch-fid cache it under ~/.cache/torch/hub/checkpoints/) and "
-        f"pass its path (config.eval.inception_weights or --inception_weights)")
-  variables = convert_state_dict(read_torch_state_dict(path))
+  variables = convert_state_dict(state_dict)
   reference = jax.eval_shape(lambda: InceptionV3().init(jax.random.PRNGKey(0),
                                                         jnp.zeros((1, 75, 75, 3))))
   want = jax.tree.map(lambda a: a.shape, reference)
   got = jax.tree.map(lambda a: a.shape, variables)
   if want != got:
-    raise ValueError(f"{path}: not the FID Inception-v3 (pytorch-fid's {WEIGHTS_FILENAME}): "
+    raise ValueError(f"{where}: not the FID Inception-v3 (pytorch-fid's {WEIGHTS_FILENAME}): "
                      f"its tensors do not fit the network")
   return variables

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from score_sde.io import datasets
+from score_sde.io import inception_files
 from score_sde import metrics
 from score_sde.run import experiment
 from score_sde.models import features as features_lib
@@ -43,9 +44,19 @@ def feature_net_name(config: ml_collections.ConfigDict) -> str:
 
 
 def get_feature_net(config: ml_collections.ConfigDict) -> features_lib.FeatureNet:
-  """The feature network of `eval.fid_feature_net` (weights: `eval.inception_weights`)."""
-  return features_lib.get_feature_net(feature_net_name(config),
-                                      inception_weights=config.eval.get("inception_weights"))
+  """The feature network of `eval.fid_feature_net` (weights: `eval.inception_weights`).
+
+  Raises:
+    ValueError: unknown name, or a weights file that is not the FID Inception-v3.
+    FileNotFoundError: 'inception' without its weights file (the message says where to get it).
+  """
+  name = feature_net_name(config)
+  if name != "inception":
+    return features_lib.get_feature_net(name)
+  path = config.eval.get("inception_weights")
+  state_dict = inception_files.load_inception_variables(path)
+  return features_lib.get_feature_net(name, inception_state_dict=state_dict,
+                                      inception_sha256=inception_files.sha256_of_file(path))
 
 
 def _provenance(config, net: features_lib.FeatureNet, split: str) -> dict:
