@@ -49,15 +49,15 @@ flags.DEFINE_string("floor_against", None, "Another split: print the metrics of 
 
 def stats_for_split(config, net, split: str, out: str | None, recompute: bool,
                     limit: int | None) -> dict:
-  path = out or quality.default_stats_path(config, net, split)
-  if os.path.exists(path) and not recompute:
-    print(f"{split}: cached statistics {path}")
-    return metrics.load_reference_stats(path, **quality._provenance(config, net, split))
   start = time.perf_counter()
-  stats = quality.compute_reference_stats(config, net, path, split=split, limit=limit,
-                                          progress=True)
-  print(f"{split}: {len(stats['features'])} images -> {path} "
-        f"({time.perf_counter() - start:.1f} s, measured under load)")
+  stats, computed = quality.split_stats(config, net, split, path=out, recompute=recompute,
+                                        limit=limit, progress=True)
+  path = out or quality.default_stats_path(config, net, split)
+  if computed:
+    print(f"{split}: {len(stats['features'])} images -> {path} "
+          f"({time.perf_counter() - start:.1f} s, measured under load)")
+  else:
+    print(f"{split}: cached statistics {path}")
   return stats
 
 
@@ -71,12 +71,8 @@ def reference_floor(config, split: str, out: str | None, recompute: bool,
     return {}
   other = stats_for_split(config, net, floor_against, None, recompute, limit)
   start = time.perf_counter()
-  e = config.eval
   floor = metrics.feature_metrics(stats["features"], stats["logits"], other,
-                                  kid_subsets=int(e.get("kid_subsets", 100)),
-                                  kid_subset_size=int(e.get("kid_subset_size", 1000)),
-                                  pr_k=int(e.get("pr_k", 3)),
-                                  pr_num_real=int(e.get("pr_num_real", 10_000)))
+                                  **quality.metric_options(config))
   floor["seconds"] = time.perf_counter() - start
   floor = quality.name_by_network(floor, net.name)
   print(f"floor: {config.data.dataset} {split} ({len(stats['features'])} images) vs "

@@ -11,39 +11,17 @@ Reads, for each method, the newest file of the highest step k in `workdir/sample
 
 from __future__ import annotations
 
-import glob
-import os
-import re
 import sys
 
-import numpy as np
 from absl import app, flags
 
-from score_sde.io import images
+from score_sde.io import images, workdir
 from score_sde.run import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The run's directory (samples/ is read).")
 flags.DEFINE_string("out", None, "PNG to write.")
 flags.mark_flags_as_required(["workdir", "out"])
-
-
-def latest_samples(workdir: str, method: str) -> tuple[np.ndarray, int]:
-  """The samples of the highest step for `method` (the newest file of that step); raises
-  FileNotFoundError if none."""
-  found = {}
-  for path in glob.glob(os.path.join(workdir, "samples", f"{method}_step_*.npz")):
-    match = re.fullmatch(rf"{re.escape(method)}_step_(\d+)(_.*)?\.npz", os.path.basename(path))
-    if match:
-      step = int(match.group(1))
-      if step not in found or os.path.getmtime(path) > os.path.getmtime(found[step]):
-        found[step] = path
-  if not found:
-    raise FileNotFoundError(f"No {method}_step_*.npz in {workdir}/samples; run "
-                            f"`python -m score_sde.main --mode=sample "
-                            f"--config.sampling.method={method} ...` first")
-  step = max(found)
-  return np.load(found[step])["samples"], step
 
 
 def main(argv) -> None:
@@ -55,7 +33,7 @@ def main(argv) -> None:
   def work():
     panels = {}
     for method in methods:
-      x, step = latest_samples(FLAGS.workdir, method)
+      x, step = workdir.latest_samples(FLAGS.workdir, method)
       panels[f"{method} (step {step}, {len(x)} samples)"] = x
     print(images.save_side_by_side(panels, FLAGS.out))
 

@@ -20,6 +20,7 @@ from score_sde import guidance
 from score_sde import mixtures
 from score_sde import sampling
 from score_sde import sde as sde_lib
+from score_sde.run import inpainting_bias
 from tests.test_sampling import assert_reproduces
 
 SDES = {"vp": sde_lib.VPSDE(), "subvp": sde_lib.SubVPSDE(), "ve": sde_lib.VESDE()}
@@ -286,34 +287,20 @@ def test_inpainting_bad_input_raises_before_compiling():
     guidance.colorize(KEY, score_fn, sde, jnp.zeros((2, 4, 4, 2)))
 
 
-@pytest.fixture(scope="module")
-def bias_script():
-  import importlib.util
-  import os
-  import sys
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
-                      "inpainting_bias.py")
-  spec = importlib.util.spec_from_file_location("inpainting_bias", path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("problem", ["inpaint", "colorize"])
-def test_inpainting_bias_against_the_exact_conditional(bias_script, problem):
+def test_inpainting_bias_against_the_exact_conditional(problem):
   """The measured bias of docs/guidance.md: samples of the exact conditional (the control)
   match it within 4.5 standard errors; the replacement schemes put 4-17 points too little
   weight on the mode the known values favour (exact 0.64), for every sampler."""
-  p = bias_script.PROBLEMS[problem]()
+  p = inpainting_bias.PROBLEMS[problem]()
   sde = SDES["vp"]
-  control = bias_script.exact_control(p, sde, N, jax.random.key(7))
+  control = inpainting_bias.exact_control(p, sde, N, jax.random.key(7))
   assert abs(control["weight_error"]) < 4.5 * control["weight_se"], control
   cases = {label: (method, scheme, options) for label, method, scheme, options
-           in bias_script.CASES}
+           in inpainting_bias.CASES}
   for label in ("pc reimpose, RD + Langevin", "ddim score", "ode score"):
     method, scheme, options = cases[label]
     x, _ = p.run(jax.random.key(1), p.mix.score_fn(sde), sde, N, method, scheme, options)
-    m = bias_script.measure(p, x)
+    m = inpainting_bias.measure(p, x)
     assert -0.17 < m["weight_error"] < -0.04, (label, m)

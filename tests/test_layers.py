@@ -232,3 +232,64 @@ def test_the_checker_finds_each_planted_violation(tmp_path):
   graph, external = import_graph(tmp_path)
   assert not find_cycles(graph) and not layer_violations(graph)
   assert not config_violations(external)
+
+
+# ---- scripts/ and tests/ ----------------------------------------------------------------
+
+# The one script allowed to put a directory on sys.path: it imports the modules of a checkout
+# of the reference implementation (not this project), which import each other by top-level
+# names.
+SYS_PATH_ALLOWED = {"benchmark_reference.py"}
+
+
+def script_violations(name: str, text: str) -> list[str]:
+  """What makes a script in scripts/ not thin: argparse (the flags are absl's, parsed by
+  `run.cli.parse_flags`), `sys.path` edits, `noqa: E402` (configs/ is installed), a helper
+  module shared by scripts (that belongs in the package)."""
+  tree = ast.parse(text)
+  bad = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom):
+      names = [node.module or ""]
+    else:
+      continue
+    if "argparse" in names:
+      bad.append(f"{name}: imports argparse")
+    if "common" in names:
+      bad.append(f"{name}: imports scripts/common.py")
+  if "sys.path" in text and name not in SYS_PATH_ALLOWED:
+    bad.append(f"{name}: edits sys.path")
+  if "noqa: E402" in text:
+    bad.append(f"{name}: imports after code (noqa: E402)")
+  if "app.run(" in text and "flags_parser=cli.parse_flags" not in text:
+    bad.append(f"{name}: absl without run.cli.parse_flags (one error line, exit 2)")
+  return bad
+
+
+def test_scripts_are_thin_absl_tools():
+  scripts = sorted((ROOT / "scripts").glob("*.py"))
+  assert len(scripts) > 10
+  bad = [v for p in scripts for v in script_violations(p.name, p.read_text())]
+  assert not bad, "\n".join(bad)
+  assert script_violations("x.py", "import argparse\nimport common  # noqa: E402\n"
+                           "sys.path.insert(0, '.')\napp.run(main)\n") == [
+      "x.py: imports argparse", "x.py: imports scripts/common.py", "x.py: edits sys.path",
+      "x.py: imports after code (noqa: E402)",
+      "x.py: absl without run.cli.parse_flags (one error line, exit 2)"]
+
+
+def test_tests_import_the_package_not_scripts():
+  """Tests may run a script as a command (subprocess), never import one: no file of
+  scripts/ loaded as a module, no scripts/ directory on sys.path."""
+  bad = []
+  for path in sorted((ROOT / "tests").glob("*.py")):
+    text = path.read_text()
+    if path.name == "test_layers.py":
+      continue
+    if "spec_from_file_location" in text and "scripts" in text:
+      bad.append(f"{path.name}: loads a module from scripts/")
+    if "sys.path" in text:
+      bad.append(f"{path.name}: edits sys.path")
+  assert not bad, "\n".join(bad)

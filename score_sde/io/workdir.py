@@ -8,8 +8,12 @@ evaluation and sampling), `checkpoints/`, `samples/`, `eval/`, `tensorboard/` an
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
+
+import numpy as np
 
 CONFIG_FILE = "config.json"
 
@@ -80,3 +84,26 @@ def save_config(plain: dict, workdir: str) -> str | None:
     json.dump(plain, f, indent=2, sort_keys=True)
   os.replace(tmp, path)
   return moved
+
+
+def latest_samples(workdir: str, method: str) -> tuple[np.ndarray, int]:
+  """`(samples, step)`: the samples of the highest step k for `method` in `workdir/samples`,
+  from the newest file of that step, `<method>_step_<k>[_<settings>].npz` (what
+  `--mode=sample` writes).
+
+  Raises:
+    FileNotFoundError: there is none.
+  """
+  found = {}
+  for path in glob.glob(os.path.join(workdir, "samples", f"{method}_step_*.npz")):
+    match = re.fullmatch(rf"{re.escape(method)}_step_(\d+)(_.*)?\.npz", os.path.basename(path))
+    if match:
+      step = int(match.group(1))
+      if step not in found or os.path.getmtime(path) > os.path.getmtime(found[step]):
+        found[step] = path
+  if not found:
+    raise FileNotFoundError(f"No {method}_step_*.npz in {workdir}/samples; run "
+                            f"`python -m score_sde.main --mode=sample "
+                            f"--config.sampling.method={method} ...` first")
+  step = max(found)
+  return np.load(found[step])["samples"], step

@@ -26,11 +26,10 @@ import time
 import ml_collections
 import numpy as np
 
-from score_sde.io import datasets
-from score_sde.io import inception_files
 from score_sde import metrics
-from score_sde.run import experiment
 from score_sde.models import features as features_lib
+from score_sde.io import inception_files
+from score_sde.run import experiment
 
 STATS_CACHE_DIR = os.path.join("~", ".cache", "score_sde", "stats")
 
@@ -116,6 +115,28 @@ def compute_reference_stats(config: ml_collections.ConfigDict, net: features_lib
   return metrics.load_reference_stats(path, **prov)
 
 
+def split_stats(config: ml_collections.ConfigDict, net: features_lib.FeatureNet, split: str,
+                *, path: str | None = None, recompute: bool = False, limit: int | None = None,
+                progress: bool = False) -> tuple[dict, bool]:
+  """Statistics of the data split `split`: read from `path` (None: `default_stats_path`) when
+  it exists and `recompute` is False, else computed (`compute_reference_stats`) and written
+  there.
+
+  Returns:
+    `(stats, computed)`: `computed` is False when the file was read.
+
+  Raises:
+    ValueError: the file was made with another feature network, weights, dataset, split or
+      image size.
+  """
+  path = path or default_stats_path(config, net, split)
+  if os.path.exists(path) and not recompute:
+    return metrics.load_reference_stats(path, **_provenance(config, net, split)), False
+  logging.info("no reference statistics at %s: computing them", path)
+  return compute_reference_stats(config, net, path, split=split, limit=limit,
+                                 progress=progress), True
+
+
 def reference_stats(config: ml_collections.ConfigDict, net: features_lib.FeatureNet) -> dict:
   """Loads `eval.fid_stats` (None: the cache file), computing and caching it when missing.
 
@@ -124,11 +145,16 @@ def reference_stats(config: ml_collections.ConfigDict, net: features_lib.Feature
       image size.
   """
   split = config.eval.get("fid_split", "train")
-  path = config.eval.get("fid_stats") or default_stats_path(config, net, split)
-  if not os.path.exists(path):
-    logging.info("no reference statistics at %s: computing them", path)
-    return compute_reference_stats(config, net, path, split=split)
-  return metrics.load_reference_stats(path, **_provenance(config, net, split))
+  return split_stats(config, net, split, path=config.eval.get("fid_stats") or None)[0]
+
+
+def metric_options(config: ml_collections.ConfigDict) -> dict:
+  """The `metrics.feature_metrics` options of `config.eval` (KID subsets, precision / recall
+  neighbours and real-sample count)."""
+  e = config.eval
+  return dict(kid_subsets=int(e.get("kid_subsets", 100)),
+              kid_subset_size=int(e.get("kid_subset_size", 1000)), pr_k=int(e.get("pr_k", 3)),
+              pr_num_real=int(e.get("pr_num_real", 10_000)))
 
 
 def sample_quality(config: ml_collections.ConfigDict, images: np.ndarray,
@@ -146,11 +172,8 @@ def sample_quality(config: ml_collections.ConfigDict, images: np.ndarray,
   stats = reference_stats(config, net)
   start = time.perf_counter()
   feats, logits = net(images)
-  e = config.eval
-  out = metrics.feature_metrics(
-      feats, logits, stats, kid_subsets=int(e.get("kid_subsets", 100)),
-      kid_subset_size=int(e.get("kid_subset_size", 1000)), pr_k=int(e.get("pr_k", 3)),
-      pr_num_real=int(e.get("pr_num_real", 10_000)), seed=int(config.get("seed", 0)))
+  out = metrics.feature_metrics(feats, logits, stats, **metric_options(config),
+                                seed=int(config.get("seed", 0)))
   out["seconds"] = time.perf_counter() - start
   return name_by_network(out, net.name)
 
