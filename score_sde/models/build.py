@@ -6,16 +6,16 @@ No config here: `score_sde.run.networks` builds a network of `MODELS` from `conf
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from score_sde.checks import check_choice
 from score_sde.models.ddpm import DDPM
 from score_sde.models.dit import DiT
 from score_sde.models.ncsnpp import NCSNpp
-from score_sde.checks import check_choice
 
 Variables = dict[str, Any]
 

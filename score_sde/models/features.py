@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from score_sde import metrics
+from score_sde.checks import check_choice
 from score_sde.models import fmnist_classifier
 from score_sde.models import inception
-from score_sde.checks import check_choice
 
 _RANGE_SLACK = 0.5
 

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from score_sde import sde as sde_lib
-from score_sde.models import layers
 from score_sde.checks import check_choice
+from score_sde.models import layers
 
 PROGRESSIVE = ("none", "output_skip", "residual")
 PROGRESSIVE_INPUT = ("none", "input_skip", "residual")

@@ -32,12 +32,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from score_sde import sde as sde_lib
+from score_sde.sde import batch_scalar
+from score_sde.models.classifier import NoiseConditionalClassifier
 from score_sde.io import checkpoints, datasets, parallel
 from score_sde.io.logs import MetricsWriter
-from score_sde.models.classifier import NoiseConditionalClassifier
 from score_sde.run import experiment, keys
 from score_sde.run.programs import NonFiniteLossError
-from score_sde.sde import batch_scalar
 
 Array = jax.Array
 CLASSIFIER_DIR = "classifier"

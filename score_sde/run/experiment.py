@@ -22,7 +22,6 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -31,10 +30,10 @@ from jax.sharding import Mesh
 from score_sde import guidance, losses, models, sampling
 from score_sde import parameterization as param_lib
 from score_sde import sde as sde_lib
+from score_sde.checks import check_choice
 from score_sde.io import datasets, parallel
 from score_sde.io import workdir as workdir_lib
 from score_sde.run import networks
-from score_sde.checks import check_choice
 
 Array = jax.Array
 
@@ -453,7 +452,8 @@ def _check_model(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> No
 def _check_parameterization(config: ml_collections.ConfigDict) -> None:
   """`model.parameterization` / `schedule` by name, and that a network that divides its
   output by sigma (`scale_by_sigma`) predicts a score. (Whether the parameterization fits
-  discrete labels the SDE answers: `SDE.check_network`.)"""
+  discrete labels `models.ScoreModel` answers when `check_config` builds it through
+  `make_score_model`, before anything compiles.)"""
   m = config.model
   _choice("model", config, "parameterization", param_lib.PARAMETERIZATIONS, "auto")
   schedules = getattr(sde_lib.SDES.get(str(config.training.sde).lower()), "SCHEDULES", None)

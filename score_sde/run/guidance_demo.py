@@ -21,8 +21,8 @@ import numpy as np
 
 from score_sde import guidance, sampling
 from score_sde.checks import check_choice
-from score_sde.io import images
 from score_sde.models import features
+from score_sde.io import images
 from score_sde.run import classifier, experiment, guided, programs
 
 JUDGES = ("fmnist", "noise_classifier", "none")

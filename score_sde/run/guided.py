@@ -20,9 +20,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from score_sde import guidance
+from score_sde.checks import check_choice
 from score_sde.io import datasets, images, parallel
 from score_sde.run import classifier, experiment, keys, networks, programs
-from score_sde.checks import check_choice
 
 TASKS = ("inpaint", "colorize")
 MASKS = ("left_half", "right_half", "top_half", "bottom_half", "center", "checkerboard")
@@ -175,7 +175,6 @@ def complete_test_images(config: ml_collections.ConfigDict, workdir: str, task: 
   scaler = datasets.get_data_scaler(config.data.centered)
   inverse_scaler = datasets.get_data_inverse_scaler(config.data.centered)
   method, options = experiment.sampler_settings(config)
-  continuous = bool(config.training.continuous)
 
   @jax.jit
   def run(variables, key, x01):

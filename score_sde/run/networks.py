@@ -13,11 +13,11 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from score_sde.checks import check_choice
 from score_sde import models
 from score_sde.models.ddpm import DDPM
 from score_sde.models.dit import DiT, dit_size
 from score_sde.models.ncsnpp import NCSNpp
-from score_sde.checks import check_choice
 
 
 def _unet_fields(config: ml_collections.ConfigDict) -> dict:

@@ -9,12 +9,10 @@ only ever written from a state whose losses were all finite.
 from __future__ import annotations
 
 import collections
-import functools
-import json
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import ml_collections
