@@ -181,21 +181,18 @@ def test_import_refuses_another_runs_files_and_overwrite_sets_them_aside(run_dir
                  for n in os.listdir(workdir))
 
 
-@pytest.mark.parametrize("fail_at", range(9))
-def test_import_interrupted_at_every_step_of_its_finish(run_dir, tmp_path, monkeypatch,
-                                                        fail_at):
+def test_import_interrupted_at_every_step_of_its_finish(run_dir, tmp_path, monkeypatch):
   """A KeyboardInterrupt at the k-th file operation (exchange, rename, link, replace,
-  unlink) that puts a complete import in place: the workdir holds the old checkpoints or
-  the new one (never neither), and the next holder of the lock finishes the import."""
-  workdir = copy_run(run_dir, tmp_path)
-  old = snapshot(os.path.join(workdir, "checkpoints"))
-  calls, active = [], [False]
+  unlink) that puts a complete import in place, for every k: the workdir holds the old
+  checkpoints or the new one (never neither), and the next holder of the lock finishes the
+  import. One import is staged; each k starts from a copy of that pending workdir."""
+  calls, fail_at = [], [0]
 
   def counted(name, real):
     def op(*args, **kwargs):
-      if active[0]:
+      if fail_at[0] is not None:
         calls.append(name)
-        if len(calls) == fail_at + 1:
+        if len(calls) == fail_at[0] + 1:
           raise KeyboardInterrupt
       return real(*args, **kwargs)
     return op
@@ -203,32 +200,54 @@ def test_import_interrupted_at_every_step_of_its_finish(run_dir, tmp_path, monke
   for name in ("rename", "link", "replace", "unlink"):
     monkeypatch.setattr(os, name, counted(name, getattr(os, name)))
   monkeypatch.setattr(workdir_lib, "exchange", counted("exchange", workdir_lib.exchange))
-  real_finish = workdir_lib.finish_import
+  real_finish, armed = workdir_lib.finish_import, [False]
 
-  def finish(w):
-    active[0] = True
-    try:
-      return real_finish(w)
-    finally:
-      active[0] = False
+  def finish(w):  # the import's own finish, once staged, is interrupted at its first step
+    if armed[0] and os.path.exists(os.path.join(w, workdir_lib.IMPORT_MARKER)):
+      armed[0] = False
+      calls.clear()
+      fail_at[0] = 0
+      try:
+        return real_finish(w)
+      finally:
+        fail_at[0] = None
+    return real_finish(w)
 
   monkeypatch.setattr(workdir_lib, "finish_import", finish)
-  try:
-    rc.import_checkpoint(tiny_config(), run_dir[1], workdir, overwrite=True)
-  except KeyboardInterrupt:
-    pass
-  assert "exchange" in calls
-  assert snapshot(os.path.join(workdir, "checkpoints")) == old or _steps(workdir) == [9], (
-      fail_at, calls)
+  pending = copy_run(run_dir, tmp_path, "pending")
+  old = snapshot(os.path.join(pending, "checkpoints"))
+  armed[0], fail_at[0] = True, None
+  with pytest.raises(KeyboardInterrupt):  # at the exchange: the import is staged, pending
+    rc.import_checkpoint(tiny_config(), run_dir[1], pending, overwrite=True)
+  assert snapshot(os.path.join(pending, "checkpoints")) == old
+  assert os.path.exists(os.path.join(pending, workdir_lib.IMPORT_MARKER))
+  k = 0
+  while True:
+    workdir = str(tmp_path / f"run{k}")
+    shutil.copytree(pending, workdir, symlinks=True)
+    calls.clear()
+    fail_at[0] = k
+    try:
+      real_finish(workdir)
+      interrupted = False
+    except KeyboardInterrupt:
+      interrupted = True
+    fail_at[0], seen = None, list(calls)
+    assert snapshot(os.path.join(workdir, "checkpoints")) == old or _steps(workdir) == [9], (
+        k, calls)
+    with workdir_lib.locked(workdir, "test"):  # finishes a pending import
+      pass
+    assert _steps(workdir) == [9], (k, calls)
+    assert snapshot(os.path.join(workdir, checkpoints.SET_ASIDE_DIR,
+                                 "checkpoints.before_import")) == old
+    assert json.load(open(os.path.join(workdir, "imported_from.json")))["step"] == 9
+    assert not any(n.startswith((".import-", workdir_lib.IMPORT_MARKER))
+                   for n in os.listdir(workdir))
+    if not interrupted:  # k is past the last operation
+      break
+    k += 1
+  assert len(seen) == k >= 5 and seen[0] == "exchange", seen  # each operation interrupted
   monkeypatch.undo()
-  with workdir_lib.locked(workdir, "test"):  # finishes a pending import
-    pass
-  assert _steps(workdir) == [9], calls
-  assert snapshot(os.path.join(workdir, checkpoints.SET_ASIDE_DIR,
-                               "checkpoints.before_import")) == old
-  assert json.load(open(os.path.join(workdir, "imported_from.json")))["step"] == 9
-  assert not any(n.startswith((".import-", workdir_lib.IMPORT_MARKER))
-                 for n in os.listdir(workdir))
   assert programs.restore_run(tiny_config(), workdir).step == 9
 
 
@@ -305,7 +324,8 @@ def test_failed_background_save_stops_training_with_status_4(tmp_path, monkeypat
 
   monkeypatch.setattr(async_path, "rename", rename)
   workdir = str(tmp_path / "run")
-  config = tiny_config(**{"training.snapshot_sampling": False})
+  # No snapshot samples, and the test loss only at step 6 (never reached): one compilation.
+  config = tiny_config(**{"training.snapshot_sampling": False, "training.eval_freq": 6})
   assert main_lib.execute(config, workdir, "train") == 4
   err = capsys.readouterr().err.strip().splitlines()
   line = err[-1]
