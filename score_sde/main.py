@@ -14,8 +14,10 @@ started, and eval / sample start from that file, with the command line's `--conf
 overrides on top (a change of the network or the SDE is refused unless
 `--allow_config_change`).
 
-Exit status: 0 done, 2 bad input (one line on stderr, nothing compiled, nothing written),
-3 a non-finite loss (the last good checkpoint is kept).
+Exit status: 0 done, 2 bad input (one line on stderr, nothing compiled, nothing written;
+also a workdir another process is writing to), 3 a non-finite loss (the last good checkpoint
+is kept), 4 a failed write (a checkpoint save or an output file: disk full, no permission;
+one line naming the path and the error, the last intact checkpoint untouched).
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ import sys
 from typing import Sequence
 
 from absl import app, flags
+import ml_collections
 from ml_collections import config_flags
 
 from score_sde.io import logs
 
 MODES = ("train", "eval", "sample", "train_classifier")
-EXIT_BAD_INPUT, EXIT_NON_FINITE = 2, 3
+EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_WRITE_FAILED = 2, 3, 4
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
@@ -84,21 +87,25 @@ def run(config, workdir: str, mode: str, *, step: int | None = None,
     raise ValueError(f"--num_samples must be an integer >= 1, got {num_samples!r}")
   if step is not None and step < 0:
     raise ValueError(f"--step must be >= 0, got {step}")
-  if mode == "train_classifier":  # the noise-conditional classifier of classifier guidance
-    from score_sde.run import classifier as classifier_training
-    experiment.check_config(config, mode="train")
-    state = classifier_training.train_classifier(config, workdir)
-    return dict(step=int(state.step))
-  if mode == "train":
+  if mode == "train":  # takes the workdir's lock itself, once the config is checked
     from score_sde.run import train
     state = train.train(config, workdir, step=step)
     return dict(step=int(state.step))
+  import jax
+  chief = jax.process_index() == 0
+  if mode == "train_classifier":  # the noise-conditional classifier of classifier guidance
+    from score_sde.run import classifier as classifier_training
+    experiment.check_config(config, mode="train")
+    with workdir_lib.locked(workdir, mode, enabled=chief):  # one writer per workdir
+      state = classifier_training.train_classifier(config, workdir)
+    return dict(step=int(state.step))
   from score_sde.run import evaluate
-  config = experiment.config_for_run(config, workdir, overrides=overrides,
-                                     allow_change=allow_config_change)
-  if mode == "eval":
-    return evaluate.evaluate(config, workdir, step=step)
-  return evaluate.sample(config, workdir, step=step, num_samples=num_samples)
+  with workdir_lib.locked(workdir, mode, enabled=chief):
+    config = experiment.config_for_run(config, workdir, overrides=overrides,
+                                       allow_change=allow_config_change)
+    if mode == "eval":
+      return evaluate.evaluate(config, workdir, step=step)
+    return evaluate.sample(config, workdir, step=step, num_samples=num_samples)
 
 
 def _initialize_distributed(coordinator_address: str | None, num_processes: int | None,
@@ -117,16 +124,20 @@ def _one_line(error: BaseException) -> str:
 
 def execute(config, workdir: str, mode: str, **kwargs) -> int:
   """`run`, with its outcome as an exit status: 0 (the result printed as one JSON line on
-  stdout), 2 bad input or 3 non-finite loss (one `error: ...` line on stderr each)."""
+  stdout), 2 bad input, 3 non-finite loss or 4 a failed write (one `error: ...` line on
+  stderr each)."""
   try:
     result = run(config, workdir, mode, **kwargs)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
     # Bad input: one clear line, no traceback.
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return EXIT_BAD_INPUT
   except FloatingPointError as e:  # train.NonFiniteLossError
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return EXIT_NON_FINITE
+  except OSError as e:  # checkpoints.CheckpointSaveError, a full disk, a read-only workdir
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    return EXIT_WRITE_FAILED
   if result is not None:
     print(json.dumps(result, default=str))
   return 0
@@ -158,7 +169,11 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   try:
     rest = FLAGS(argv)
     if path is not None:
-      FLAGS.config.get("training")  # a config that failed to load raises on first access
+      config = FLAGS.config
+      if not isinstance(config, ml_collections.ConfigDict):
+        raise TypeError(f"get_config returned a {type(config).__name__}, not an "
+                        f"ml_collections.ConfigDict")
+      config.get("training")  # a config that failed to load raises on first access
   except Exception as e:  # noqa: BLE001 (flags and config files raise anything)
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     detail = lines[-1] if lines else type(e).__name__

@@ -59,6 +59,7 @@ flags.DEFINE_bool("quality", True, "Trained runs: FD / KID (--noquality skips th
 flags.DEFINE_string("inception_weights", None,
                     "pt_inception-2015-12-05-*.pth (feature net 'inception').")
 flags.DEFINE_string("out", "runs/compare_samplers", "Output directory.")
+flags.DEFINE_bool("overwrite", False, "Replace results.{csv,md,png} in --out if they exist.")
 
 
 def _numbers(name: str, kind):
@@ -89,13 +90,14 @@ def main(argv) -> None:
   cli.setup()
   try:
     options = options_from_flags()  # validated before anything compiles
-  except ValueError as e:
+    compare.results_paths(FLAGS.out, overwrite=FLAGS.overwrite)  # never replaced silently
+  except (ValueError, FileExistsError) as e:
     print(f"error: {cli.one_line(e)}", file=sys.stderr)
     sys.exit(cli.EXIT_BAD_INPUT)
 
   def work():
     rows, summary = compare.run_comparison(options)
-    paths = compare.write_results(rows, summary, FLAGS.out)
+    paths = compare.write_results(rows, summary, FLAGS.out, overwrite=FLAGS.overwrite)
     print(compare.markdown_table(rows, summary))
     print(compare.timing_line(rows, summary))
     print("wrote " + ", ".join(paths.values()))

@@ -7,6 +7,8 @@ The file is what the reference's `save_checkpoint` writes (`{'optimizer', 'model
 'step'}`, model keys `module.all_modules.<i>...`), so its `restore_checkpoint` and
 `torch.load(path, weights_only=True)` read it; written without torch. The Adam moments are
 not exported (the optimizer entry holds the hyper-parameters and an empty state).
+The file is written atomically (a temporary file renamed into place), and an existing
+`--output` is refused unless `--overwrite`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file of the r
 flags.DEFINE_string("workdir", None, "The run directory to read the checkpoint from.")
 flags.DEFINE_string("output", None, "The .pth file to write.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", lower_bound=0)
+flags.DEFINE_bool("overwrite", False, "Replace --output if it exists (atomically).")
 flags.mark_flags_as_required(["config", "workdir", "output"])
 
 
@@ -33,7 +36,7 @@ def main(argv) -> None:
 
   def work():
     step = reference.export_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.output,
-                                       step=FLAGS.step)
+                                       step=FLAGS.step, overwrite=FLAGS.overwrite)
     print(f"exported step {step} of {FLAGS.workdir} to {FLAGS.output}")
 
   sys.exit(cli.execute(work))

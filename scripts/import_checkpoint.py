@@ -10,8 +10,11 @@ as `score_sde.main`, so a network of another size is imported by overriding its 
 docs/checkpoints.md for the overrides of every published checkpoint). The EMA weights become
 the EMA parameters (used by sampling and evaluation), the model weights the parameters, the
 step the step; the optimizer state starts fresh. The file is read without executing pickled
-code, and without torch. A workdir that already has checkpoints is refused unless
-`--overwrite`.
+code, and without torch. A workdir that already has checkpoints (or another run's
+`config.json`) is refused unless `--overwrite`; then the new checkpoint is written
+completely first, and only then are the old checkpoints moved to
+`checkpoints_set_aside/checkpoints.before_import` (never deleted) and an old config kept as
+`config.<k>.json`. An interrupt at any moment leaves the old state or the new one.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (configs
                                 "network the checkpoint holds.", lock_config=True)
 flags.DEFINE_string("checkpoint", None, "The score_sde_pytorch checkpoint (.pth).")
 flags.DEFINE_string("workdir", None, "The run directory to write the checkpoint into.")
-flags.DEFINE_bool("overwrite", False, "Replace the workdir's existing checkpoints.")
+flags.DEFINE_bool("overwrite", False, "Import into a workdir that has checkpoints or another "
+                  "config.json (the old ones are set aside, never deleted).")
 flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
 
 

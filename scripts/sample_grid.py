@@ -15,12 +15,13 @@ import sys
 
 from absl import app, flags
 
-from score_sde.io import images, workdir
+from score_sde.io import files, images, workdir
 from score_sde.run import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The run's directory (samples/ is read).")
 flags.DEFINE_string("out", None, "PNG to write.")
+flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -31,11 +32,13 @@ def main(argv) -> None:
     sys.exit(cli.EXIT_BAD_INPUT)
 
   def work():
+    files.check_new(FLAGS.out, overwrite=FLAGS.overwrite, flag="--overwrite")
     panels = {}
     for method in methods:
       x, step = workdir.latest_samples(FLAGS.workdir, method)
       panels[f"{method} (step {step}, {len(x)} samples)"] = x
-    print(images.save_side_by_side(panels, FLAGS.out))
+    print(images.save_side_by_side(panels, FLAGS.out, overwrite=FLAGS.overwrite,
+                                   flag="--overwrite"))
 
   sys.exit(cli.execute(work))
 

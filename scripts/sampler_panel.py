@@ -15,13 +15,13 @@ batches also start from shared noise.
 
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
 
 from absl import app, flags
 
 from score_sde import sampling
+from score_sde.io import files
 from score_sde.run import cli, figures, programs
 
 FLAGS = flags.FLAGS
@@ -43,6 +43,7 @@ flags.DEFINE_bool("quality", False, "Also score each sampler's samples (clipped 
                   "with the config's feature network against the train-split statistics "
                   "(FD, KID, precision / recall; docs/metrics.md), next to the same number "
                   "of test images: the floor at this sample count.")
+flags.DEFINE_bool("overwrite", False, "Replace --out and <out>.json if they exist.")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -51,16 +52,19 @@ def main(argv) -> None:
   cli.setup()
 
   def work():
+    json_path = str(pathlib.Path(FLAGS.out).with_suffix(".json"))
+    for path in (FLAGS.out, json_path):  # before any work: outputs are never replaced silently
+      files.check_new(path, overwrite=FLAGS.overwrite, flag="--overwrite")
     run = programs.load_run(FLAGS.workdir, step=FLAGS.step, overrides=FLAGS.override)
     samples, stats, data_stats = figures.sampler_panel(run, FLAGS.methods, FLAGS.num_samples,
                                                        FLAGS.seed, FLAGS.threshold)
     if FLAGS.quality:
       stats["quality"] = figures.panel_quality(run, samples, FLAGS.num_samples)
-    print(figures.save_panel(samples, stats, FLAGS.out))
+    print(figures.save_panel(samples, stats, FLAGS.out, overwrite=FLAGS.overwrite))
     record = dict(stats, data=data_stats, num_samples=FLAGS.num_samples, seed=FLAGS.seed,
                   threshold=FLAGS.threshold, saturation_range=figures.SATURATION)
-    with open(pathlib.Path(FLAGS.out).with_suffix(".json"), "w") as f:
-      json.dump(record, f, indent=1)
+    files.write_json(json_path, record, indent=1, allow_nan=True, overwrite=FLAGS.overwrite,
+                     flag="--overwrite")
 
   sys.exit(cli.execute(work))
 

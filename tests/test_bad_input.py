@@ -145,6 +145,36 @@ ROWS = [
      "Unknown config.eval.precision 'bf16'; valid: ['bfloat16', 'float32']"),
     ("sample_precision", "sample", {"sampling.precision": "fp32"}, {}, "run",
      "Unknown config.sampling.precision 'fp32'; valid: ['bfloat16', 'float32']"),
+    # Issue 27: values checked before work.
+    ("guidance_nan", "sample", {"sampling.guidance_scale": float("nan")}, {}, "run",
+     "config.sampling.guidance_scale must be a number, got nan"),
+    ("guidance_inf", "train", {"sampling.guidance_scale": float("-inf")}, {}, "new",
+     "config.sampling.guidance_scale must be a number, got -inf"),
+    ("ch_mult_0", "train", {"model.ch_mult": (1, 0)}, {}, "new",
+     "config.model.ch_mult must be a non-empty tuple of integers >= 1, got (1, 0)"),
+    ("num_classes_neg", "train", {"model.num_classes": -1}, {}, "new",
+     "config.model.num_classes must be an integer in [0, inf), got -1"),
+    ("dropout_1", "train", {"model.dropout": 1.0}, {}, "new",
+     "config.model.dropout must be a number in [0, 1), got 1.0"),
+    ("seed_65_bits", "train", {"seed": 2 ** 63}, {}, "new",
+     "config.seed must be a 64-bit integer, in [-2**63, 2**63) (what jax.random.PRNGKey "
+     "takes), got 9223372036854775808"),
+    ("fid_net", "eval", {"eval.enable_fid": True, "eval.fid_feature_net": "vgg"}, {}, "run",
+     "Unknown config.eval.fid_feature_net 'vgg'; valid: ['auto', 'fmnist', 'inception']"),
+    ("fid_split", "eval", {"eval.enable_fid": True, "eval.fid_split": "val"}, {}, "run",
+     "Unknown config.eval.fid_split 'val'; valid: ['test', 'train']"),
+    ("kid_subsets", "eval", {"eval.enable_fid": True, "eval.kid_subsets": 0}, {}, "run",
+     "config.eval.kid_subsets must be an integer >= 1, got 0"),
+    ("pr_k", "eval", {"eval.enable_fid": True, "eval.pr_k": -1}, {}, "run",
+     "config.eval.pr_k must be an integer >= 1, got -1"),
+    ("inception_missing", "eval", {"eval.enable_fid": True}, {}, "run",
+     "Inception-v3 FID weights not found at None"),
+    ("fid_stats_missing", "eval", {"eval.enable_fid": True, "eval.fid_feature_net": "fmnist",
+                                   "eval.fid_stats": "/nonexistent/stats.npz"}, {}, "run",
+     "config.eval.fid_stats=/nonexistent/stats.npz: no such file"),
+    ("fid_stats_corrupt", "eval", {"eval.enable_fid": True, "eval.fid_feature_net": "fmnist",
+                                   "eval.fid_stats": "CORRUPT"}, {}, "run",
+     "is not a statistics file of scripts/reference_stats.py"),
 ]
 
 
@@ -156,7 +186,14 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(
   workdir = {"new": str(tmp_path / "new"), "run": run_dir, "file": str(tmp_path / "file")}[kind]
   if kind == "file":
     open(workdir, "w").write("not a directory")
+  if overrides.get("eval.fid_stats") == "CORRUPT":
+    overrides = {**overrides, "eval.fid_stats": str(tmp_path / "stats.npz")}
+    open(overrides["eval.fid_stats"], "wb").write(b"PK\x03\x04 cut short")
+  seed = overrides.get("seed")
+  overrides = {k: v for k, v in overrides.items() if k != "seed"}
   config = tiny_config(**{"data.tfds_data_dir": str(tmp_path / "tfds"), **overrides})
+  if seed is not None:
+    config.seed = seed
   before = snapshot(workdir)
   status, line, compiles = execute(capsys, config, workdir, mode, **kwargs)
   assert status == 2, line
@@ -212,6 +249,8 @@ def test_restore_falls_back_to_the_newest_intact_checkpoint(tmp_path, caplog):
     ("def get_config(:\n", "SyntaxError: invalid syntax"),
     ("def get_config(arg=None):\n  raise ValueError('no variant ' + str(arg))\n",
      "get_config raised ValueError: no variant tiny"),
+    ("def get_config(arg=None):\n  return {'training': {}}\n",
+     "get_config returned a dict, not an ml_collections.ConfigDict"),
 ])
 def test_config_file_errors_are_one_line(tmp_path, source, message):
   path = tmp_path / "config.py"

@@ -18,12 +18,15 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import re
 import shutil
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from score_sde.io import workdir as workdir_lib
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -54,6 +57,8 @@ def get_manager(workdir: str | os.PathLike, *, keep: int = 2, keep_period: int |
   """
   if keep < 1:
     raise ValueError(f"keep must be >= 1, got {keep}")
+  if not read_only:  # retention deletes: only inside this run
+    workdir_lib.check_inside(os.fspath(workdir), checkpoint_dir(workdir), "its checkpoints")
   cm = ocp.checkpoint_managers
   policies = [cm.LatestN(n=keep)]
   if keep_period:
@@ -64,10 +69,51 @@ def get_manager(workdir: str | os.PathLike, *, keep: int = 2, keep_period: int |
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
+class CheckpointSaveError(OSError):
+  """Writing a checkpoint failed (disk full, no permission, ...): the message names the
+  directory and the error; the checkpoints saved before are untouched."""
+
+
+def _save_error(manager: ocp.CheckpointManager, error: BaseException) -> CheckpointSaveError:
+  directory = os.fspath(manager.directory)
+  last = manager.latest_step()
+  reason = _short(error)
+  code = re.search(r"os_error_code='(\d+)'", str(error))  # tensorstore's errors
+  if code:
+    reason = f"[Errno {code.group(1)}] {os.strerror(int(code.group(1)))}"
+  for cause in (error, getattr(error, "__cause__", None)):  # the OS's words, if any
+    if isinstance(cause, OSError) and cause.strerror:
+      reason = f"[Errno {cause.errno}] {cause.strerror} ({cause.filename or directory})"
+  return CheckpointSaveError(
+      f"Saving a checkpoint into {directory} failed: {reason}. Last intact checkpoint: "
+      f"{'step ' + str(last) if last is not None else 'none'} (untouched). Free space or fix "
+      f"the permissions, then run again to resume")
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
   """Saves `state` (any pytree of arrays) as checkpoint `step` (asynchronously: the call
-  returns once the arrays are copied; the write finishes in the background)."""
-  manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
+  returns once the arrays are copied; the write finishes in the background).
+
+  Raises:
+    CheckpointSaveError: this save, or an earlier one still finishing in the background,
+      failed (e.g. ENOSPC, EACCES).
+  """
+  try:
+    manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
+  except Exception as e:  # noqa: BLE001 (orbax and tensorstore raise ValueError, OSError, ...)
+    raise _save_error(manager, e) from e
+
+
+def check_saves(manager: ocp.CheckpointManager, *, wait: bool = False) -> None:
+  """Raises CheckpointSaveError if a background save has failed (`wait`: after waiting for
+  the pending one)."""
+  try:
+    if wait:
+      manager.wait_until_finished()
+    else:
+      manager.check_for_errors()
+  except Exception as e:  # noqa: BLE001
+    raise _save_error(manager, e) from e
 
 
 class CheckpointMismatchError(ValueError):
@@ -219,7 +265,13 @@ def set_aside(workdir: str | os.PathLike, steps, reason: str) -> list[str]:
 
   Returns:
     The new paths.
+
+  Raises:
+    ValueError: `checkpoints/` or `checkpoints_set_aside/` is a symlink leaving `workdir`.
   """
+  root = os.path.abspath(os.fspath(workdir))
+  workdir_lib.check_inside(root, checkpoint_dir(workdir), "its checkpoints")
+  workdir_lib.check_inside(root, os.path.join(root, SET_ASIDE_DIR), "its set-aside folder")
   moved = []
   for step in steps:
     source = os.path.join(checkpoint_dir(workdir), str(step))

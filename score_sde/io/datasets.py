@@ -36,6 +36,7 @@ import itertools
 import os
 import pickle
 import tarfile
+import zlib
 from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
@@ -150,7 +151,11 @@ def read_idx(path: str | os.PathLike, ndim: int) -> np.ndarray:
   with open(path, "rb") as f:
     raw = f.read()
   if raw[:2] == _GZIP_MAGIC:
-    raw = gzip.decompress(raw)
+    try:
+      raw = gzip.decompress(raw)
+    except (EOFError, OSError, zlib.error) as e:
+      raise ValueError(f"{path}: gzip data cut short or corrupt ({type(e).__name__}: {e}); "
+                       f"download the file again") from None
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
     raise ValueError(f"{path}: not an idx file (magic bytes {raw[:4].hex()!r}, expected "
                      f"0000{_IDX_UBYTE:02x}{ndim:02x})")
@@ -477,7 +482,7 @@ def _load_idx_source(spec: DataSpec, split: str) -> ArraySource:
     raise ValueError(f"{dataset}: spec.image_size must be 28 (as stored) or 32 "
                      f"(zero-padded by 2 on each side); got {size!r}")
   images, labels = load_idx(data_dir, split, dataset=dataset)
-  if size == 32:
+  if size == 32 and images.shape[1:3] == (28, 28):
     images = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
   return ArraySource(images, labels, num_classes=10)
 
@@ -721,6 +726,11 @@ def get_dataset(spec: DataSpec, split: str = "train", *, batch_size: int,
   if spec.num_channels is not None and spec.num_channels != source.image_shape[-1]:
     raise ValueError(f"config.data.num_channels={spec.num_channels} but {spec.dataset!r} "
                      f"images have {source.image_shape[-1]} channels")
+  if tuple(source.image_shape[:2]) != (spec.image_size, spec.image_size):
+    where = f" in {spec.data_dir}" if spec.data_dir else ""
+    raise ValueError(f"config.data.image_size={spec.image_size} but the {spec.dataset!r} "
+                     f"{split} images{where} are {source.image_shape[0]}x"
+                     f"{source.image_shape[1]}; set config.data.image_size to match the data")
   return Dataset(
       source, split=split, batch_size=batch_size, seed=spec.seed, start_step=start_step,
       random_flip=spec.random_flip, uniform_dequantization=spec.uniform_dequantization,

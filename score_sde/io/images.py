@@ -8,6 +8,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from score_sde.io import files
+
 
 def image_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2,
                pad_value: float = 1.0) -> np.ndarray:
@@ -38,22 +40,25 @@ def image_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2,
 
 
 def save_grid(images: np.ndarray, path: str | os.PathLike, nrow: int | None = None,
-              scale: int = 1) -> str:
-  """Writes `image_grid(images, nrow)` as a PNG, upscaled `scale` times (nearest); returns
-  the path."""
+              scale: int = 1, *, overwrite: bool = False, flag: str | None = None) -> str:
+  """Writes `image_grid(images, nrow)` as a PNG, upscaled `scale` times (nearest), atomically
+  (`files.write_atomic`: an existing `path` is replaced only with `overwrite`, else
+  FileExistsError naming `flag`); returns the path."""
   grid = image_grid(images, nrow)
   picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
   if scale > 1:
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  picture.save(path)
-  return os.fspath(path)
+  return files.write_atomic(path, lambda f: picture.save(f, format="PNG"),
+                            overwrite=overwrite, flag=flag)
 
 
 def save_side_by_side(panels: dict[str, np.ndarray], path: str | os.PathLike,
-                      nrow: int | None = None, scale: int = 2) -> str:
+                      nrow: int | None = None, scale: int = 2, *, overwrite: bool = False,
+                      flag: str | None = None) -> str:
   """Writes several sample sets next to each other with a title over each (e.g. the PC and
-  ODE samplers from the same noise); returns the path."""
+  ODE samplers from the same noise), atomically and never over an existing file unless
+  `overwrite` (as `save_grid`); returns the path."""
+  files.check_new(path, overwrite=overwrite, flag=flag)
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -66,7 +71,8 @@ def save_side_by_side(panels: dict[str, np.ndarray], path: str | os.PathLike,
     ax.set_title(title, fontsize=10)
     ax.axis("off")
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100 * scale // 2)
-  plt.close(fig)
-  return os.fspath(path)
+  try:
+    return files.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100 * scale // 2),
+                              overwrite=overwrite, flag=flag)
+  finally:
+    plt.close(fig)

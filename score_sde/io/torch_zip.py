@@ -33,6 +33,8 @@ from typing import Any, Callable, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from score_sde.io import files
+
 # Storage type name (as pickled: `torch.<Name>`) -> numpy dtype of its elements.
 STORAGE_DTYPES: dict[str, np.dtype] = {
     "DoubleStorage": np.dtype("float64"),
@@ -424,7 +426,8 @@ class _PickleWriter:
     w(b"tR")
 
 
-def save(obj: Any, path: str | os.PathLike, archive_name: str | None = None) -> None:
+def save(obj: Any, path: str | os.PathLike, archive_name: str | None = None, *,
+         overwrite: bool = False, flag: str | None = None) -> None:
   """Writes `obj` in `torch.save`'s zip format; arrays become tensors.
 
   The result is what `torch.save` writes for the same tensors (protocol-2 `data.pkl`,
@@ -435,10 +438,15 @@ def save(obj: Any, path: str | os.PathLike, archive_name: str | None = None) -> 
     obj: nested dict / OrderedDict / list / tuple of arrays, str, int, float, bool, None.
     path: the file to write.
     archive_name: the folder name inside the zip (default: the file name's stem).
+    overwrite: replace an existing `path` (otherwise FileExistsError naming `flag`). The
+      file is written atomically (`files.write_atomic`): an interrupt leaves the old file
+      or none, never a torn one.
 
   Raises:
     TypeError: `obj` holds something else (or an array dtype torch has no storage for).
+    FileExistsError: `path` exists and `overwrite` is False.
   """
+  files.check_new(path, overwrite=overwrite, flag=flag)
   path = os.fspath(path)
   name = archive_name or os.path.splitext(os.path.basename(path))[0] or "archive"
   writer = _PickleWriter()
@@ -449,11 +457,15 @@ def save(obj: Any, path: str | os.PathLike, archive_name: str | None = None) -> 
   records += [(f"data/{i}", a.astype(a.dtype.newbyteorder("<")).tobytes())
               for i, a in enumerate(writer.storages)]
   records += [("version", b"3\n"), (".format_version", b"1"), (".storage_alignment", b"64")]
-  with open(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as archive:
-    for record, data in records:
-      info = zipfile.ZipInfo(f"{name}/{record}", date_time=(1980, 1, 1, 0, 0, 0))
-      # Pad the local header's extra field so the data start at a multiple of 64 bytes.
-      header = 30 + len(info.filename.encode()) + 4
-      pad = -(f.tell() + header) % 64
-      info.extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad
-      archive.writestr(info, data)
+
+  def write(f):
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as archive:
+      for record, data in records:
+        info = zipfile.ZipInfo(f"{name}/{record}", date_time=(1980, 1, 1, 0, 0, 0))
+        # Pad the local header's extra field so the data start at a multiple of 64 bytes.
+        header = 30 + len(info.filename.encode()) + 4
+        pad = -(f.tell() + header) % 64
+        info.extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad
+        archive.writestr(info, data)
+
+  files.write_atomic(path, write, overwrite=overwrite, flag=flag)

@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from score_sde import sde as sde_lib
 from score_sde.sde import batch_scalar
 from score_sde.models.classifier import NoiseConditionalClassifier
-from score_sde.io import checkpoints, datasets, parallel
+from score_sde.io import checkpoints, datasets, files, parallel
 from score_sde.io.logs import MetricsWriter
 from score_sde.run import experiment, keys
 from score_sde.run.programs import NonFiniteLossError
@@ -218,8 +218,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str, *,
                      f"{config.data.dataset!r} has {data.num_classes} classes")
   os.makedirs(out_dir, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(out_dir, META_FILE), "w") as f:
-      json.dump(_meta(config), f, indent=2)
+    files.write_json(os.path.join(out_dir, META_FILE), _meta(config), overwrite=True)
 
   sde = experiment.make_sde(config)
   model, optimizer = get_classifier(config), get_optimizer(config)

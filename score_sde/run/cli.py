@@ -25,10 +25,11 @@ import sys
 from typing import Any, Callable, Sequence
 
 from absl import flags
+import ml_collections
 
 from score_sde.io import logs
 
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT, EXIT_WRITE_FAILED = 2, 4
 BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError)
 
 FLAGS = flags.FLAGS
@@ -68,7 +69,11 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     rest = FLAGS(argv)
     if path is not None and not isinstance(FLAGS.config, str):
       # A config file flag: a config that failed to load raises on first access.
-      FLAGS.config.get("training")
+      config = FLAGS.config
+      if not isinstance(config, ml_collections.ConfigDict):
+        raise TypeError(f"get_config returned a {type(config).__name__}, not an "
+                        f"ml_collections.ConfigDict")
+      config.get("training")  # a config that failed to load raises on first access
   except Exception as e:  # noqa: BLE001 (flags and config files raise anything)
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     detail = lines[-1] if lines else type(e).__name__
@@ -87,12 +92,16 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 def execute(work: Callable[[], Any]) -> int:
   """`work()`, with bad input (ValueError, FileNotFoundError, FileExistsError) as one
-  `error: ...` line on stderr and status 2; 0 otherwise."""
+  `error: ...` line on stderr and status 2, a failed write (another OSError: disk full, no
+  permission) as one line and status 4; 0 otherwise."""
   try:
     work()
   except BAD_INPUT as e:
     print(f"error: {one_line(e)}", file=sys.stderr)
     return EXIT_BAD_INPUT
+  except OSError as e:
+    print(f"error: {one_line(e)}", file=sys.stderr)
+    return EXIT_WRITE_FAILED
   return 0
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import math
 import os
 import platform
@@ -52,6 +53,7 @@ from tqdm import tqdm
 from score_sde import metrics, mixtures, sampling
 from score_sde.checks import check_choice
 from score_sde import sde as sde_lib
+from score_sde.io import files
 from score_sde.run import experiment, programs, quality, timing
 
 COLUMNS = ("sampler", "method", "options", "nfe", "ms_per_sample", "ms_per_nfe",
@@ -437,13 +439,19 @@ def run_comparison(options: CompareOptions, *, progress: bool = True
 
 # --- outputs ---------------------------------------------------------------------------------
 
-def write_csv(rows: list[dict], path: str) -> None:
-  """The rows as CSV with header `COLUMNS` ('n/a' for None)."""
-  with open(path, "w", newline="") as f:
+def write_csv(rows: list[dict], path) -> None:
+  """The rows as CSV with header `COLUMNS` ('n/a' for None), to a path or a text stream."""
+  def write(f):
     writer = csv.DictWriter(f, fieldnames=COLUMNS)
     writer.writeheader()
     for row in rows:
       writer.writerow({k: ("n/a" if row[k] is None else row[k]) for k in COLUMNS})
+
+  if hasattr(path, "write"):
+    write(path)
+  else:
+    with open(path, "w", newline="") as f:
+      write(f)
 
 
 def markdown_table(rows: list[dict], summary: dict) -> str:
@@ -518,7 +526,7 @@ def plot(rows: list[dict], summary: dict, path: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
   fig.suptitle(f"{summary['problem']}, {summary['sde']}", fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, format="png")
   plt.close(fig)
 
 
@@ -537,16 +545,34 @@ def timing_line(rows: list[dict], summary: dict) -> str:
           + "; ".join(parts))
 
 
-def write_results(rows: list[dict], summary: dict, out_dir: str) -> dict[str, str]:
-  """Writes `results.csv`, `results.md` and `results.png` into `out_dir` (made if missing).
+def results_paths(out_dir: str, *, overwrite: bool = False) -> dict[str, str]:
+  """`{"csv", "md", "png"}` -> the paths `write_results` writes in `out_dir`.
+
+  Raises:
+    FileExistsError: one exists and `overwrite` is False (check before any work).
+  """
+  paths = {ext: os.path.join(out_dir, f"results.{ext}") for ext in ("csv", "md", "png")}
+  for path in paths.values():
+    files.check_new(path, overwrite=overwrite, flag="--overwrite")
+  return paths
+
+
+def write_results(rows: list[dict], summary: dict, out_dir: str, *, overwrite: bool = False
+                  ) -> dict[str, str]:
+  """Writes `results.csv`, `results.md` and `results.png` into `out_dir` (made if missing),
+  each atomically; existing ones are replaced only with `overwrite` (else FileExistsError,
+  before anything is written).
 
   Returns:
     `{"csv": path, "md": path, "png": path}`.
   """
+  paths = results_paths(out_dir, overwrite=overwrite)
   os.makedirs(out_dir, exist_ok=True)
-  paths = {ext: os.path.join(out_dir, f"results.{ext}") for ext in ("csv", "md", "png")}
-  write_csv(rows, paths["csv"])
-  with open(paths["md"], "w") as f:
-    f.write(markdown_table(rows, summary))
-  plot(rows, summary, paths["png"])
+  table = io.StringIO()
+  write_csv(rows, table)
+  files.write_text(paths["csv"], table.getvalue(), overwrite=overwrite, flag="--overwrite")
+  files.write_text(paths["md"], markdown_table(rows, summary), overwrite=overwrite,
+                   flag="--overwrite")
+  files.write_atomic(paths["png"], lambda f: plot(rows, summary, f), overwrite=overwrite,
+                     flag="--overwrite")
   return paths

@@ -7,7 +7,6 @@ k (the latest by default) and run on all devices, the batch sharded over `"batch
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -18,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from score_sde import likelihood
-from score_sde.io import images, parallel
+from score_sde.io import files, images, parallel
 from score_sde.io import workdir as workdir_lib
 from score_sde.run import experiment, guided, keys, programs, quality
 
@@ -61,6 +60,22 @@ def sampler_tag(config: ml_collections.ConfigDict) -> str:
   return "-".join(str(p) for p in parts if p is not None)
 
 
+def _capped_batch(config: ml_collections.ConfigDict, num_samples: int, mesh: Mesh
+                  ) -> ml_collections.ConfigDict:
+  """`config` with `sampling.batch_size` at most `num_samples` (rounded up to a multiple of
+  the devices): a batch larger than the samples asked for only costs memory."""
+  devices = int(np.prod(list(mesh.shape.values())))
+  needed = -(-num_samples // devices) * devices
+  if int(config.sampling.batch_size) <= needed:
+    return config
+  logging.info("config.sampling.batch_size=%d capped to %d (the %d samples asked for)",
+               int(config.sampling.batch_size), needed, num_samples)
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.sampling.batch_size = needed
+  return config
+
+
 def _check_num_samples(num_samples) -> int:
   if (isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer))
       or num_samples < 1):
@@ -90,6 +105,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str, *, step: int | None 
   workdir_lib.check_workdir(workdir, must_exist=True)
   mesh = parallel.make_mesh() if mesh is None else mesh
   experiment.check_config(config, mesh, "sample")
+  config = _capped_batch(config, n, mesh)
   guided.check_guidance(config, workdir)
   run = programs.restore_run(config, workdir, step, mesh)
   state, step, spec = run.state, run.step, run.spec
@@ -106,7 +122,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str, *, step: int | None 
   result = dict(step=step, method=config.sampling.method, nfe=nfe, seconds=seconds,
                 npz=stem + ".npz", png=stem + ".png")
   if jax.process_index() == 0:
-    np.savez_compressed(result["npz"], samples=x)
+    files.save_npz(result["npz"], samples=x)
     images.save_grid(x[:64], result["png"], scale=2)
   logging.info("%d samples (%s, NFE %d, %.1f s) -> %s", n, config.sampling.method, nfe,
                seconds, result["npz"])
@@ -193,9 +209,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
   workdir_lib.check_workdir(workdir, must_exist=True)
   mesh = parallel.make_mesh() if mesh is None else mesh
   experiment.check_config(config, mesh, "eval")
+  e = config.eval
+  # Every FID setting before any work (not after hours of test loss and samples).
+  net = quality.check_settings(config) if e.get("enable_fid", False) else None
+  if e.enable_sampling or e.get("enable_fid", False):
+    config = _capped_batch(config, int(e.num_samples), mesh)
   run = programs.restore_run(config, workdir, step, mesh)
   state, step, spec = run.state, run.step, run.spec
-  e = config.eval
   metrics: dict = dict(step=step)
   if e.enable_loss:
     metrics["test_loss"] = _test_loss(config, state, spec, mesh, progress)
@@ -214,15 +234,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
       os.makedirs(out_dir, exist_ok=True)
       stem = workdir_lib.fresh_stem(
           out_dir, f"samples_{sampler_tag(config)}_n{int(e.num_samples)}", (".npz", ".png"))
-      np.savez_compressed(stem + ".npz", samples=x)
+      files.save_npz(stem + ".npz", samples=x)
       images.save_grid(x[:64], stem + ".png", scale=2)
     if e.get("enable_fid", False):  # FID / KID / IS / precision / recall (score_sde.run.quality)
-      metrics.update(quality.sample_quality(config, x))
+      metrics.update(quality.sample_quality(config, x, net))
       quality.log_metrics(metrics, step, workdir)
   path = workdir_lib.fresh_stem(out_dir, "metrics", (".json",)) + ".json"
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump({k: (v if not isinstance(v, float) or np.isfinite(v) else None)
-                 for k, v in metrics.items()}, f, indent=2, allow_nan=False)
+    files.write_json(path, {k: (v if not isinstance(v, float) or np.isfinite(v) else None)
+                            for k, v in metrics.items()})
   return {**metrics, "metrics_json": path}

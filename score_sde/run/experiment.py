@@ -437,6 +437,12 @@ def _check_model(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> No
   _number("model", config, "num_res_blocks", minimum=1, integer=True)
   _number("model", config, "num_scales", minimum=1, integer=True)
   _number("model", config, "dropout", minimum=0, maximum=1, max_open=True)
+  _number("model", config, "num_classes", minimum=0, integer=True, optional=True)
+  ch_mult = m.get("ch_mult", None)
+  if (not isinstance(ch_mult, (tuple, list)) or not ch_mult
+      or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in ch_mult)):
+    raise ValueError(f"config.model.ch_mult must be a non-empty tuple of integers >= 1, got "
+                     f"{ch_mult!r}")
   levels = len(m.ch_mult) - 1
   if d.image_size % (2 ** levels):
     raise ValueError(f"config.data.image_size={d.image_size} is not divisible by "
@@ -481,6 +487,7 @@ def _check_optim(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> No
 
 def _check_sampling(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> None:
   del mode
+  _number("sampling", config, "guidance_scale", optional=True)  # finite (NaN in, NaN out)
   check_guidance_config(config)
   s = config.sampling
   _choice("sampling", config, "precision", models.PRECISIONS, "float32")
@@ -556,6 +563,20 @@ def check_config(config: ml_collections.ConfigDict, mesh: Mesh | None = None,
       `n_jitted_steps`.
   """
   check_choice("mode", mode, CHECKED_MODES)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(f"The config must be an ml_collections.ConfigDict (get_config()'s "
+                     f"result), got {type(config).__name__}")
+  missing = [name for name in SECTION_CHECKS
+             if not isinstance(config.get(name, None), ml_collections.ConfigDict)]
+  if missing:
+    raise ValueError(f"The config lacks section(s) {missing} (each a ConfigDict); it has "
+                     f"{sorted(config.keys())}. Start from a file of configs/ "
+                     f"(e.g. configs/default.py's get_config)")
+  seed = config.get("seed", 0)
+  if (isinstance(seed, bool) or not isinstance(seed, int)
+      or not -2 ** 63 <= seed < 2 ** 63):
+    raise ValueError(f"config.seed must be a 64-bit integer, in [-2**63, 2**63) (what "
+                     f"jax.random.PRNGKey takes), got {seed!r}")
   mesh = parallel.make_mesh() if mesh is None else mesh
   for check in SECTION_CHECKS.values():
     check(config, mesh, mode)

@@ -137,12 +137,13 @@ def panel_quality(run: programs.Run, samples: dict, num_samples: int) -> dict:
   return out
 
 
-def save_panel(samples: dict, stats: dict, path: str) -> str:
+def save_panel(samples: dict, stats: dict, path: str, *, overwrite: bool = False) -> str:
   """The samples of `sampler_panel` side by side in one PNG, titled with NFE and the
-  saturated fraction. Returns the path."""
+  saturated fraction (an existing `path` is replaced only with `overwrite`). Returns the
+  path."""
   panels = {f"{m} (NFE {stats['methods'][m]['nfe']}, sat. "
             f"{100 * stats['methods'][m]['saturated']:.0f}%)": x for m, x in samples.items()}
-  return images.save_side_by_side(panels, path)
+  return images.save_side_by_side(panels, path, overwrite=overwrite, flag="--overwrite")
 
 
 # ----------------------------------------------------------------------------------------

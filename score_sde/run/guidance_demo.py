@@ -140,6 +140,7 @@ def guidance_report(run: programs.Run, out: str, *,
     print(f"grid w={w}: {len(labels)} samples in {time.perf_counter() - start:.1f} s",
           flush=True)
   result["grid"] = images.save_side_by_side(panels, os.path.join(out, "cfg_grid.png"),
+                                            overwrite=True,
                                             nrow=per_class)
 
   # Inpainting of test images (guidance off: the unconditional score, i.e. the null label).

@@ -21,7 +21,8 @@ from jax.sharding import Mesh
 
 from score_sde import guidance
 from score_sde.checks import check_choice
-from score_sde.io import datasets, images, parallel
+from score_sde.io import datasets, files, images, parallel
+from score_sde.io import workdir as workdir_lib
 from score_sde.run import classifier, experiment, keys, networks, programs
 
 TASKS = ("inpaint", "colorize")
@@ -201,9 +202,9 @@ def complete_test_images(config: ml_collections.ConfigDict, workdir: str, task: 
     tag = "gray"
   out_dir = os.path.join(workdir, task)
   os.makedirs(out_dir, exist_ok=True)
-  stem = os.path.join(out_dir, f"{tag}_step_{step}")
-  np.savez_compressed(stem + ".npz", original=original, completed=completed,
-                      mask=mask_array if mask_array is not None else np.zeros(0))
+  stem = workdir_lib.fresh_stem(out_dir, f"{tag}_step_{step}", (".npz", ".png"))
+  files.save_npz(stem + ".npz", original=original, completed=completed,
+                 mask=mask_array if mask_array is not None else np.zeros(0))
   images.save_grid(np.concatenate([original, shown, completed]), stem + ".png",
                    nrow=len(original), scale=2)
   return dict(npz=stem + ".npz", png=stem + ".png", nfe=int(nfe), step=step,

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from score_sde import metrics
+from score_sde.checks import check_choice
 from score_sde.models import features as features_lib
 from score_sde.io import inception_files
 from score_sde.run import experiment
@@ -155,6 +156,61 @@ def metric_options(config: ml_collections.ConfigDict) -> dict:
   return dict(kid_subsets=int(e.get("kid_subsets", 100)),
               kid_subset_size=int(e.get("kid_subset_size", 1000)), pr_k=int(e.get("pr_k", 3)),
               pr_num_real=int(e.get("pr_num_real", 10_000)))
+
+
+FID_SPLITS = ("train", "test")
+
+
+def _check_stats_file(path: str) -> None:
+  """Raises ValueError if `path` is not a readable statistics file (cut short, foreign)."""
+  try:
+    metrics.load_reference_stats(path)
+  except Exception as err:  # noqa: BLE001 (a cut or foreign .npz raises anything)
+    raise ValueError(f"config.eval.fid_stats: {path} is not a statistics file of "
+                     f"scripts/reference_stats.py ({type(err).__name__}: {err})") from None
+
+
+FEATURE_NETS = ("auto", "fmnist", "inception")
+
+
+def check_settings(config: ml_collections.ConfigDict) -> features_lib.FeatureNet:
+  """Every FID / KID / precision-recall setting of `config.eval`, checked before any work
+  (`evaluate` calls it before the test loss and the samples): the feature network's name
+  and weights, the split, the KID and PR counts, and the statistics file if there is one
+  (readable, and made with this network, weights, dataset, split and image size).
+
+  Returns:
+    The feature network (to pass on to `sample_quality`).
+
+  Raises:
+    ValueError / FileNotFoundError: naming the setting, the bad value and the valid ones.
+  """
+  e = config.eval
+  check_choice("config.eval.fid_feature_net", e.get("fid_feature_net", "auto"), FEATURE_NETS)
+  split = e.get("fid_split", "train")
+  check_choice("config.eval.fid_split", split, FID_SPLITS)
+  for field, default in (("kid_subsets", 100), ("kid_subset_size", 1000), ("pr_k", 3),
+                         ("pr_num_real", 10_000)):
+    value = e.get(field, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.eval.{field} must be an integer >= 1, got {value!r}")
+  given = e.get("fid_stats")
+  if given:  # readable before the feature network is even built
+    if not os.path.isfile(given):
+      raise FileNotFoundError(f"config.eval.fid_stats={given}: no such file; compute it with "
+                              f"`python scripts/reference_stats.py --out={given} ...`, or set "
+                              f"fid_stats=None to use (and fill) the cache")
+    _check_stats_file(given)
+  net = get_feature_net(config)
+  path = given or default_stats_path(config, net, split)
+  if os.path.isfile(path):
+    if not given:
+      _check_stats_file(path)
+    try:
+      metrics.load_reference_stats(path, **_provenance(config, net, split))
+    except (FileNotFoundError, ValueError) as err:
+      raise ValueError(f"config.eval.fid_stats: {err}") from None
+  return net
 
 
 def sample_quality(config: ml_collections.ConfigDict, images: np.ndarray,

@@ -30,7 +30,6 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -42,7 +41,8 @@ import ml_collections
 import numpy as np
 
 from score_sde import models
-from score_sde.io import checkpoints, torch_zip
+from score_sde.io import checkpoints, files, torch_zip
+from score_sde.io import workdir as workdir_lib
 from score_sde.io.checkpoints import CheckpointMismatchError
 from score_sde.run import experiment, networks, programs
 
@@ -676,6 +676,13 @@ def import_state(config: ml_collections.ConfigDict, checkpoint: Any, *, where: s
           f"{where}: ema.shadow_params entry for {e.key} has shape "
           f"{getattr(array, 'shape', type(array).__name__)}, the model's has {e.shape}")
     ema[e.key] = array
+  for what, table in (("model", model), ("ema.shadow_params", ema)):
+    for key, array in table.items():
+      if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise CheckpointMismatchError(
+            f"{where}: {what} entry {key} holds {bad} non-finite value(s) (NaN or inf) of "
+            f"{np.size(array)}; the checkpoint is corrupt or diverged, and would sample NaNs")
   sigmas = model["sigmas"]
   if not np.allclose(sigmas, reference_sigmas(config), rtol=1e-6):
     m = config.model
@@ -755,29 +762,51 @@ def import_checkpoint(config: ml_collections.ConfigDict, checkpoint_path: str | 
   moments are not converted). Also writes `workdir/config.json` and
   `workdir/imported_from.json`.
 
+  Nothing is lost, whatever happens: the workdir's lock is held throughout; the new
+  checkpoint and files are first written completely into `workdir/.import-<pid>/`; only
+  then are they moved into place (`workdir_lib.finish_import`: the new `checkpoints/` and
+  the old are exchanged atomically), the old `checkpoints/` moved to
+  `checkpoints_set_aside/checkpoints.before_import[.k]` and an old, different
+  `config.json` kept as `config.<k>.json` (never deleted). An interrupt before that leaves
+  the old state; one during it is finished by the next command that takes the lock.
+
   Args:
     config: the experiment config matching the checkpoint's network.
     checkpoint_path: the reference `.pth` file.
     workdir: the run directory to write.
-    overwrite: replace existing checkpoints of `workdir` (otherwise refuse).
+    overwrite: replace (set aside) existing checkpoints and a different `config.json` of
+      `workdir` (otherwise refuse).
 
   Returns:
     The imported step.
 
   Raises:
     FileNotFoundError: no such checkpoint file.
-    FileExistsError: `workdir` already has checkpoints and `overwrite` is False.
+    FileExistsError: `workdir` already has checkpoints, or another run's `config.json` /
+      `imported_from.json`, and `overwrite` is False.
     torch_zip.CheckpointFormatError: not a torch checkpoint, or unsafe pickle contents.
-    CheckpointMismatchError: the checkpoint does not fit the config's network.
+    CheckpointMismatchError: the checkpoint does not fit the config's network, or holds
+      non-finite weights.
+    workdir_lib.WorkdirBusyError: another process writes to `workdir`.
   """
-  path = os.fspath(checkpoint_path)
+  path, workdir = os.fspath(checkpoint_path), os.fspath(workdir)
+  workdir_lib.check_workdir(workdir)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--checkpoint={path}: no such file")
   ckpt_dir = checkpoints.checkpoint_dir(workdir)
-  existing = os.path.isdir(ckpt_dir) and any(
-      name.isdigit() for name in os.listdir(ckpt_dir))
-  if existing and not overwrite:
-    raise FileExistsError(f"{ckpt_dir} already holds checkpoints "
-                          f"({sorted(os.listdir(ckpt_dir))}); pass overwrite=True "
-                          "(--overwrite) to replace them, or choose another workdir")
+  workdir_lib.check_inside(workdir, ckpt_dir, "its checkpoints")
+  plain = experiment.config_to_plain(config)
+  if not overwrite:
+    if checkpoints.has_checkpoints(workdir):
+      raise FileExistsError(f"{ckpt_dir} already holds checkpoints "
+                            f"({sorted(os.listdir(ckpt_dir))}); pass overwrite=True "
+                            "(--overwrite) to set them aside and import, or choose another "
+                            "workdir")
+    saved = workdir_lib.load_config(workdir)
+    if saved is not None and saved != plain:
+      raise FileExistsError(f"{workdir_lib.config_path(workdir)} holds another run's config; "
+                            "pass overwrite=True (--overwrite) to import anyway (it is kept as "
+                            "config.<k>.json), or choose another workdir")
   weights = import_state(config, torch_zip.load(path), where=path)
   optimizer = experiment.make_optimizer(config)
   params = jax.tree_util.tree_map(jnp.asarray, weights.params)
@@ -786,38 +815,54 @@ def import_checkpoint(config: ml_collections.ConfigDict, checkpoint_path: str | 
       opt_state=optimizer.init(params),
       ema_params=jax.tree_util.tree_map(jnp.asarray, weights.ema_params),
       constants=jax.tree_util.tree_map(jnp.asarray, weights.constants))
-  if existing:
-    shutil.rmtree(ckpt_dir)
-  os.makedirs(workdir, exist_ok=True)
-  with checkpoints.get_manager(workdir, keep=1) as manager:
-    checkpoints.save(manager, weights.step, state)
-    manager.wait_until_finished()
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  with open(os.path.join(workdir, "imported_from.json"), "w") as f:
-    json.dump({"checkpoint": os.path.abspath(path), "step": weights.step,
-               "optimizer_state": "re-initialized"}, f, indent=2)
+  with workdir_lib.locked(workdir, "import", enabled=jax.process_index() == 0):
+    for name in os.listdir(workdir):  # staging folders of interrupted imports (incomplete)
+      if name.startswith(".import-") and os.path.isdir(os.path.join(workdir, name)):
+        shutil.rmtree(os.path.join(workdir, name))
+    staging_name = f".import-{os.getpid()}"
+    staging = os.path.join(workdir, staging_name)
+    with checkpoints.get_manager(staging, keep=1) as manager:
+      checkpoints.save(manager, weights.step, state)
+      checkpoints.check_saves(manager, wait=True)
+    files.write_text(os.path.join(staging, "checkpoints", workdir_lib.NEW_SENTINEL), "")
+    files.write_json(os.path.join(staging, "imported_from.json"),
+                     {"checkpoint": os.path.abspath(path), "step": weights.step,
+                      "optimizer_state": "re-initialized"})
+    files.write_json(os.path.join(staging, workdir_lib.CONFIG_FILE), plain, sort_keys=True,
+                     allow_nan=True)
+    # Complete: from here on the import is finished, now or by the next holder of the lock.
+    files.write_json(os.path.join(workdir, workdir_lib.IMPORT_MARKER),
+                     {"staging": staging_name, "step": weights.step})
+    moved = workdir_lib.finish_import(workdir)
+  if moved:
+    logging.warning("Kept the workdir's previous files: %s", ", ".join(moved))
   logging.info("Imported %s (step %d) into %s; the optimizer state is re-initialized (the "
                "reference's Adam moments are not converted)", path, weights.step, ckpt_dir)
   return weights.step
 
 
 def export_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                      path: str | os.PathLike, *, step: int | None = None) -> int:
+                      path: str | os.PathLike, *, step: int | None = None,
+                      overwrite: bool = False) -> int:
   """Writes checkpoint `step` (None: the latest) of `workdir` as a reference `.pth` file
-  (see `export_state`), readable by score_sde_pytorch's `restore_checkpoint`.
+  (see `export_state`), readable by score_sde_pytorch's `restore_checkpoint`. The file is
+  written atomically (a temporary file renamed into place: an interrupt leaves the old file
+  or none), and an existing `path` is replaced only with `overwrite`.
 
   Returns:
     The exported step.
 
   Raises:
     FileNotFoundError: no checkpoint (or not that step) in `workdir`.
+    FileExistsError: `path` exists and `overwrite` is False (checked before any work).
   """
+  files.check_new(path, overwrite=overwrite, flag="--overwrite")
+  workdir_lib.check_workdir(os.fspath(workdir), must_exist=True)
   loaded = programs.restore_run(config, os.fspath(workdir), step)
   state, step = loaded.state, loaded.step
   to_numpy = lambda tree: jax.tree_util.tree_map(np.asarray, tree)  # noqa: E731
   obj = export_state(config, to_numpy(state.params), to_numpy(state.ema_params),
                      to_numpy(state.constants), step)
-  torch_zip.save(obj, path)
+  torch_zip.save(obj, path, overwrite=overwrite, flag="--overwrite")
   logging.info("Exported step %d of %s to %s (Adam moments not exported)", step, workdir, path)
   return step

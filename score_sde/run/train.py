@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from score_sde.io import checkpoints, images, parallel
+from score_sde.io import checkpoints, files, images, parallel
 from score_sde.io import workdir as workdir_lib
 from score_sde.io.logs import MetricsWriter
 from score_sde.run import experiment, programs
@@ -80,8 +80,8 @@ def save_snapshot(sample_fn: Callable, state: TrainState, key: Array, step: int,
     directory = os.path.join(workdir, "samples")
     os.makedirs(directory, exist_ok=True)
     stem = workdir_lib.fresh_stem(directory, f"step_{step}", (".png", ".npz"))
+    files.save_npz(stem + ".npz", samples=x)
     path = images.save_grid(x, stem + ".png", scale=2)
-    np.savez_compressed(stem + ".npz", samples=x)
     writer.image(step, "samples", images.image_grid(x))
     logging.info("step %d: %d samples (%s, NFE %d) -> %s", step, len(x), method, int(nfe), path)
 
@@ -128,22 +128,33 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step: int | None =
     NonFiniteLossError: a NaN or infinite loss (the last good checkpoint is kept).
     ValueError / FileNotFoundError: a bad config, a config that differs from the run's in
       what defines its network, missing data, or no intact checkpoint (before compiling).
+    WorkdirBusyError: another process holds the workdir (a second writer).
+    CheckpointSaveError: a checkpoint could not be written (disk full, permissions).
   """
-  from tqdm import tqdm
-
   workdir_lib.check_workdir(workdir)
   mesh = parallel.make_mesh() if mesh is None else mesh
   experiment.check_config(config, mesh, "train")
   if checkpoints.has_checkpoints(workdir):
     experiment.check_resume_config(config, workdir)
-  training = config.training
-  n_jitted, n_iters = int(training.n_jitted_steps), int(training.n_iters)
   spec = experiment.run_spec(config)
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_data = experiment.make_dataset(config, "train", **process)
   eval_data = experiment.make_dataset(config, "test", **process)
-  os.makedirs(workdir, exist_ok=True)
+  # Symlinked checkpoints/ leaving the workdir: refused before work.
+  workdir_lib.check_inside(workdir, checkpoints.checkpoint_dir(workdir), "its checkpoints")
+  workdir_lib.check_inside(workdir, os.path.join(workdir, checkpoints.SET_ASIDE_DIR),
+                           "its set-aside folder")
+  with workdir_lib.locked(workdir, "train", enabled=jax.process_index() == 0):
+    return _train_locked(config, workdir, step, mesh, progress, spec, train_data, eval_data)
 
+
+def _train_locked(config, workdir: str, step: int | None, mesh: Mesh, progress: bool,
+                  spec: RunSpec, train_data, eval_data) -> TrainState:
+  """The body of `train`, with the workdir's lock held."""
+  from tqdm import tqdm
+
+  training = config.training
+  n_jitted, n_iters = int(training.n_jitted_steps), int(training.n_iters)
   manager = checkpoints.get_manager(workdir, keep=2, keep_period=int(training.snapshot_freq))
   try:
     state = _start_state(manager, config, spec, mesh, workdir, step)
@@ -201,42 +212,53 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step: int | None =
         logging.info("step %d: loss %.5f, grad norm %.3f, lr %.2e, %.2f steps/s", last,
                      record["loss"], record["grad_norm"], record["lr"], record["steps_per_s"])
 
-  done = start  # the step of `state`
+  done, finished = start, False  # the step of `state`; whether the loop ran to its end
   try:
-    with parallel.Prefetcher(call_batch, len(calls)) as prefetched:
-      for (previous, step), batch in zip(calls, prefetched):
-        state, metrics = step_fn(state, base_key, batch)
-        done = step
-        pending.append((previous, step, metrics))
-        settle(keep=1)  # the previous call's metrics, while this one runs
-        is_eval = is_time(step, previous, int(training.eval_freq), n_iters)
-        is_snapshot = step % int(training.snapshot_freq) == 0 or step == n_iters
-        is_save = is_snapshot or step % int(training.snapshot_freq_for_preemption) == 0
-        if is_eval or is_save:
-          settle()
-        if is_eval:
-          # One test batch (batch index step / eval_freq, cycling), EMA weights, no dropout.
-          eval_loss = eval_batch_loss(eval_fn, state, eval_data.batch(step // int(
-              training.eval_freq)), jax.random.fold_in(eval_key, step), mesh)
-          writer.scalars(step, "eval", dict(loss=eval_loss))
-          bar.set_postfix(loss=last_loss[0], eval=f"{eval_loss:.4g}")
-        if is_save:
-          checkpoints.save(manager, step, state)
-        if is_snapshot and sample_fn is not None:
-          save_snapshot(sample_fn, state, jax.random.fold_in(sample_key, step), step, workdir,
-                        writer, config.sampling.method)
-    settle()
-  except KeyboardInterrupt:
-    # Keep the last launched step before giving up, once its losses are known to be finite
-    # (settle raises NonFiniteLossError otherwise, and nothing is saved).
-    settle()
-    if done > start and manager.latest_step() != done:
-      logging.warning("Interrupted: saving step %d before exiting", done)
-      checkpoints.save(manager, done, state)
-    raise
+    try:
+      with parallel.Prefetcher(call_batch, len(calls)) as prefetched:
+        for (previous, step), batch in zip(calls, prefetched):
+          state, metrics = step_fn(state, base_key, batch)
+          done = step
+          checkpoints.check_saves(manager)  # a failed background save stops training now
+          pending.append((previous, step, metrics))
+          settle(keep=1)  # the previous call's metrics, while this one runs
+          is_eval = is_time(step, previous, int(training.eval_freq), n_iters)
+          is_snapshot = step % int(training.snapshot_freq) == 0 or step == n_iters
+          is_save = is_snapshot or step % int(training.snapshot_freq_for_preemption) == 0
+          if is_eval or is_save:
+            settle()
+          if is_eval:
+            # One test batch (batch index step / eval_freq, cycling), EMA weights, no dropout.
+            eval_loss = eval_batch_loss(eval_fn, state, eval_data.batch(step // int(
+                training.eval_freq)), jax.random.fold_in(eval_key, step), mesh)
+            writer.scalars(step, "eval", dict(loss=eval_loss))
+            bar.set_postfix(loss=last_loss[0], eval=f"{eval_loss:.4g}")
+          if is_save:
+            checkpoints.save(manager, step, state)
+          if is_snapshot and sample_fn is not None:
+            save_snapshot(sample_fn, state, jax.random.fold_in(sample_key, step), step, workdir,
+                          writer, config.sampling.method)
+      settle()
+    except KeyboardInterrupt:
+      # Keep the last launched step before giving up, once its losses are known to be finite
+      # (settle raises NonFiniteLossError otherwise, and nothing is saved).
+      settle()
+      if done > start and manager.latest_step() != done:
+        logging.warning("Interrupted: saving step %d before exiting", done)
+        checkpoints.save(manager, done, state)
+      raise
+    finished = True
   finally:
     bar.close()
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
+    try:
+      if finished:  # the last save must be complete (CheckpointSaveError otherwise)
+        checkpoints.check_saves(manager, wait=True)
+      else:  # the error being raised wins; a failed save is only logged
+        try:
+          manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+          logging.warning("A background checkpoint save failed too: %s", checkpoints._short(e))
+    finally:
+      manager.close()
+      writer.close()
   return state
