@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
+from configs import default, imagenet256_dit
 from score_sde import models
 from score_sde.io import dit_files, torch_zip
 from score_sde.run import networks
@@ -450,3 +450,32 @@ def test_builder_in_models_table():
     networks.get_model(dit_config(dit_size="XXL/2"))
   with pytest.raises(ValueError, match="patch_size 5 does not divide the image size 32x32"):
     networks.get_model(dit_config(patch_size=5, hidden_size=32, depth=1, num_heads=2))
+
+
+# --- the published sizes through the config file ------------------------------------------
+
+
+@pytest.mark.parametrize("size", sorted(DIT_SIZES))
+def test_imagenet256_config_counts(size):
+  """`--config=configs/imagenet256_dit.py:<size>` builds the reference network: its count
+  under `jax.eval_shape` (nothing allocated) is the reference's (pos_embed included)."""
+  config = imagenet256_dit.get_config(size)
+  assert (config.data.image_size, config.data.num_channels, config.model.num_classes,
+          config.model.learn_sigma) == (32, 4, 1000, True)
+  abstract = jax.eval_shape(lambda k: networks.init_model(k, config), jax.random.key(0))
+  fields = DIT_SIZES[size]
+  assert models.count_params(abstract) == reference_param_count(
+      fields["depth"], fields["hidden_size"], fields["patch_size"])
+
+
+def test_imagenet256_config_arguments():
+  assert imagenet256_dit.get_config().model.dit_size == "XL/2"
+  with pytest.raises(ValueError, match=r"'XXL/2'.*'S/2'.*'tiny'"):
+    imagenet256_dit.get_config("XXL/2")
+
+
+def test_family_defaults_are_those_of_default_py():
+  """The U-Net-only / DiT-only defaults the config edge compares against are default.py's."""
+  m = default.get_config().model
+  for name, value in {**networks.UNET_ONLY_DEFAULTS, **networks.DIT_ONLY_DEFAULTS}.items():
+    assert m[name] == value, name
