@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default, imagenet256_dit
-from score_sde import models
+from configs import default, fashion_mnist_dit, imagenet256_dit
+from score_sde import main, models
 from score_sde.io import dit_files, torch_zip
 from score_sde.run import networks
 from score_sde import sde as sde_lib
@@ -479,3 +479,49 @@ def test_family_defaults_are_those_of_default_py():
   m = default.get_config().model
   for name, value in {**networks.UNET_ONLY_DEFAULTS, **networks.DIT_ONLY_DEFAULTS}.items():
     assert m[name] == value, name
+
+
+# --- --mode=describe --------------------------------------------------------------------------
+
+
+def dit_forward_macs(depth, hidden_size, patch_size, *, image_size, in_channels,
+                     learn_sigma, mlp_ratio=4.0, num_classes=0) -> int:
+  """Multiply-adds of the matrix products of one DiT forward pass, batch 1."""
+  d, p, c = hidden_size, patch_size, in_channels
+  m, t = int(d * mlp_ratio), (image_size // p) ** 2
+  c_out = 2 * c if learn_sigma else c
+  block = t * (d * 3 * d + d * d + d * m + m * d) + 2 * t * t * d + d * 6 * d
+  return (t * p * p * c * d + 256 * d + d * d + depth * block + d * 2 * d
+          + t * d * p * p * c_out)
+
+
+def describe(capsys, config) -> dict:
+
+  assert main.execute(config, None, "describe") == 0
+  return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_describe_tiny(capsys):
+  """One JSON line: the exact count and XLA's flops (2 per multiply-add): at least the matrix
+  products', and not much more (the elementwise rest is small)."""
+  config = fashion_mnist_dit.get_config("tiny")
+  out = describe(capsys, config)
+  m = config.model
+  abstract = jax.eval_shape(lambda k: networks.init_model(k, config), jax.random.key(0))
+  assert out["params"] == models.count_params(abstract) == reference_param_count(
+      m.depth, m.hidden_size, m.patch_size, in_channels=1, input_size=28, num_classes=0,
+      learn_sigma=False) - m.hidden_size  # unconditional: no label table (not even a null row)
+  macs = dit_forward_macs(m.depth, m.hidden_size, m.patch_size, image_size=28, in_channels=1,
+                          learn_sigma=False)
+  assert 2 * macs <= out["flops_per_image"] <= 1.3 * 2 * macs, (out, macs)
+  assert out["image_shape"] == [28, 28, 1]
+
+
+def test_describe_xl2(capsys):
+  """DiT-XL/2 at 256 px: 675,129,632 parameters (the reference's count), and XLA's flops are
+  2x the paper's 118.6 Gflops (which count a multiply-add once) within 1%."""
+  out = describe(capsys, imagenet256_dit.get_config("XL/2"))
+  assert out["params"] == 675_129_632 == reference_param_count(28, 1152, 2)
+  assert abs(out["flops_per_image"] / 2 / 118.6e9 - 1) < 0.01, out
+  macs = dit_forward_macs(28, 1152, 2, image_size=32, in_channels=4, learn_sigma=True)
+  assert 2 * macs <= out["flops_per_image"] <= 1.02 * 2 * macs

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from score_sde import models
@@ -166,3 +167,36 @@ def init_model(key: jax.Array, config: ml_collections.ConfigDict,
   the config's image shape; usable under `jax.eval_shape`."""
   model = get_model(config) if model is None else model
   return models.init_network(key, model, image_shape(config))
+
+
+def describe(config: ml_collections.ConfigDict) -> dict:
+  """What `--mode=describe` prints: the network's exact size and cost, nothing allocated.
+
+  Returns:
+    `{"model", "image_shape", "params", "flops_per_image"}`: `params` counts every variable
+    of `init` (the `constants` too, e.g. DiT's pos_embed, as the reference counts it) under
+    `jax.eval_shape`; `flops_per_image` is XLA's cost analysis of one forward pass of
+    batch 1 at float32 (the network only, eval mode, class label 0 when conditional),
+    lowered, neither compiled nor run. XLA counts a multiply-add as 2 flops (the DiT paper's
+    Gflops count it as 1).
+
+  Raises:
+    ValueError: the config's network fields (see `get_model`).
+  """
+  model = get_model(config)
+  shape = image_shape(config)
+  abstract = jax.eval_shape(lambda k: init_model(k, config, model), jax.random.key(0))
+  conditional = int(config.model.get("num_classes", 0)) > 0
+
+  def forward(variables, x, t):
+    labels = jnp.zeros((1,), jnp.int32) if conditional else None
+    return model.apply(variables, x, t, train=False, class_labels=labels)
+
+  lowered = jax.jit(forward).lower(abstract, jax.ShapeDtypeStruct((1, *shape), jnp.float32),
+                                   jax.ShapeDtypeStruct((1,), jnp.float32))
+  cost = lowered.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
+    cost = cost[0]
+  return {"model": str(config.model.name), "image_shape": list(shape),
+          "params": models.count_params(abstract),
+          "flops_per_image": int(cost["flops"])}
