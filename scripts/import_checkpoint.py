@@ -1,4 +1,4 @@
-"""Imports a score_sde_pytorch checkpoint into a workdir of this project.
+"""Imports a published checkpoint into a workdir of this project.
 
     python scripts/import_checkpoint.py --config=configs/cifar10_vp.py \\
         --checkpoint=checkpoint_8.pth --workdir=runs/published_vp
@@ -12,6 +12,13 @@ the EMA parameters (used by sampling and evaluation), the model weights the para
 step the step; the optimizer state starts fresh. The file is read without executing pickled
 code, and without torch. A workdir that already has checkpoints is refused unless
 `--overwrite`.
+
+DiT checkpoints of facebookresearch/DiT (a bare state dict such as the published
+`DiT-XL-2-256x256.pt`, or a train.py checkpoint with "model" / "ema"; EMA weights -> EMA
+params), for a DiT config of the same size:
+
+    python scripts/import_checkpoint.py --format=dit --config=configs/imagenet256_dit.py:XL/2 \
+        --checkpoint=DiT-XL-2-256x256.pt --workdir=runs/dit_xl2
 """
 
 from __future__ import annotations
@@ -26,7 +33,10 @@ from score_sde.run import cli, reference
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py) whose "
                                 "network the checkpoint holds.", lock_config=True)
-flags.DEFINE_string("checkpoint", None, "The score_sde_pytorch checkpoint (.pth).")
+flags.DEFINE_string("checkpoint", None, "The checkpoint: a score_sde_pytorch .pth or a "
+                    "facebookresearch/DiT .pt.")
+flags.DEFINE_string("format", "score_sde", "What the checkpoint is: "
+                    f"{' | '.join(reference.FORMATS)}.")
 flags.DEFINE_string("workdir", None, "The run directory to write the checkpoint into.")
 flags.DEFINE_bool("overwrite", False, "Replace the workdir's existing checkpoints.")
 flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
@@ -37,9 +47,10 @@ def main(argv) -> None:
   cli.setup()
 
   def work():
-    step = reference.import_checkpoint(FLAGS.config, FLAGS.checkpoint, FLAGS.workdir,
-                                       overwrite=FLAGS.overwrite)
-    print(f"imported step {step} into {FLAGS.workdir} (optimizer state re-initialized)")
+    info = reference.import_any(FLAGS.format, FLAGS.checkpoint, FLAGS.workdir,
+                                config=FLAGS.config, overwrite=FLAGS.overwrite)
+    print(f"imported step {info['step']} into {FLAGS.workdir} (optimizer state "
+          "re-initialized)")
 
   sys.exit(cli.execute(work))
 

@@ -31,7 +31,7 @@ import pytest
 from configs import default, fashion_mnist_dit, imagenet256_dit
 from score_sde import main, models
 from score_sde.io import dit_files, torch_zip
-from score_sde.run import networks
+from score_sde.run import networks, programs, reference
 from score_sde import sde as sde_lib
 from score_sde.models import dit_weights
 from score_sde.models.dit import DIT_SIZES, DiT, dit_size, sincos_pos_embed_2d
@@ -525,3 +525,71 @@ def test_describe_xl2(capsys):
   assert abs(out["flops_per_image"] / 2 / 118.6e9 - 1) < 0.01, out
   macs = dit_forward_macs(28, 1152, 2, image_size=32, in_channels=4, learn_sigma=True)
   assert 2 * macs <= out["flops_per_image"] <= 1.02 * 2 * macs
+
+
+# --- scripts/import_checkpoint.py --format=dit (run/reference.py) -------------------------------
+
+
+def fixture_config():
+  """A DiT config of the fixture's network (8x8x4 latents, 10 classes, learn_sigma)."""
+  args = fixture_index()["constructor_args"]
+  config = dit_config(patch_size=args["patch_size"], hidden_size=args["hidden_size"],
+                      depth=args["depth"], num_heads=args["num_heads"],
+                      mlp_ratio=args["mlp_ratio"], num_classes=args["num_classes"],
+                      class_dropout_prob=args["class_dropout_prob"],
+                      learn_sigma=args["learn_sigma"])
+  config.data.image_size, config.data.num_channels = args["input_size"], args["in_channels"]
+  config.training.continuous = False  # the reference's integer steps are the time labels
+  config.training.weighting = "ddpm"
+  return config
+
+
+@pytest.mark.parametrize("file", ["dit_tiny_p2.train.pt", "dit_tiny_p2.pt"])
+def test_import_then_load_run(tmp_path, file):
+  """import -> `load_run`: the run's EMA variables (and, for the training checkpoint, the raw
+  ones) give the reference's float64 outputs within 5e-5."""
+  workdir = str(tmp_path / "run")
+  info = reference.import_any("dit", fixture_path(file), workdir, config=fixture_config())
+  assert info == {"format": "dit", "step": 0}
+  run = programs.load_run(workdir)
+  out = fixture_outputs()
+  net = run.score_model.network
+  apply = jit_apply(net)
+  args = (jnp.asarray(out["x_nhwc"]), jnp.asarray(out["t"], jnp.float32),
+          jnp.asarray(out["y"], jnp.int32))
+  np.testing.assert_allclose(np.asarray(apply(run.variables(ema=True), *args)),
+                             nhwc(out["out_ema_f64"]), rtol=0, atol=ATOL)
+  raw = "out_model_f64" if file.endswith(".train.pt") else "out_ema_f64"
+  np.testing.assert_allclose(np.asarray(apply(run.variables(ema=False), *args)),
+                             nhwc(out[raw]), rtol=0, atol=ATOL)
+  with pytest.raises(FileExistsError, match="overwrite"):
+    reference.import_any("dit", fixture_path(file), workdir, config=fixture_config())
+
+
+@pytest.mark.parametrize("field,value,key", [
+    ("depth", 3, "blocks.2.attn.qkv.weight"),
+    ("hidden_size", 32, "pos_embed"),
+])
+def test_import_of_another_size_names_key_shapes_and_fields(tmp_path, field, value, key):
+  config = fixture_config()
+  config.model[field] = value
+  if field == "hidden_size":
+    config.model.num_heads = 2
+  with pytest.raises(ValueError) as info:
+    reference.import_any("dit", fixture_path("dit_tiny_p2.pt"), str(tmp_path), config=config)
+  message = str(info.value)
+  assert repr(key) in message and "dit_tiny_p2.pt" in message, message
+  for fits in ("--config.model.hidden_size=64", "--config.model.depth=2",
+               "--config.data.image_size=8", "--config.data.num_channels=4",
+               "--config.model.num_classes=10", "model.num_heads"):
+    assert fits in message, message
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_import_needs_a_dit_config(tmp_path):
+  with pytest.raises(ValueError, match="--format=dit needs a DiT config"):
+    reference.import_any("dit", fixture_path("dit_tiny_p2.pt"), str(tmp_path),
+                         config=default.get_config())
+  with pytest.raises(ValueError, match=r"Unknown --format 'pytorch'.*'dit'"):
+    reference.import_any("pytorch", fixture_path("dit_tiny_p2.pt"), str(tmp_path),
+                         config=fixture_config())

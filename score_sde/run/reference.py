@@ -42,8 +42,11 @@ import ml_collections
 import numpy as np
 
 from score_sde import models
-from score_sde.io import checkpoints, torch_zip
+from score_sde.checks import check_choice
+from score_sde.io import checkpoints, dit_files, torch_zip
 from score_sde.io.checkpoints import CheckpointMismatchError
+from score_sde.models import dit_weights
+from score_sde.models.dit import DIT_SIZES, DiT
 from score_sde.run import experiment, networks, programs
 
 # The checkpoints score_sde_pytorch published (paths as in its README) -> the config file here
@@ -821,3 +824,165 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.PathL
   torch_zip.save(obj, path)
   logging.info("Exported step %d of %s to %s (Adam moments not exported)", step, workdir, path)
   return step
+
+
+# --- facebookresearch/DiT checkpoints (--format=dit) ------------------------------------------
+
+# `dit_weights.infer_config` names -> the config fields that hold them.
+_DIT_CONFIG_FIELDS = {"hidden_size": "model.hidden_size", "patch_size": "model.patch_size",
+                      "depth": "model.depth", "mlp_ratio": "model.mlp_ratio",
+                      "learn_sigma": "model.learn_sigma", "num_classes": "model.num_classes",
+                      "in_channels": "data.num_channels", "image_size": "data.image_size"}
+
+
+def _dit_fitting_fields(state_dict: dict) -> str:
+  """The `--config.<field>=<value>` overrides a DiT state dict fits (a published size by
+  name when its shape is one; `num_heads` is not in the weights)."""
+  fits = dit_weights.infer_config(state_dict)
+  fields = {_DIT_CONFIG_FIELDS[k]: v for k, v in fits.items() if k in _DIT_CONFIG_FIELDS}
+  size = next((name for name, s in DIT_SIZES.items()
+               if all(fits.get(k) == v for k, v in s.items() if k != "num_heads")), None)
+  if size is not None:
+    for key in ("model.hidden_size", "model.patch_size", "model.depth"):
+      fields.pop(key, None)
+    fields = {"model.dit_size": size, **fields}
+  else:
+    fields = {"model.dit_size": None, **fields}
+  return " ".join(f"--config.{k}={v}" for k, v in fields.items())
+
+
+def _dit_variables(state_dict: dict, config: ml_collections.ConfigDict, where: str) -> dict:
+  """`dit_weights.params_from_reference` for the config's network; a mismatch names the
+  first key, both shapes and the config fields that would fit."""
+  net = networks.get_model(config)
+  try:
+    return dit_weights.params_from_reference(state_dict, net, networks.image_shape(config))
+  except ValueError as e:
+    first = str(e).split(";", 1)[0]
+    raise CheckpointMismatchError(
+        f"{where}: the checkpoint does not fit the config: {first}; the config fields that "
+        f"fit it: {_dit_fitting_fields(state_dict)} (and model.num_heads, which the weights "
+        "do not tell)") from None
+
+
+def _dit_step(path: str) -> int:
+  """facebookresearch/DiT's train.py names its checkpoints by step (`0400000.pt`); others 0."""
+  stem = os.path.splitext(os.path.basename(path))[0]
+  return int(stem) if stem.isdigit() else 0
+
+
+def import_dit_checkpoint(config: ml_collections.ConfigDict, checkpoint_path: str | os.PathLike,
+                          workdir: str | os.PathLike, *, overwrite: bool = False) -> int:
+  """Writes a facebookresearch/DiT checkpoint as an orbax checkpoint of `workdir`, for a DiT
+  config (`model.name='dit'`, e.g. `configs/imagenet256_dit.py:XL/2`).
+
+  A training checkpoint of train.py (`{"model", "ema", "opt", "args"}`) gives its "ema"
+  weights to the EMA parameters and its "model" weights to the parameters; a bare state
+  dict (the published `DiT-XL-2-256x256.pt`, EMA weights) gives both. The step is the file
+  name's when it is a number (train.py's `0400000.pt`), else 0; the optimizer state starts
+  fresh (the AdamW moments in "opt" are not converted). The file is read without torch and
+  without executing pickled code (`io.dit_files`). Then `programs.load_run(workdir)` is the
+  imported network; also writes `config.json` and `imported_from.json`.
+
+  Returns:
+    The imported step.
+
+  Raises:
+    ValueError: not a DiT config (before reading anything).
+    FileNotFoundError, FileExistsError, torch_zip.CheckpointFormatError: as
+      `import_checkpoint`.
+    CheckpointMismatchError: the weights do not fit the config's network (the first key, both
+      shapes and the `--config.*` fields that would fit).
+  """
+  path = os.fspath(checkpoint_path)
+  if models.MODELS.get(config.model.name) is not DiT:
+    raise ValueError(f"--format=dit needs a DiT config (config.model.name='dit', e.g. "
+                     f"configs/imagenet256_dit.py:XL/2), got config.model.name="
+                     f"{config.model.name!r}")
+  experiment.check_config(config, mode="sample")
+  existing = _refuse_existing(workdir, overwrite)
+  model_sd, ema_sd = dit_files.read_dit_weights(path)
+  variables = _dit_variables(model_sd, config, path)
+  ema_variables = variables if ema_sd is model_sd else _dit_variables(ema_sd, config, path)
+  step = _dit_step(path)
+  if existing:  # replaced only once the new weights are known to fit
+    shutil.rmtree(checkpoints.checkpoint_dir(workdir))
+  _save_imported(config, workdir, variables["params"], ema_variables["params"],
+                 {k: v for k, v in variables.items() if k != "params"}, step,
+                 dict(checkpoint=os.path.abspath(path), format="dit", step=step,
+                      ema_params="ema" if ema_sd is not model_sd else "the bare state dict",
+                      optimizer_state="re-initialized"))
+  return step
+
+
+def _refuse_existing(workdir: str | os.PathLike, overwrite: bool) -> bool:
+  """Whether `workdir` holds checkpoints (FileExistsError if so and not `overwrite`)."""
+  ckpt_dir = checkpoints.checkpoint_dir(workdir)
+  existing = os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
+  if existing and not overwrite:
+    raise FileExistsError(f"{ckpt_dir} already holds checkpoints "
+                          f"({sorted(os.listdir(ckpt_dir))}); pass overwrite=True "
+                          "(--overwrite) to replace them, or choose another workdir")
+  return existing
+
+
+def _save_imported(config: ml_collections.ConfigDict, workdir: str | os.PathLike, params,
+                   ema_params, constants, step: int, provenance: dict) -> None:
+  """An imported network as checkpoint `step` of `workdir` (fresh optimizer state), with
+  `config.json` and `imported_from.json` (`provenance`)."""
+  to_jax = lambda tree: jax.tree_util.tree_map(jnp.asarray, tree)  # noqa: E731
+  params = to_jax(params)
+  state = programs.TrainState(
+      step=jnp.asarray(step, jnp.int32), params=params,
+      opt_state=experiment.make_optimizer(config).init(params),
+      ema_params=to_jax(ema_params), constants=to_jax(constants))
+  os.makedirs(workdir, exist_ok=True)
+  with checkpoints.get_manager(workdir, keep=1) as manager:
+    checkpoints.save(manager, step, state)
+    manager.wait_until_finished()
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  with open(os.path.join(workdir, "imported_from.json"), "w") as f:
+    json.dump(provenance, f, indent=2)
+  logging.info("Imported %s (step %d) into %s; the optimizer state is re-initialized",
+               provenance.get("checkpoint"), step, workdir)
+
+
+# --- every format of scripts/import_checkpoint.py ----------------------------------------------
+
+
+def _import_score_sde(checkpoint, workdir, *, config, overwrite: bool) -> dict:
+  if config is None:
+    raise ValueError("--format=score_sde needs --config (the experiment whose network the "
+                     "checkpoint holds)")
+  step = import_checkpoint(config, checkpoint, workdir, overwrite=overwrite)
+  return dict(format="score_sde", step=step)
+
+
+def _import_dit(checkpoint, workdir, *, config, overwrite: bool) -> dict:
+  if config is None:
+    raise ValueError("--format=dit needs --config (a DiT config, e.g. "
+                     "configs/imagenet256_dit.py:XL/2)")
+  step = import_dit_checkpoint(config, checkpoint, workdir, overwrite=overwrite)
+  return dict(format="dit", step=step)
+
+
+# --format -> importer(checkpoint, workdir, *, config, overwrite) -> dict describing the import.
+FORMATS = {
+    "score_sde": _import_score_sde,
+    "dit": _import_dit,
+}
+
+
+def import_any(format: str, checkpoint: str | os.PathLike, workdir: str | os.PathLike, *,
+               config: ml_collections.ConfigDict | None = None, overwrite: bool = False
+               ) -> dict:
+  """Imports `checkpoint` of `format` (a key of `FORMATS`) into `workdir`.
+
+  Raises:
+    ValueError: an unknown format, a missing config, or a checkpoint of another format or
+      size (naming the file, the first mismatching key and both shapes); before compiling.
+    FileNotFoundError, FileExistsError: as the format's importer.
+  """
+  check_choice("--format", format, FORMATS)
+  return FORMATS[format](checkpoint, workdir, config=config, overwrite=overwrite)
