@@ -31,7 +31,7 @@ import pytest
 from configs import default, fashion_mnist_dit, imagenet256_dit
 from score_sde import main, models
 from score_sde.io import dit_files, torch_zip
-from score_sde.run import networks, programs, reference
+from score_sde.run import experiment, networks, programs, reference
 from score_sde import sde as sde_lib
 from score_sde.models import dit_weights
 from score_sde.models.dit import DIT_SIZES, DiT, dit_size, sincos_pos_embed_2d
@@ -593,3 +593,57 @@ def test_import_needs_a_dit_config(tmp_path):
   with pytest.raises(ValueError, match=r"Unknown --format 'pytorch'.*'dit'"):
     reference.import_any("pytorch", fixture_path("dit_tiny_p2.pt"), str(tmp_path),
                          config=fixture_config())
+
+
+# --- bad DiT configs, refused by the config edge before anything compiles --------------------
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(attn_resolutions=(8,)), r"'dit' does not read the U-Net-only field\(s\) "
+                                  r"attn_resolutions=\(8,\).*attn_resolutions=\(16,\)"),
+    (dict(nf=64, ch_mult=(1, 2)), r"U-Net-only field\(s\) nf=64, ch_mult=\(1, 2\)"),
+    (dict(dropout=0.0), r"U-Net-only field\(s\) dropout=0.0"),
+    (dict(patch_size=3), r"patch_size 3 does not divide the image size 8x8"),
+    (dict(num_heads=3), r"hidden_size 32 is not divisible by num_heads 3"),
+    (dict(dit_size="S/2", hidden_size=64), r"dit_size='S/2' fixes .* hidden_size=64, depth=1, "
+                                             r"num_heads=2 is set too"),
+])
+def test_bad_dit_config(changes, match):
+  config = dit_config(patch_size=2, hidden_size=32, depth=1, num_heads=2)
+  config.data.image_size = 8
+  config.model.update(changes)
+  with pytest.raises(ValueError, match=match):
+    experiment.check_config(config)
+  assert main.execute(config, "unused", "describe") == main.EXIT_BAD_INPUT
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(patch_size=4), r"'ncsnpp' does not read the DiT-only field\(s\) patch_size=4"),
+    (dict(learn_sigma=True, dit_size="XL/2"), r"DiT-only field\(s\) dit_size='XL/2', "
+                                              r"learn_sigma=True"),
+])
+def test_unet_config_with_dit_fields(changes, match):
+  config = default.get_config()
+  config.model.update(changes)
+  with pytest.raises(ValueError, match=match):
+    experiment.check_config(config)
+
+
+def test_exactly_one_label_dropout():
+  """A conditional DiT drops labels itself (model.class_dropout_prob, the reference's); the
+  train step's training.label_dropout must then be 0, and without the DiT's null row there
+  is nothing to drop to. Either dropout alone is accepted."""
+  config = dit_config(patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+  config.data.image_size = 8
+  experiment.check_config(config)  # class_dropout_prob 0.1, label_dropout 0
+  config.training.label_dropout = 0.1
+  with pytest.raises(ValueError, match=r"class_dropout_prob=0.1 .* and "
+                                       r"config.training.label_dropout=0.1 would both"):
+    experiment.check_config(config)
+  config.model.class_dropout_prob = 0.0
+  with pytest.raises(ValueError, match="no null class row"):
+    experiment.check_config(config)
+  config.training.label_dropout = 0.0
+  experiment.check_config(config)
+  config = imagenet256_dit.get_config("S/2")
+  assert (config.model.class_dropout_prob, config.training.label_dropout) == (0.1, 0.0)
