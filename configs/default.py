@@ -157,6 +157,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model.mlp_ratio = 4.0
   model.class_dropout_prob = 0.1
   model.learn_sigma = False
+  # jax.nn.dot_product_attention's implementation: None (JAX 0.10: its XLA einsum-softmax-
+  # einsum on every backend) | 'xla' | 'cudnn' (cuDNN's fused flash attention, NVIDIA GPUs,
+  # bfloat16 / float16 compute only: with sampling/training.precision = 'bfloat16').
+  model.attention_implementation = config_dict.placeholder(str)
 
   # Optimization.
   config.optim = optim = ml_collections.ConfigDict()

@@ -67,7 +67,7 @@ DIT_SHAPE_DEFAULTS: dict[str, Any] = {"patch_size": 2, "hidden_size": 384, "dept
                                       "num_heads": 6}
 DIT_ONLY_DEFAULTS: dict[str, Any] = {
     "dit_size": None, **DIT_SHAPE_DEFAULTS, "mlp_ratio": 4.0, "class_dropout_prob": 0.1,
-    "learn_sigma": False}
+    "learn_sigma": False, "attention_implementation": None}
 
 
 def _same(value, default) -> bool:
@@ -103,7 +103,8 @@ def check_family_fields(config: ml_collections.ConfigDict) -> None:
 def _dit_fields(config: ml_collections.ConfigDict) -> dict:
   """DiT from `config.model`: `dit_size` (a `DIT_SIZES` name such as 'XL/2') if set, else
   `patch_size`, `hidden_size`, `depth`, `num_heads`; and `mlp_ratio` (4.0),
-  `class_dropout_prob` (0.1), `learn_sigma` (False), `num_classes`. Checks the image size
+  `class_dropout_prob` (0.1), `learn_sigma` (False), `num_classes`,
+  `attention_implementation` (None). Checks the image size
   against the patch size here, before anything is compiled.
 
   Raises:
@@ -126,7 +127,8 @@ def _dit_fields(config: ml_collections.ConfigDict) -> dict:
   fields = dict(**shape, mlp_ratio=float(m.get("mlp_ratio", 4.0)),
                 class_dropout_prob=float(m.get("class_dropout_prob", 0.1)),
                 num_classes=int(m.get("num_classes", 0)),
-                learn_sigma=bool(m.get("learn_sigma", False)))
+                learn_sigma=bool(m.get("learn_sigma", False)),
+                attention_implementation=m.get("attention_implementation", None) or None)
   DiT(**fields).grid(config.data.image_size, config.data.image_size)
   return fields
 
