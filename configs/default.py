@@ -63,6 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   sampling.atol = 1e-5
   sampling.solver = "dopri5"
   sampling.eta = 0.0
+  # ddpm's variance: 'beta' | 'posterior' | 'learned' (the network's, Nichol & Dhariwal: a
+  # DiT with learn_sigma=True; sampling.ddpm_sample).
+  sampling.variance = "beta"
   sampling.order = 2
   sampling.rho = 7.0
   sampling.s_churn = 0.0

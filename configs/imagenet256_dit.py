@@ -53,6 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   sampling.method = "ddpm"
   sampling.steps = 250
   sampling.predictor = "ancestral_sampling"
+  sampling.variance = "learned"  # the network's interpolated variance, as sample.py
   sampling.guidance = "cfg"
   sampling.guidance_scale = 3.0  # w = 3: the reference's cfg_scale 4 = 1 + w
   sampling.class_label = 207

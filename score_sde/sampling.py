@@ -603,7 +603,8 @@ def ddpm_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | 
     var_interp_fn: with variance='learned' (only then), `(x [B, *D], t [B]) -> v [B, *D]`,
       the variance half of a `learn_sigma` network's output (`ScoreModel.variance_fn`),
       evaluated at the same (x, t) as the score: under jit XLA computes the shared network
-      once, and it counts in the NFE as part of that evaluation.
+      once (compiled flops of a tiny DiT's score and variance together: 14,786,208 against
+      14,784,160 for the score alone), and it counts in the NFE as part of that evaluation.
     denoise: no noise on the last step (Ho et al.'s z = 0 at t = 1).
     eps: the lowest level's time (default `default_eps(sde)`).
     x_T: optional starting noise.

@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import default
 from score_sde import models, sampling
 from score_sde import sde as sde_lib
 from score_sde.models.dit import DiT
+from score_sde.run import experiment, networks, programs
 
 SHAPE = (4, 4, 4, 2)
 
@@ -120,3 +122,53 @@ def test_variance_fn_of_a_learn_sigma_dit():
   plain_vars = models.init_network(jax.random.key(0), plain.network, (8, 8, 4))
   with pytest.raises(ValueError, match="learned variance"):
     plain.variance_fn(plain_vars)(x, t)
+
+
+def learned_dit_config(variance="learned"):
+  config = default.get_config()
+  config.model.update(name="dit", patch_size=2, hidden_size=32, depth=1, num_heads=2,
+                      learn_sigma=True)
+  config.data.update(image_size=8, num_channels=2)
+  config.sampling.update(method="ddpm", steps=5, variance=variance)
+  return config
+
+
+def test_config_path_uses_the_networks_variance():
+  """`config.sampling.variance='learned'` reaches ddpm through `programs.make_sample_fn`: a
+  DiT whose variance half is +1 everywhere samples as variance='beta' (same key), and not as
+  'posterior'."""
+  spec = experiment.run_spec(learned_dit_config())
+  variables = jax.jit(lambda k: networks.init_model(k, learned_dit_config()))(jax.random.key(0))
+  bias = np.zeros((2, 2, 4), np.float32)
+  bias[..., 2:] = 1.0  # (i, j, c) per token, c fastest: the variance channels C..2C
+  final = dict(variables["params"]["final_layer_linear"], bias=jnp.asarray(bias.reshape(-1)))
+  variables = {**variables, "params": {**variables["params"], "final_layer_linear": final}}
+  shape = (2, 8, 8, 2)
+  method, options = experiment.sampler_settings(learned_dit_config())
+  assert options["variance"] == "learned"
+  got, nfe = programs.make_sample_fn(spec, shape, method, options)(variables, jax.random.key(3))
+  beta_options = {**options, "variance": "beta"}
+  want, _ = programs.make_sample_fn(spec, shape, method, beta_options)(variables,
+                                                                         jax.random.key(3))
+  assert int(nfe) == 5
+  # Equal up to float32 rounding through 5 steps (measured 2e-6; posterior differs by > 1e-3).
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+  posterior = {**options, "variance": "posterior"}
+  other, _ = programs.make_sample_fn(spec, shape, method, posterior)(variables,
+                                                                     jax.random.key(3))
+  assert not np.allclose(np.asarray(other), np.asarray(want), atol=1e-3)
+
+
+def test_config_learned_variance_needs_learn_sigma():
+  experiment.check_config(learned_dit_config())
+  config = learned_dit_config()
+  config.model.learn_sigma = False
+  with pytest.raises(ValueError, match="variance='learned' needs a network with learned"):
+    experiment.check_config(config)
+  config = default.get_config()
+  config.sampling.update(method="ddpm", variance="learned")
+  with pytest.raises(ValueError, match=r"name='ncsnpp', learn_sigma=False"):
+    experiment.check_config(config)
+  config.sampling.variance = "fixed"
+  with pytest.raises(ValueError, match="variance"):
+    experiment.check_config(config)

@@ -533,6 +533,14 @@ def _check_sampling(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) ->
   for field, limits in ranges.items():
     if SAMPLING_RENAMES.get(field, field) in options or field == "steps":
       _number("sampling", config, field, **limits)
+  if options.get("variance") == "learned":  # ddpm with the network's variance
+    m = config.model
+    if not (models.MODELS.get(m.name) is DiT and m.get("learn_sigma", False)):
+      raise ValueError(f"config.sampling.variance='learned' needs a network with learned "
+                       f"variance (config.model.name='dit' with learn_sigma=True), got "
+                       f"name={m.name!r}, learn_sigma={m.get('learn_sigma', False)!r}; valid "
+                       f"variances: {[v for v in sampling.DDPM_VARIANCES if v != 'learned']}")
+    options = {**options, "var_interp_fn": lambda x, t: x}  # made by programs.make_sample_fn
   # The sampler's own checks (option combinations, ranges that depend on the SDE), without
   # tracing or compiling it.
   try:
