@@ -63,6 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   sampling.atol = 1e-5
   sampling.solver = "dopri5"
   sampling.eta = 0.0
+  # ddpm's variance: 'beta' | 'posterior' | 'learned' (the network's, Nichol & Dhariwal: a
+  # DiT with learn_sigma=True; sampling.ddpm_sample).
+  sampling.variance = "beta"
   sampling.order = 2
   sampling.rho = 7.0
   sampling.s_churn = 0.0
@@ -142,6 +145,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model.init_scale = 0.0
   model.conv_size = 3
   model.num_classes = 0  # > 0: class-conditional, label num_classes = null label
+  # DiT (model.name = 'dit'; score_sde/models/dit.py). dit_size names a published size
+  # ('S/2' ... 'XL/8') and then fixes patch_size, hidden_size, depth and num_heads, which
+  # must stay at these defaults; unset, those four give the shape. The U-Net-only fields
+  # above (nf, ch_mult, attn_resolutions, dropout, ...) must stay at their defaults for a DiT,
+  # and these DiT fields at theirs for a U-Net. class_dropout_prob is the DiT's own label
+  # dropout (the reference's; > 0 also adds the null class row); with it > 0,
+  # training.label_dropout must be 0 (exactly one of the two drops labels).
+  model.dit_size = config_dict.placeholder(str)
+  model.patch_size = 2
+  model.hidden_size = 384
+  model.depth = 12
+  model.num_heads = 6
+  model.mlp_ratio = 4.0
+  model.class_dropout_prob = 0.1
+  model.learn_sigma = False
+  # jax.nn.dot_product_attention's implementation: None (JAX 0.10: its XLA einsum-softmax-
+  # einsum on every backend) | 'xla' | 'cudnn' (cuDNN's fused flash attention, NVIDIA GPUs,
+  # bfloat16 / float16 compute only: with sampling/training.precision = 'bfloat16').
+  model.attention_implementation = config_dict.placeholder(str)
 
   # Optimization.
   config.optim = optim = ml_collections.ConfigDict()
@@ -183,6 +205,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return apply_variant(config, arg)
 
 
+def _unset_dit_size(model: ml_collections.ConfigDict) -> None:
+  """Replaces `model.dit_size` ('XL/8') by its patch size (the variants keep the patch)."""
+  if model.dit_size:
+    model.patch_size = int(str(model.dit_size).rsplit("/", 1)[-1])
+    model.dit_size = None
+
+
 def apply_variant(config: ml_collections.ConfigDict, arg: str | None
                   ) -> ml_collections.ConfigDict:
   """Applies a named variant to a finished experiment config.
@@ -193,22 +222,32 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None
   embeddings) stay as they are. 'small': the same experiment with a CPU-sized network
   (nf=32, ch_mult=(1, 2, 2), 2 residual blocks, attention at 16x16; 1.75M parameters for
   DDPM++ on CIFAR-10), the network of the CPU benchmark against the reference
-  (docs/benchmarks.md).
+  (docs/benchmarks.md). For a DiT (`model.name='dit'`) both shrink the transformer instead
+  (tiny: hidden_size 32, depth 1, 2 heads; small: 192, 6, 3 heads; the patch size kept) and
+  leave the U-Net fields at their defaults.
 
   Raises:
     ValueError: unknown variant.
   """
   if arg not in VARIANTS:
     raise ValueError(f"Unknown config variant {arg!r}; valid: {VARIANTS}")
-  if arg == "small":
+  dit = config.model.name == "dit"
+  if arg == "small" and dit:
+    _unset_dit_size(config.model)
+    config.model.update(hidden_size=192, depth=6, num_heads=3)
+  elif arg == "small":
     config.model.nf = 32
     config.model.ch_mult = (1, 2, 2)
     config.model.num_res_blocks = 2
     config.model.attn_resolutions = (16,)
-  if arg == "tiny":
+  if arg == "tiny" and dit:  # a tiny transformer, U-Net fields as they are
+    _unset_dit_size(config.model)
+    config.model.update(hidden_size=32, depth=1, num_heads=2)
+  elif arg == "tiny":
     config.model.nf = min(16, config.model.nf // 2)
     config.model.num_res_blocks = 1
     config.model.dropout = 0.0
+  if arg == "tiny":
     config.training.batch_size = 8
     config.training.n_iters = 10
     config.training.snapshot_freq = 5

@@ -6,6 +6,9 @@
         --mode=sample --config.sampling.method=dpm_solver --config.sampling.steps=20
     python -m score_sde.main --config=configs/fashion_mnist_vp.py --workdir=runs/fmnist \
         --mode=train_classifier   # the noise-conditional classifier (docs/guidance.md)
+    python -m score_sde.main --config=configs/imagenet256_dit.py:XL/2 --mode=describe
+        # one JSON line: "params" (exact) and "flops_per_image" (XLA's count, one forward
+        # pass of batch 1), under jax.eval_shape / lowering: nothing allocated, no --workdir
 
 Any config field can be overridden with `--config.<section>.<field>=value`, and
 `--config=configs/<file>.py:tiny` picks the file's tiny variant. The config is validated
@@ -33,7 +36,7 @@ from ml_collections import config_flags
 
 from score_sde.io import logs
 
-MODES = ("train", "eval", "sample", "train_classifier")
+MODES = ("train", "eval", "sample", "train_classifier", "describe")
 EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_WRITE_FAILED = 2, 3, 4
 
 FLAGS = flags.FLAGS
@@ -54,7 +57,10 @@ flags.DEFINE_string("coordinator_address", None, "With --distributed: host:port 
                     "0's coordinator (default: detected, or $JAX_COORDINATOR_ADDRESS).")
 flags.DEFINE_integer("num_processes", None, "With --distributed: the number of processes.")
 flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
+flags.register_multi_flags_validator(
+    ["workdir", "mode"], lambda f: f["workdir"] is not None or f["mode"] == "describe",
+    message="--workdir is required (except with --mode=describe)")
 
 
 def run(config, workdir: str, mode: str, *, step: int | None = None,
@@ -65,7 +71,8 @@ def run(config, workdir: str, mode: str, *, step: int | None = None,
   Args:
     config: the config (file + command-line overrides).
     workdir: the run's directory.
-    mode: 'train', 'eval' or 'sample'.
+    mode: 'train', 'eval', 'sample', 'train_classifier' or 'describe' (then `workdir` is
+      unused: the network's `networks.describe`).
     step: checkpoint to resume from (train) or to use (None: the newest intact one).
     num_samples: for 'sample' (>= 1; None: `config.eval.num_samples`).
     overrides: eval / sample: the field paths given on the command line; the run's
@@ -80,6 +87,10 @@ def run(config, workdir: str, mode: str, *, step: int | None = None,
   if mode not in MODES:
     raise ValueError(f"Unknown --mode {mode!r}; valid: {MODES}")
   from score_sde.run import experiment
+  if mode == "describe":  # the network's parameter count and flops; nothing allocated or run
+    from score_sde.run import networks
+    experiment.check_config(config, mode="sample")
+    return networks.describe(config)
   from score_sde.io import workdir as workdir_lib
 
   workdir_lib.check_workdir(workdir, must_exist=mode not in ("train", "train_classifier"))
@@ -183,7 +194,8 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
       detail = f"SyntaxError: {e.msg} ({e.filename}, line {e.lineno})"
     elif lines and "Error whilst parsing config file" in lines[0]:
       detail = f"get_config raised {detail}"
-    other_flag = str(e).startswith("flag --") and not str(e).startswith("flag --config=")
+    other_flag = (str(e).startswith(("flag --", "flags ")) and
+                  not str(e).startswith("flag --config="))
     where = "" if path is None or other_flag else f"--config={path}: "
     print(f"error: {where}{detail}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)

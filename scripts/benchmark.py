@@ -3,10 +3,12 @@
     python scripts/benchmark.py --config=configs/cifar10_vp.py --batch_size=8
     XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
         python scripts/benchmark.py --config=configs/fashion_mnist_vp.py --devices=2
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 \
+        python scripts/benchmark.py --config=configs/fashion_mnist_dit.py --devices=2
 
 Prints one JSON line per measurement: images/s from the median of `--runs` timed calls after
-compilation, the compile time separately, the FLOPs of one call from XLA's cost analysis with
-the achieved TFLOP/s (and the fraction of the device's peak on known GPUs / TPUs), and the
+compilation, the compile time separately, the FLOPs of one call (and per image) from XLA's cost analysis
+with the achieved TFLOP/s and GFLOP/s (and the fraction of the device's peak on known GPUs / TPUs), and the
 peak memory (device `memory_stats()` where the backend has them, else the process's max RSS;
 `score_sde.run.timing`). The forward pass is the network in eval mode; the train step is the
 one training runs (`programs.make_train_step`): the config's loss, forward + backward,
@@ -77,10 +79,13 @@ def benchmark(config, config_name: str, batch_size: int, devices: int, runs: int
   results = []
 
   def report(name: str, compiled, compile_s: float, run_s: float) -> None:
+    use = timing.utilization(compiled, run_s, base["device_kind"], devices, dtype=precision)
+    if "gflops_per_call" in use:  # per image, and the achieved rate in GFLOP/s
+      use.update(flops_per_image=round(use["gflops_per_call"] * 1e9 / batch_size),
+                 achieved_gflop_per_s=round(use["gflops_per_call"] / run_s, 2))
     line = {**base, "mode": name, "compile_s": round(compile_s, 3),
             "median_s": round(run_s, 5), "images_per_s": round(batch_size / run_s, 2),
-            **timing.utilization(compiled, run_s, base["device_kind"], devices,
-                                 dtype=precision), **timing.peak_memory()}
+            **use, **timing.peak_memory()}
     print(json.dumps(line), flush=True)
     results.append(line)
 

@@ -1,4 +1,4 @@
-"""Imports a score_sde_pytorch checkpoint into a workdir of this project.
+"""Imports a published checkpoint into a workdir of this project.
 
     python scripts/import_checkpoint.py --config=configs/cifar10_vp.py \\
         --checkpoint=checkpoint_8.pth --workdir=runs/published_vp
@@ -15,6 +15,13 @@ code, and without torch. A workdir that already has checkpoints (or another run'
 completely first, and only then are the old checkpoints moved to
 `checkpoints_set_aside/checkpoints.before_import` (never deleted) and an old config kept as
 `config.<k>.json`. An interrupt at any moment leaves the old state or the new one.
+
+DiT checkpoints of facebookresearch/DiT (a bare state dict such as the published
+`DiT-XL-2-256x256.pt`, or a train.py checkpoint with "model" / "ema"; EMA weights -> EMA
+params), for a DiT config of the same size:
+
+    python scripts/import_checkpoint.py --format=dit --config=configs/imagenet256_dit.py:XL/2 \
+        --checkpoint=DiT-XL-2-256x256.pt --workdir=runs/dit_xl2
 """
 
 from __future__ import annotations
@@ -29,7 +36,10 @@ from score_sde.run import cli, reference
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py) whose "
                                 "network the checkpoint holds.", lock_config=True)
-flags.DEFINE_string("checkpoint", None, "The score_sde_pytorch checkpoint (.pth).")
+flags.DEFINE_string("checkpoint", None, "The checkpoint: a score_sde_pytorch .pth or a "
+                    "facebookresearch/DiT .pt.")
+flags.DEFINE_string("format", "score_sde", "What the checkpoint is: "
+                    f"{' | '.join(reference.FORMATS)}.")
 flags.DEFINE_string("workdir", None, "The run directory to write the checkpoint into.")
 flags.DEFINE_bool("overwrite", False, "Import into a workdir that has checkpoints or another "
                   "config.json (the old ones are set aside, never deleted).")
@@ -41,9 +51,10 @@ def main(argv) -> None:
   cli.setup()
 
   def work():
-    step = reference.import_checkpoint(FLAGS.config, FLAGS.checkpoint, FLAGS.workdir,
-                                       overwrite=FLAGS.overwrite)
-    print(f"imported step {step} into {FLAGS.workdir} (optimizer state re-initialized)")
+    info = reference.import_any(FLAGS.format, FLAGS.checkpoint, FLAGS.workdir,
+                                config=FLAGS.config, overwrite=FLAGS.overwrite)
+    print(f"imported step {info['step']} into {FLAGS.workdir} (optimizer state "
+          "re-initialized)")
 
   sys.exit(cli.execute(work))
 

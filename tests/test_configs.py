@@ -97,7 +97,8 @@ def test_fashion_mnist_is_small_and_unpadded():
 def test_tiny_variant_keeps_architecture_options(name):
   full, tiny = flatten(load(name)), flatten(load(name, "tiny"))
   assert set(full) == set(tiny)
-  assert tiny["model.nf"] < full["model.nf"]
+  width = "model.hidden_size" if full["model.name"] == "dit" else "model.nf"
+  assert tiny[width] < full[width]
   for key in ("model.name", "model.resblock_type", "model.fir", "model.progressive",
               "model.progressive_input", "model.embedding_type", "model.ch_mult",
               "training.sde", "data.image_size"):

@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
-from score_sde import models
+from configs import default, fashion_mnist_dit, imagenet256_dit
+from score_sde import main, models
 from score_sde.io import dit_files, torch_zip
-from score_sde.run import networks
+from score_sde.run import experiment, networks, programs, reference
 from score_sde import sde as sde_lib
 from score_sde.models import dit_weights
 from score_sde.models.dit import DIT_SIZES, DiT, dit_size, sincos_pos_embed_2d
@@ -450,3 +450,200 @@ def test_builder_in_models_table():
     networks.get_model(dit_config(dit_size="XXL/2"))
   with pytest.raises(ValueError, match="patch_size 5 does not divide the image size 32x32"):
     networks.get_model(dit_config(patch_size=5, hidden_size=32, depth=1, num_heads=2))
+
+
+# --- the published sizes through the config file ------------------------------------------
+
+
+@pytest.mark.parametrize("size", sorted(DIT_SIZES))
+def test_imagenet256_config_counts(size):
+  """`--config=configs/imagenet256_dit.py:<size>` builds the reference network: its count
+  under `jax.eval_shape` (nothing allocated) is the reference's (pos_embed included)."""
+  config = imagenet256_dit.get_config(size)
+  assert (config.data.image_size, config.data.num_channels, config.model.num_classes,
+          config.model.learn_sigma) == (32, 4, 1000, True)
+  abstract = jax.eval_shape(lambda k: networks.init_model(k, config), jax.random.key(0))
+  fields = DIT_SIZES[size]
+  assert models.count_params(abstract) == reference_param_count(
+      fields["depth"], fields["hidden_size"], fields["patch_size"])
+
+
+def test_imagenet256_config_arguments():
+  assert imagenet256_dit.get_config().model.dit_size == "XL/2"
+  with pytest.raises(ValueError, match=r"'XXL/2'.*'S/2'.*'tiny'"):
+    imagenet256_dit.get_config("XXL/2")
+
+
+def test_family_defaults_are_those_of_default_py():
+  """The U-Net-only / DiT-only defaults the config edge compares against are default.py's."""
+  m = default.get_config().model
+  for name, value in {**networks.UNET_ONLY_DEFAULTS, **networks.DIT_ONLY_DEFAULTS}.items():
+    assert m[name] == value, name
+
+
+# --- --mode=describe --------------------------------------------------------------------------
+
+
+def dit_forward_macs(depth, hidden_size, patch_size, *, image_size, in_channels,
+                     learn_sigma, mlp_ratio=4.0, num_classes=0) -> int:
+  """Multiply-adds of the matrix products of one DiT forward pass, batch 1."""
+  d, p, c = hidden_size, patch_size, in_channels
+  m, t = int(d * mlp_ratio), (image_size // p) ** 2
+  c_out = 2 * c if learn_sigma else c
+  block = t * (d * 3 * d + d * d + d * m + m * d) + 2 * t * t * d + d * 6 * d
+  return (t * p * p * c * d + 256 * d + d * d + depth * block + d * 2 * d
+          + t * d * p * p * c_out)
+
+
+def describe(capsys, config) -> dict:
+
+  assert main.execute(config, None, "describe") == 0
+  return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_describe_tiny(capsys):
+  """One JSON line: the exact count and XLA's flops (2 per multiply-add): at least the matrix
+  products', and not much more (the elementwise rest is small)."""
+  config = fashion_mnist_dit.get_config("tiny")
+  out = describe(capsys, config)
+  m = config.model
+  abstract = jax.eval_shape(lambda k: networks.init_model(k, config), jax.random.key(0))
+  assert out["params"] == models.count_params(abstract) == reference_param_count(
+      m.depth, m.hidden_size, m.patch_size, in_channels=1, input_size=28, num_classes=0,
+      learn_sigma=False) - m.hidden_size  # unconditional: no label table (not even a null row)
+  macs = dit_forward_macs(m.depth, m.hidden_size, m.patch_size, image_size=28, in_channels=1,
+                          learn_sigma=False)
+  assert 2 * macs <= out["flops_per_image"] <= 1.3 * 2 * macs, (out, macs)
+  assert out["image_shape"] == [28, 28, 1]
+
+
+def test_describe_xl2(capsys):
+  """DiT-XL/2 at 256 px: 675,129,632 parameters (the reference's count), and XLA's flops are
+  2x the paper's 118.6 Gflops (which count a multiply-add once) within 1%."""
+  out = describe(capsys, imagenet256_dit.get_config("XL/2"))
+  assert out["params"] == 675_129_632 == reference_param_count(28, 1152, 2)
+  assert abs(out["flops_per_image"] / 2 / 118.6e9 - 1) < 0.01, out
+  macs = dit_forward_macs(28, 1152, 2, image_size=32, in_channels=4, learn_sigma=True)
+  assert 2 * macs <= out["flops_per_image"] <= 1.02 * 2 * macs
+
+
+# --- scripts/import_checkpoint.py --format=dit (run/reference.py) -------------------------------
+
+
+def fixture_config():
+  """A DiT config of the fixture's network (8x8x4 latents, 10 classes, learn_sigma)."""
+  args = fixture_index()["constructor_args"]
+  config = dit_config(patch_size=args["patch_size"], hidden_size=args["hidden_size"],
+                      depth=args["depth"], num_heads=args["num_heads"],
+                      mlp_ratio=args["mlp_ratio"], num_classes=args["num_classes"],
+                      class_dropout_prob=args["class_dropout_prob"],
+                      learn_sigma=args["learn_sigma"])
+  config.data.image_size, config.data.num_channels = args["input_size"], args["in_channels"]
+  config.training.continuous = False  # the reference's integer steps are the time labels
+  config.training.weighting = "ddpm"
+  return config
+
+
+@pytest.mark.parametrize("file", ["dit_tiny_p2.train.pt", "dit_tiny_p2.pt"])
+def test_import_then_load_run(tmp_path, file):
+  """import -> `load_run`: the run's EMA variables (and, for the training checkpoint, the raw
+  ones) give the reference's float64 outputs within 5e-5."""
+  workdir = str(tmp_path / "run")
+  info = reference.import_any("dit", fixture_path(file), workdir, config=fixture_config())
+  assert info == {"format": "dit", "step": 0}
+  run = programs.load_run(workdir)
+  out = fixture_outputs()
+  net = run.score_model.network
+  apply = jit_apply(net)
+  args = (jnp.asarray(out["x_nhwc"]), jnp.asarray(out["t"], jnp.float32),
+          jnp.asarray(out["y"], jnp.int32))
+  np.testing.assert_allclose(np.asarray(apply(run.variables(ema=True), *args)),
+                             nhwc(out["out_ema_f64"]), rtol=0, atol=ATOL)
+  raw = "out_model_f64" if file.endswith(".train.pt") else "out_ema_f64"
+  np.testing.assert_allclose(np.asarray(apply(run.variables(ema=False), *args)),
+                             nhwc(out[raw]), rtol=0, atol=ATOL)
+  with pytest.raises(FileExistsError, match="overwrite"):
+    reference.import_any("dit", fixture_path(file), workdir, config=fixture_config())
+
+
+@pytest.mark.parametrize("field,value,key", [
+    ("depth", 3, "blocks.2.attn.qkv.weight"),
+    ("hidden_size", 32, "pos_embed"),
+])
+def test_import_of_another_size_names_key_shapes_and_fields(tmp_path, field, value, key):
+  config = fixture_config()
+  config.model[field] = value
+  if field == "hidden_size":
+    config.model.num_heads = 2
+  with pytest.raises(ValueError) as info:
+    reference.import_any("dit", fixture_path("dit_tiny_p2.pt"), str(tmp_path), config=config)
+  message = str(info.value)
+  assert repr(key) in message and "dit_tiny_p2.pt" in message, message
+  for fits in ("--config.model.hidden_size=64", "--config.model.depth=2",
+               "--config.data.image_size=8", "--config.data.num_channels=4",
+               "--config.model.num_classes=10", "model.num_heads"):
+    assert fits in message, message
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_import_needs_a_dit_config(tmp_path):
+  with pytest.raises(ValueError, match="--format=dit needs a DiT config"):
+    reference.import_any("dit", fixture_path("dit_tiny_p2.pt"), str(tmp_path),
+                         config=default.get_config())
+  with pytest.raises(ValueError, match=r"Unknown --format 'pytorch'.*'dit'"):
+    reference.import_any("pytorch", fixture_path("dit_tiny_p2.pt"), str(tmp_path),
+                         config=fixture_config())
+
+
+# --- bad DiT configs, refused by the config edge before anything compiles --------------------
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(attn_resolutions=(8,)), r"'dit' does not read the U-Net-only field\(s\) "
+                                  r"attn_resolutions=\(8,\).*attn_resolutions=\(16,\)"),
+    (dict(nf=64, ch_mult=(1, 2)), r"U-Net-only field\(s\) nf=64, ch_mult=\(1, 2\)"),
+    (dict(dropout=0.0), r"U-Net-only field\(s\) dropout=0.0"),
+    (dict(patch_size=3), r"patch_size 3 does not divide the image size 8x8"),
+    (dict(num_heads=3), r"hidden_size 32 is not divisible by num_heads 3"),
+    (dict(dit_size="S/2", hidden_size=64), r"dit_size='S/2' fixes .* hidden_size=64, depth=1, "
+                                             r"num_heads=2 is set too"),
+])
+def test_bad_dit_config(changes, match):
+  config = dit_config(patch_size=2, hidden_size=32, depth=1, num_heads=2)
+  config.data.image_size = 8
+  config.model.update(changes)
+  with pytest.raises(ValueError, match=match):
+    experiment.check_config(config)
+  assert main.execute(config, "unused", "describe") == main.EXIT_BAD_INPUT
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(patch_size=4), r"'ncsnpp' does not read the DiT-only field\(s\) patch_size=4"),
+    (dict(learn_sigma=True, dit_size="XL/2"), r"DiT-only field\(s\) dit_size='XL/2', "
+                                              r"learn_sigma=True"),
+])
+def test_unet_config_with_dit_fields(changes, match):
+  config = default.get_config()
+  config.model.update(changes)
+  with pytest.raises(ValueError, match=match):
+    experiment.check_config(config)
+
+
+def test_exactly_one_label_dropout():
+  """A conditional DiT drops labels itself (model.class_dropout_prob, the reference's); the
+  train step's training.label_dropout must then be 0, and without the DiT's null row there
+  is nothing to drop to. Either dropout alone is accepted."""
+  config = dit_config(patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+  config.data.image_size = 8
+  experiment.check_config(config)  # class_dropout_prob 0.1, label_dropout 0
+  config.training.label_dropout = 0.1
+  with pytest.raises(ValueError, match=r"class_dropout_prob=0.1 .* and "
+                                       r"config.training.label_dropout=0.1 would both"):
+    experiment.check_config(config)
+  config.model.class_dropout_prob = 0.0
+  with pytest.raises(ValueError, match="no null class row"):
+    experiment.check_config(config)
+  config.training.label_dropout = 0.0
+  experiment.check_config(config)
+  config = imagenet256_dit.get_config("S/2")
+  assert (config.model.class_dropout_prob, config.training.label_dropout) == (0.1, 0.0)

@@ -32,19 +32,38 @@ def read_dit_checkpoint(path: str | os.PathLike, *, ema: bool = True
     FileNotFoundError: no such file.
     torch_zip.CheckpointFormatError: not a torch zip file, or a pickle referencing anything
       but tensors, plain containers and `argparse.Namespace`.
-    ValueError: not a DiT state dict or training checkpoint (e.g. no "model" with ema=False).
+    ValueError: not a DiT state dict or training checkpoint (a training checkpoint with only
+      one of "model" / "ema" gives that one either way).
+  """
+  model_weights, ema_weights = read_dit_weights(path)
+  return ema_weights if ema else model_weights
+
+
+def read_dit_weights(path: str | os.PathLike
+                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """`(model, ema)` state dicts of a facebookresearch/DiT checkpoint file, read once: a
+  training checkpoint's "model" and "ema" (either may be missing: then it is the other), or
+  a bare state dict as both (the same dict object; the published files hold EMA weights).
+
+  Raises:
+    as `read_dit_checkpoint`.
   """
   checkpoint = torch_zip.load(path)
   if not isinstance(checkpoint, Mapping):
     raise ValueError(f"{path}: expected a state dict or a training checkpoint dict, got "
                      f"{type(checkpoint).__name__}")
   if "ema" in checkpoint or "model" in checkpoint:
-    which = "ema" if ema else "model"
-    if which not in checkpoint:
-      raise ValueError(f"{path}: training checkpoint without {which!r}; it has "
-                       f"{sorted(checkpoint)}")
-    checkpoint = checkpoint[which]
-  state_dict = dict(checkpoint)
+    model = _state_dict(checkpoint.get("model", checkpoint.get("ema")), path)
+    ema = _state_dict(checkpoint["ema"], path) if "ema" in checkpoint else model
+    return model, ema
+  state_dict = _state_dict(checkpoint, path)
+  return state_dict, state_dict
+
+
+def _state_dict(obj, path) -> dict[str, np.ndarray]:
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
+  state_dict = dict(obj)
   bad = [k for k, v in state_dict.items() if not isinstance(v, np.ndarray)]
   if bad:
     raise ValueError(f"{path}: {bad[0]!r} is a {type(state_dict[bad[0]]).__name__}, not a "

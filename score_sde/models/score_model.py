@@ -205,6 +205,27 @@ class ScoreModel:
 
     return score_fn
 
+  def variance_fn(self, variables: Variables, *, class_labels: jax.Array | None = None
+                  ) -> ScoreFn:
+    """`v(x [B, *D], t [B]) -> [B, *D]`: the variance half of a learned-variance network's
+    output (DiT's `learn_sigma`; channels C..2C), the interpolation value v in [-1, 1] of
+    Nichol & Dhariwal, for `sampling.ddpm_sample(variance='learned', var_interp_fn=...)`.
+
+    Raises:
+      ValueError (when called): the network's output has C channels (no learned variance).
+    """
+
+    def variance(x: jax.Array, t: jax.Array) -> jax.Array:
+      output = self.apply(variables, x, t, class_labels=class_labels)
+      channels = x.shape[-1]
+      if output.shape[-1] != 2 * channels:
+        raise ValueError(f"variance_fn needs a network with learned variance (2C = "
+                         f"{2 * channels} output channels, e.g. DiT learn_sigma=True); this "
+                         f"one outputs {output.shape[-1]}")
+      return output[..., channels:]
+
+    return variance
+
   def denoiser(self, variables: Variables, *, class_labels: jax.Array | None = None,
                train: bool = False, rng: jax.Array | None = None) -> ScoreFn:
     """`denoise(x [B, *D], t [B]) -> [B, *D]`, the network's estimate of E[x_0 | x_t]."""

@@ -31,6 +31,7 @@ from score_sde import guidance, losses, models, sampling
 from score_sde import parameterization as param_lib
 from score_sde import sde as sde_lib
 from score_sde.checks import check_choice
+from score_sde.models.dit import DiT
 from score_sde.io import datasets, parallel
 from score_sde.io import workdir as workdir_lib
 from score_sde.run import networks
@@ -433,9 +434,13 @@ def _check_model(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> No
     networks.get_model(config)
   except ValueError as e:
     raise ValueError(f"config.model (name={m.name!r}): {e}") from None
+  _number("model", config, "num_scales", minimum=1, integer=True)
+  _number("model", config, "ema_rate", minimum=0, maximum=1, max_open=True)
+  if models.MODELS[m.name] is DiT:  # its shapes are checked by networks.get_model
+    _check_dit_label_dropout(config)
+    return
   _number("model", config, "nf", minimum=1, integer=True)
   _number("model", config, "num_res_blocks", minimum=1, integer=True)
-  _number("model", config, "num_scales", minimum=1, integer=True)
   _number("model", config, "dropout", minimum=0, maximum=1, max_open=True)
   _number("model", config, "num_classes", minimum=0, integer=True, optional=True)
   ch_mult = m.get("ch_mult", None)
@@ -452,7 +457,30 @@ def _check_model(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> No
   if bad:
     raise ValueError(f"config.model.attn_resolutions {bad} are not resolutions of this "
                      f"network; valid: {sorted(resolutions)}")
-  _number("model", config, "ema_rate", minimum=0, maximum=1, max_open=True)
+
+
+def _check_dit_label_dropout(config: ml_collections.ConfigDict) -> None:
+  """Exactly one label dropout: a conditional DiT with `model.class_dropout_prob > 0` drops
+  labels itself (in the network, as the reference; it also has the null row), so
+  `training.label_dropout` (the train step's, for every network) must then be 0; with
+  `class_dropout_prob = 0` the DiT has no null row, so there is nothing to drop to.
+
+  Raises:
+    ValueError: both > 0, or `training.label_dropout > 0` with `class_dropout_prob = 0`.
+  """
+  m = config.model
+  inner = float(m.get("class_dropout_prob", 0.1))
+  outer = float(config.training.get("label_dropout", 0.0))
+  if int(m.get("num_classes", 0)) < 1 or outer == 0:
+    return
+  if inner > 0:
+    raise ValueError(f"config.model.class_dropout_prob={inner} (the DiT's own label dropout) "
+                     f"and config.training.label_dropout={outer} would both drop labels; set "
+                     "training.label_dropout=0 (the DiT's dropout is the reference's) or "
+                     "model.class_dropout_prob=0")
+  raise ValueError(f"config.training.label_dropout={outer} drops labels to the null class, "
+                   "but a DiT with config.model.class_dropout_prob=0 has no null class row; "
+                   f"set model.class_dropout_prob={outer} and training.label_dropout=0")
 
 
 def _check_parameterization(config: ml_collections.ConfigDict) -> None:
@@ -512,6 +540,14 @@ def _check_sampling(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) ->
   for field, limits in ranges.items():
     if SAMPLING_RENAMES.get(field, field) in options or field == "steps":
       _number("sampling", config, field, **limits)
+  if options.get("variance") == "learned":  # ddpm with the network's variance
+    m = config.model
+    if not (models.MODELS.get(m.name) is DiT and m.get("learn_sigma", False)):
+      raise ValueError(f"config.sampling.variance='learned' needs a network with learned "
+                       f"variance (config.model.name='dit' with learn_sigma=True), got "
+                       f"name={m.name!r}, learn_sigma={m.get('learn_sigma', False)!r}; valid "
+                       f"variances: {[v for v in sampling.DDPM_VARIANCES if v != 'learned']}")
+    options = {**options, "var_interp_fn": lambda x, t: x}  # made by programs.make_sample_fn
   # The sampler's own checks (option combinations, ranges that depend on the SDE), without
   # tracing or compiling it.
   try:

@@ -83,8 +83,17 @@ def make_guided_sample_fn(config: ml_collections.ConfigDict, workdir: str,
     log_prob_fn = classifier.get_log_prob_fn(sde, classifier_net, cvars)
     return guidance.classifier_guided(score_fn, log_prob_fn, label, scale=scale)
 
+  def variance_fn_of(both):
+    """ddpm's learned variance: the conditional network's (as DiT's forward_with_cfg keeps
+    the conditional half's variance), the unconditional one with classifier guidance."""
+    variables, _ = both
+    if name != "cfg":
+      return score_model.variance_fn(variables)
+    return lambda x, t: score_model.variance_fn(
+        variables, class_labels=jnp.full(x.shape[:1], label, jnp.int32))(x, t)
+
   sample_fn = programs.make_sample_fn(spec, shape, method, options, mesh=mesh,
-                                   score_fn_of=score_fn_of)
+                                   score_fn_of=score_fn_of, variance_fn_of=variance_fn_of)
   return lambda variables, key: sample_fn((variables, classifier_variables), key)
 
 

@@ -177,7 +177,8 @@ def make_eval_loss_fn(spec: RunSpec, *, mesh: Mesh | None = None) -> Callable:
 
 
 def make_sample_fn(spec: RunSpec, shape: tuple[int, ...], method: str, options: dict, *,
-                   mesh: Mesh | None = None, score_fn_of: Callable | None = None
+                   mesh: Mesh | None = None, score_fn_of: Callable | None = None,
+                   variance_fn_of: Callable | None = None
                    ) -> Callable:
   """`sample_fn(variables, key) -> (images [B, H, W, C] in [0, 1], nfe)`, one compiled
   program with the batch `shape[0]` sharded over devices. `method` and `options` as for
@@ -185,7 +186,10 @@ def make_sample_fn(spec: RunSpec, shape: tuple[int, ...], method: str, options: 
   `sde.prior_sampling(fold_in(key, keys.PRIOR), shape)`, so calls with the same key but different
   methods start from the same x_T. `score_fn_of(variables) -> score_fn` makes the score
   function from `variables` (any pytree; default: the network's score with the network's
-  variables, at `spec.sample_precision`), e.g. a guided one."""
+  variables, at `spec.sample_precision`), e.g. a guided one. With ddpm's
+  `variance='learned'`, `variance_fn_of(variables) -> var_interp_fn` gives the network's
+  variance half (default: `ScoreModel.variance_fn` of the network's variables, no class
+  labels)."""
   mesh = parallel.make_mesh() if mesh is None else mesh
   parallel.check_batch(shape[0], mesh, "sampling batch size")
   batch_sharding = NamedSharding(mesh, P("batch"))
@@ -193,13 +197,17 @@ def make_sample_fn(spec: RunSpec, shape: tuple[int, ...], method: str, options: 
 
   if score_fn_of is None:
     score_fn_of = spec.score_model_for("sample").score_fn
+  learned = method == "ddpm" and options.get("variance") == "learned"
+  if learned and variance_fn_of is None:
+    variance_fn_of = spec.score_model_for("sample").variance_fn
 
   def sample_fn(variables, key):
     score_fn = score_fn_of(variables)
     x_T = sde.prior_sampling(jax.random.fold_in(key, keys.PRIOR), shape)
     x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
+    extra = {"var_interp_fn": variance_fn_of(variables)} if learned else {}
     x, nfe = sampling.sample(jax.random.fold_in(key, keys.SAMPLER), score_fn, sde, shape, method=method,
-                             x_T=x_T, **options)
+                             x_T=x_T, **options, **extra)
     return jnp.clip(spec.inverse_scaler(x), 0.0, 1.0), nfe
 
   return jax.jit(sample_fn)

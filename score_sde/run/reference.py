@@ -41,9 +41,12 @@ import ml_collections
 import numpy as np
 
 from score_sde import models
-from score_sde.io import checkpoints, files, torch_zip
+from score_sde.checks import check_choice
+from score_sde.io import checkpoints, dit_files, files, torch_zip
 from score_sde.io import workdir as workdir_lib
 from score_sde.io.checkpoints import CheckpointMismatchError
+from score_sde.models import dit_weights
+from score_sde.models.dit import DIT_SIZES, DiT
 from score_sde.run import experiment, networks, programs
 
 # The checkpoints score_sde_pytorch published (paths as in its README) -> the config file here
@@ -676,13 +679,8 @@ def import_state(config: ml_collections.ConfigDict, checkpoint: Any, *, where: s
           f"{where}: ema.shadow_params entry for {e.key} has shape "
           f"{getattr(array, 'shape', type(array).__name__)}, the model's has {e.shape}")
     ema[e.key] = array
-  for what, table in (("model", model), ("ema.shadow_params", ema)):
-    for key, array in table.items():
-      if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-        raise CheckpointMismatchError(
-            f"{where}: {what} entry {key} holds {bad} non-finite value(s) (NaN or inf) of "
-            f"{np.size(array)}; the checkpoint is corrupt or diverged, and would sample NaNs")
+  _check_finite(model, where, "model")
+  _check_finite(ema, where, "ema.shadow_params")
   sigmas = model["sigmas"]
   if not np.allclose(sigmas, reference_sigmas(config), rtol=1e-6):
     m = config.model
@@ -790,6 +788,21 @@ def import_checkpoint(config: ml_collections.ConfigDict, checkpoint_path: str | 
     workdir_lib.WorkdirBusyError: another process writes to `workdir`.
   """
   path, workdir = os.fspath(checkpoint_path), os.fspath(workdir)
+  plain = _check_import_target(config, path, workdir, overwrite)
+  weights = import_state(config, torch_zip.load(path), where=path)
+  _write_import(config, plain, workdir, weights.step, weights.params, weights.ema_params,
+                weights.constants, {"checkpoint": os.path.abspath(path),
+                                    "step": weights.step, "optimizer_state": "re-initialized"})
+  logging.info("Imported %s (step %d) into %s; the optimizer state is re-initialized (the "
+               "reference's Adam moments are not converted)", path, weights.step, workdir)
+  return weights.step
+
+
+def _check_import_target(config: ml_collections.ConfigDict, path: str, workdir: str,
+                         overwrite: bool) -> dict:
+  """Checks before an import reads anything heavy: the file exists, `workdir` is usable,
+  its `checkpoints/` does not leave it, and (unless `overwrite`) it holds neither
+  checkpoints nor another run's `config.json`. Returns the config as plain data."""
   workdir_lib.check_workdir(workdir)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--checkpoint={path}: no such file")
@@ -807,14 +820,21 @@ def import_checkpoint(config: ml_collections.ConfigDict, checkpoint_path: str | 
       raise FileExistsError(f"{workdir_lib.config_path(workdir)} holds another run's config; "
                             "pass overwrite=True (--overwrite) to import anyway (it is kept as "
                             "config.<k>.json), or choose another workdir")
-  weights = import_state(config, torch_zip.load(path), where=path)
-  optimizer = experiment.make_optimizer(config)
-  params = jax.tree_util.tree_map(jnp.asarray, weights.params)
+  return plain
+
+
+def _write_import(config: ml_collections.ConfigDict, plain: dict, workdir: str, step: int,
+                  params, ema_params, constants, provenance: dict) -> None:
+  """Puts imported weights in place as checkpoint `step` of `workdir` (fresh optimizer
+  state), with `config.json` (`plain`) and `imported_from.json` (`provenance`), losing
+  nothing (see `import_checkpoint`): under the workdir's lock, staged completely in
+  `workdir/.import-<pid>/`, then moved into place by `workdir_lib.finish_import`."""
+  to_jax = lambda tree: jax.tree_util.tree_map(jnp.asarray, tree)  # noqa: E731
+  params = to_jax(params)
   state = programs.TrainState(
-      step=jnp.asarray(weights.step, jnp.int32), params=params,
-      opt_state=optimizer.init(params),
-      ema_params=jax.tree_util.tree_map(jnp.asarray, weights.ema_params),
-      constants=jax.tree_util.tree_map(jnp.asarray, weights.constants))
+      step=jnp.asarray(step, jnp.int32), params=params,
+      opt_state=experiment.make_optimizer(config).init(params),
+      ema_params=to_jax(ema_params), constants=to_jax(constants))
   with workdir_lib.locked(workdir, "import", enabled=jax.process_index() == 0):
     for name in os.listdir(workdir):  # staging folders of interrupted imports (incomplete)
       if name.startswith(".import-") and os.path.isdir(os.path.join(workdir, name)):
@@ -822,23 +842,18 @@ def import_checkpoint(config: ml_collections.ConfigDict, checkpoint_path: str | 
     staging_name = f".import-{os.getpid()}"
     staging = os.path.join(workdir, staging_name)
     with checkpoints.get_manager(staging, keep=1) as manager:
-      checkpoints.save(manager, weights.step, state)
+      checkpoints.save(manager, step, state)
       checkpoints.check_saves(manager, wait=True)
     files.write_text(os.path.join(staging, "checkpoints", workdir_lib.NEW_SENTINEL), "")
-    files.write_json(os.path.join(staging, "imported_from.json"),
-                     {"checkpoint": os.path.abspath(path), "step": weights.step,
-                      "optimizer_state": "re-initialized"})
+    files.write_json(os.path.join(staging, "imported_from.json"), provenance)
     files.write_json(os.path.join(staging, workdir_lib.CONFIG_FILE), plain, sort_keys=True,
                      allow_nan=True)
     # Complete: from here on the import is finished, now or by the next holder of the lock.
     files.write_json(os.path.join(workdir, workdir_lib.IMPORT_MARKER),
-                     {"staging": staging_name, "step": weights.step})
+                     {"staging": staging_name, "step": step})
     moved = workdir_lib.finish_import(workdir)
   if moved:
     logging.warning("Kept the workdir's previous files: %s", ", ".join(moved))
-  logging.info("Imported %s (step %d) into %s; the optimizer state is re-initialized (the "
-               "reference's Adam moments are not converted)", path, weights.step, ckpt_dir)
-  return weights.step
 
 
 def export_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
@@ -866,3 +881,149 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.PathL
   torch_zip.save(obj, path, overwrite=overwrite, flag="--overwrite")
   logging.info("Exported step %d of %s to %s (Adam moments not exported)", step, workdir, path)
   return step
+
+
+# --- facebookresearch/DiT checkpoints (--format=dit) ------------------------------------------
+
+# `dit_weights.infer_config` names -> the config fields that hold them.
+_DIT_CONFIG_FIELDS = {"hidden_size": "model.hidden_size", "patch_size": "model.patch_size",
+                      "depth": "model.depth", "mlp_ratio": "model.mlp_ratio",
+                      "learn_sigma": "model.learn_sigma", "num_classes": "model.num_classes",
+                      "in_channels": "data.num_channels", "image_size": "data.image_size"}
+
+
+def _dit_fitting_fields(state_dict: dict) -> str:
+  """The `--config.<field>=<value>` overrides a DiT state dict fits (a published size by
+  name when its shape is one; `num_heads` is not in the weights)."""
+  fits = dit_weights.infer_config(state_dict)
+  fields = {_DIT_CONFIG_FIELDS[k]: v for k, v in fits.items() if k in _DIT_CONFIG_FIELDS}
+  size = next((name for name, s in DIT_SIZES.items()
+               if all(fits.get(k) == v for k, v in s.items() if k != "num_heads")), None)
+  if size is not None:
+    for key in ("model.hidden_size", "model.patch_size", "model.depth"):
+      fields.pop(key, None)
+    fields = {"model.dit_size": size, **fields}
+  else:
+    fields = {"model.dit_size": None, **fields}
+  return " ".join(f"--config.{k}={v}" for k, v in fields.items())
+
+
+def _dit_variables(state_dict: dict, config: ml_collections.ConfigDict, where: str) -> dict:
+  """`dit_weights.params_from_reference` for the config's network; a mismatch names the
+  first key, both shapes and the config fields that would fit."""
+  net = networks.get_model(config)
+  try:
+    return dit_weights.params_from_reference(state_dict, net, networks.image_shape(config))
+  except ValueError as e:
+    first = str(e).split(";", 1)[0]
+    raise CheckpointMismatchError(
+        f"{where}: the checkpoint does not fit the config: {first}; the config fields that "
+        f"fit it: {_dit_fitting_fields(state_dict)} (and model.num_heads, which the weights "
+        "do not tell)") from None
+
+
+def _dit_step(path: str) -> int:
+  """facebookresearch/DiT's train.py names its checkpoints by step (`0400000.pt`); others 0."""
+  stem = os.path.splitext(os.path.basename(path))[0]
+  return int(stem) if stem.isdigit() else 0
+
+
+def import_dit_checkpoint(config: ml_collections.ConfigDict, checkpoint_path: str | os.PathLike,
+                          workdir: str | os.PathLike, *, overwrite: bool = False) -> int:
+  """Writes a facebookresearch/DiT checkpoint as an orbax checkpoint of `workdir`, for a DiT
+  config (`model.name='dit'`, e.g. `configs/imagenet256_dit.py:XL/2`).
+
+  A training checkpoint of train.py (`{"model", "ema", "opt", "args"}`) gives its "ema"
+  weights to the EMA parameters and its "model" weights to the parameters; a bare state
+  dict (the published `DiT-XL-2-256x256.pt`, EMA weights) gives both. The step is the file
+  name's when it is a number (train.py's `0400000.pt`), else 0; the optimizer state starts
+  fresh (the AdamW moments in "opt" are not converted). The file is read without torch and
+  without executing pickled code (`io.dit_files`). Then `programs.load_run(workdir)` is the
+  imported network; also writes `config.json` and `imported_from.json`.
+
+  Returns:
+    The imported step.
+
+  Raises:
+    ValueError: not a DiT config (before reading anything).
+    FileNotFoundError, FileExistsError, torch_zip.CheckpointFormatError: as
+      `import_checkpoint`.
+    CheckpointMismatchError: the weights do not fit the config's network (the first key, both
+      shapes and the `--config.*` fields that would fit).
+  """
+  path = os.fspath(checkpoint_path)
+  if models.MODELS.get(config.model.name) is not DiT:
+    raise ValueError(f"--format=dit needs a DiT config (config.model.name='dit', e.g. "
+                     f"configs/imagenet256_dit.py:XL/2), got config.model.name="
+                     f"{config.model.name!r}")
+  experiment.check_config(config, mode="sample")
+  workdir = os.fspath(workdir)
+  plain = _check_import_target(config, path, workdir, overwrite)
+  model_sd, ema_sd = dit_files.read_dit_weights(path)
+  _check_finite(model_sd, path, "model")
+  variables = _dit_variables(model_sd, config, path)
+  if ema_sd is model_sd:
+    ema_variables = variables
+  else:
+    _check_finite(ema_sd, path, "ema")
+    ema_variables = _dit_variables(ema_sd, config, path)
+  step = _dit_step(path)
+  _write_import(config, plain, workdir, step, variables["params"], ema_variables["params"],
+                {k: v for k, v in variables.items() if k != "params"},
+                dict(checkpoint=os.path.abspath(path), format="dit", step=step,
+                     ema_params="ema" if ema_sd is not model_sd else "the bare state dict",
+                     optimizer_state="re-initialized"))
+  logging.info("Imported %s (step %d) into %s; the optimizer state is re-initialized", path,
+               step, workdir)
+  return step
+
+
+def _check_finite(state_dict: dict, where: str, what: str) -> None:
+  """CheckpointMismatchError if a floating entry of `state_dict` holds NaN or inf."""
+  for key, array in state_dict.items():
+    array = np.asarray(array)
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+      bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+      raise CheckpointMismatchError(
+          f"{where}: {what} entry {key} holds {bad} non-finite value(s) (NaN or inf) of "
+          f"{np.size(array)}; the checkpoint is corrupt or diverged, and would sample NaNs")
+
+
+# --- every format of scripts/import_checkpoint.py ----------------------------------------------
+
+
+def _import_score_sde(checkpoint, workdir, *, config, overwrite: bool) -> dict:
+  if config is None:
+    raise ValueError("--format=score_sde needs --config (the experiment whose network the "
+                     "checkpoint holds)")
+  step = import_checkpoint(config, checkpoint, workdir, overwrite=overwrite)
+  return dict(format="score_sde", step=step)
+
+
+def _import_dit(checkpoint, workdir, *, config, overwrite: bool) -> dict:
+  if config is None:
+    raise ValueError("--format=dit needs --config (a DiT config, e.g. "
+                     "configs/imagenet256_dit.py:XL/2)")
+  step = import_dit_checkpoint(config, checkpoint, workdir, overwrite=overwrite)
+  return dict(format="dit", step=step)
+
+
+# --format -> importer(checkpoint, workdir, *, config, overwrite) -> dict describing the import.
+FORMATS = {
+    "score_sde": _import_score_sde,
+    "dit": _import_dit,
+}
+
+
+def import_any(format: str, checkpoint: str | os.PathLike, workdir: str | os.PathLike, *,
+               config: ml_collections.ConfigDict | None = None, overwrite: bool = False
+               ) -> dict:
+  """Imports `checkpoint` of `format` (a key of `FORMATS`) into `workdir`.
+
+  Raises:
+    ValueError: an unknown format, a missing config, or a checkpoint of another format or
+      size (naming the file, the first mismatching key and both shapes); before compiling.
+    FileNotFoundError, FileExistsError: as the format's importer.
+  """
+  check_choice("--format", format, FORMATS)
+  return FORMATS[format](checkpoint, workdir, config=config, overwrite=overwrite)
