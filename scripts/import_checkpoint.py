@@ -1,4 +1,4 @@
-"""Imports a score_sde_pytorch checkpoint into a workdir of this project.
+"""Imports a published checkpoint into a workdir of this project.
 
     python scripts/import_checkpoint.py --config=configs/cifar10_vp.py \\
         --checkpoint=checkpoint_8.pth --workdir=runs/published_vp
@@ -12,6 +12,17 @@ the EMA parameters (used by sampling and evaluation), the model weights the para
 step the step; the optimizer state starts fresh. The file is read without executing pickled
 code, and without torch. A workdir that already has checkpoints is refused unless
 `--overwrite`.
+
+KL autoencoders (latent diffusion's first stage; no --config, the architecture comes from the
+folder's config.json or is inferred from the LDM state dict's shapes):
+
+    python scripts/import_checkpoint.py --format=diffusers_vae --checkpoint=sd-vae-ft-mse \\
+        --workdir=runs/sd_vae
+    python scripts/import_checkpoint.py --format=ldm_vae \\
+        --checkpoint=vae-ft-mse-840000-ema-pruned.ckpt --workdir=runs/sd_vae
+
+write `runs/sd_vae/autoencoder/`, which `score_sde.run.load_autoencoder` and
+`--config.data.latent=runs/sd_vae` read.
 """
 
 from __future__ import annotations
@@ -25,11 +36,15 @@ from score_sde.run import cli, reference
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py) whose "
-                                "network the checkpoint holds.", lock_config=True)
-flags.DEFINE_string("checkpoint", None, "The score_sde_pytorch checkpoint (.pth).")
+                                "network the checkpoint holds (--format=score_sde).",
+                                lock_config=True)
+flags.DEFINE_string("checkpoint", None, "The checkpoint: a score_sde_pytorch .pth, a "
+                    "diffusers AutoencoderKL folder, or an LDM / SD .ckpt / .safetensors.")
+flags.DEFINE_string("format", "score_sde", "What the checkpoint is: "
+                    f"{' | '.join(reference.FORMATS)}.")
 flags.DEFINE_string("workdir", None, "The run directory to write the checkpoint into.")
 flags.DEFINE_bool("overwrite", False, "Replace the workdir's existing checkpoints.")
-flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
+flags.mark_flags_as_required(["checkpoint", "workdir"])
 
 
 def main(argv) -> None:
@@ -37,9 +52,14 @@ def main(argv) -> None:
   cli.setup()
 
   def work():
-    step = reference.import_checkpoint(FLAGS.config, FLAGS.checkpoint, FLAGS.workdir,
-                                       overwrite=FLAGS.overwrite)
-    print(f"imported step {step} into {FLAGS.workdir} (optimizer state re-initialized)")
+    info = reference.import_any(FLAGS.format, FLAGS.checkpoint, FLAGS.workdir,
+                                config=FLAGS.config, overwrite=FLAGS.overwrite)
+    if FLAGS.format == "score_sde":
+      print(f"imported step {info['step']} into {FLAGS.workdir} (optimizer state "
+            "re-initialized)")
+    else:
+      print(f"imported {FLAGS.format} into {info['autoencoder']} (scaling_factor "
+            f"{info['scaling_factor']})")
 
   sys.exit(cli.execute(work))
 

@@ -42,8 +42,10 @@ import ml_collections
 import numpy as np
 
 from score_sde import models
+from score_sde.checks import check_choice
 from score_sde.io import checkpoints, torch_zip
 from score_sde.io.checkpoints import CheckpointMismatchError
+from score_sde.run import autoencoder as autoencoder_run
 from score_sde.run import experiment, networks, programs
 
 # The checkpoints score_sde_pytorch published (paths as in its README) -> the config file here
@@ -821,3 +823,46 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.PathL
   torch_zip.save(obj, path)
   logging.info("Exported step %d of %s to %s (Adam moments not exported)", step, workdir, path)
   return step
+
+
+# --- every format of scripts/import_checkpoint.py ----------------------------------------------
+
+
+def _import_score_sde(checkpoint, workdir, *, config, overwrite: bool) -> dict:
+  if config is None:
+    raise ValueError("--format=score_sde needs --config (the experiment whose network the "
+                     "checkpoint holds)")
+  step = import_checkpoint(config, checkpoint, workdir, overwrite=overwrite)
+  return dict(format="score_sde", step=step)
+
+
+def _import_diffusers_vae(checkpoint, workdir, *, config, overwrite: bool) -> dict:
+  del config  # the architecture is the folder's config.json
+  return autoencoder_run.import_diffusers_vae(checkpoint, workdir, overwrite=overwrite)
+
+
+def _import_ldm_vae(checkpoint, workdir, *, config, overwrite: bool) -> dict:
+  del config  # the architecture is inferred from the state dict
+  return autoencoder_run.import_ldm_vae(checkpoint, workdir, overwrite=overwrite)
+
+
+# --format -> importer(checkpoint, workdir, *, config, overwrite) -> dict describing the import.
+FORMATS = {
+    "score_sde": _import_score_sde,
+    "diffusers_vae": _import_diffusers_vae,
+    "ldm_vae": _import_ldm_vae,
+}
+
+
+def import_any(format: str, checkpoint: str | os.PathLike, workdir: str | os.PathLike, *,
+               config: ml_collections.ConfigDict | None = None, overwrite: bool = False
+               ) -> dict:
+  """Imports `checkpoint` of `format` (a key of `FORMATS`) into `workdir`.
+
+  Raises:
+    ValueError: an unknown format, a missing config, or a checkpoint of another format or
+      size (naming the file, the first mismatching key and both shapes); before compiling.
+    FileNotFoundError, FileExistsError: as the format's importer.
+  """
+  check_choice("--format", format, FORMATS)
+  return FORMATS[format](checkpoint, workdir, config=config, overwrite=overwrite)
