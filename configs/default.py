@@ -207,7 +207,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data.latent = config_dict.placeholder(str)
   data.latent_sample = "mean"  # what encodes an image: the posterior 'mean' or a 'sample'
   # 'auto': 1 / std of the encoded train latents (computed once, stored in WORKDIR/latent.json)
-  # | 'autoencoder': the autoencoder's own scaling_factor (SD: 0.18215) | a number.
+  # | 'autoencoder': the autoencoder's own scaling_factor (SD: 0.18215) | a number (as a
+  # string, e.g. '0.18215': the field is a string).
   data.latent_scaling_factor = "auto"
   data.latent_stats_examples = 2048  # train images encoded for 'auto'
 

@@ -23,8 +23,8 @@ from score_sde.io import autoencoder_files, torch_zip
 from score_sde.io.checkpoints import CheckpointMismatchError
 from score_sde.run import reference
 
-from test_autoencoder import (ATOL, CASE, ROOT, _diffusers_to_ldm, _RunsCommand, fixture_path,
-                              nhwc)
+from test_autoencoder import (ATOL, CASE, ROOT, _diffusers_to_ldm, _import_diffusers,
+                              _RunsCommand, fixture_path, nhwc)
 
 
 @pytest.fixture(scope="module")
@@ -281,3 +281,137 @@ def test_train_autoencoder_bad_config(tmp_path):
     with pytest.raises(ValueError, match=message):
       main.run(config, str(tmp_path / "w"), "train_autoencoder")
   assert not (tmp_path / "w" / "autoencoder").exists()
+
+
+# --- phase 2: a run on latents -------------------------------------------------------------------
+
+from score_sde.io import datasets  # noqa: E402
+from score_sde.io import workdir as workdir_lib  # noqa: E402
+from score_sde.run import experiment, networks, programs  # noqa: E402
+
+
+def latent_config(ae_workdir, **data):
+  """A tiny DDPM++ on the 8x8x4 latents of the 16x16x1 images."""
+  config = tiny_config()
+  config.data.update(latent=str(ae_workdir), **data)
+  config.model.update(ch_mult=(1, 2), attn_resolutions=(4,))
+  config.training.update(n_iters=2, snapshot_freq=2, snapshot_freq_for_preemption=2,
+                         eval_freq=2)
+  config.sampling.update(method="ddim", steps=3)
+  config.eval.update(enable_loss=False, enable_bpd=True, bpd_num_examples=2, bpd_rtol=1e-3,
+                     bpd_atol=1e-3)
+  return config
+
+
+def test_latent_run_end_to_end(trained_ae, tmp_path):
+  """Train 2 steps on the latents of the phase-1 run ('auto' scale), sample, evaluate: the
+  scale is 1 / std of the encoded train images (direct computation), the network sees 8x8x4,
+  samples are the decoder's images of the saved latents, bits/dim is reported as latent
+  nats/dim."""
+  ae_workdir, _ = trained_ae
+  config = latent_config(ae_workdir)
+  workdir = str(tmp_path / "latent_run")
+  assert main.run(config, workdir, "train") == {"step": 2}
+  assert networks.image_shape(config) == (8, 8, 4)
+
+  record = json.loads((tmp_path / "latent_run" / "latent.json").read_text())
+  ae = score_sde.run.load_autoencoder(ae_workdir)
+  spec = experiment.data_spec(config)
+  images = next(datasets.get_dataset(spec, "train", batch_size=16).iterate_once())["image"]
+  mean, _ = ae.encode(np.asarray(images) * 2 - 1)
+  assert record["examples"] == 16 and record["autoencoder"] == os.path.abspath(ae_workdir)
+  np.testing.assert_allclose(record["scaling_factor"],
+                             1 / np.std(np.asarray(mean, np.float64)), rtol=1e-5)
+  snapshot = np.load(tmp_path / "latent_run" / "samples" / "step_2.npz")["samples"]
+  assert snapshot.shape == (4, 16, 16, 1)
+
+  result = main.run(config, workdir, "sample", num_samples=4, overrides=[])
+  saved = np.load(result["npz"])
+  assert saved["samples"].shape == (4, 16, 16, 1) and saved["latents"].shape == (4, 8, 8, 4)
+  assert np.all(np.isfinite(saved["latents"]))
+  decoded = np.clip((np.asarray(ae.decode(saved["latents"] / record["scaling_factor"])) + 1)
+                    / 2, 0, 1)
+  np.testing.assert_allclose(saved["samples"], decoded, atol=1e-5)
+
+  metrics = main.run(config, workdir, "eval", overrides=[])
+  assert "bpd" not in metrics and np.isfinite(metrics["latent_nats_per_dim"])
+  assert metrics["bpd_num_examples"] == 2
+
+
+def test_latent_bad_input(trained_ae, tmp_path):
+  """A pointer that is not an autoencoder, images the autoencoder cannot take, bad latent
+  options, an 'auto' run without its latent.json: one clear error, before compiling."""
+  ae_workdir, _ = trained_ae
+  (tmp_path / "not_ae").mkdir()
+  cases = (
+      (dict(latent=str(tmp_path / "not_ae")), ValueError, r"not_ae is not an autoencoder"),
+      (dict(latent=str(tmp_path / "nowhere")), FileNotFoundError, r"nowhere: no such"),
+      (dict(image_size=15), ValueError, r"image shape .*\(15, 15, 1\) does not fit the "
+       r"autoencoder config\.data\.latent=.*divisible by 2"),
+      (dict(num_channels=3), ValueError, r"\(16, 16, 3\) does not fit .* \(H, W, 1\)"),
+      (dict(latent_sample="median"), ValueError, r"config\.data\.latent_sample 'median'; "
+       r"valid: \['mean', 'sample'\]"),
+      (dict(latent_scaling_factor="-1"), ValueError, r"latent_scaling_factor must be one of"))
+  for data, error, message in cases:
+    config = latent_config(ae_workdir)
+    config.data.update(**data)
+    with pytest.raises(error, match=message):
+      main.run(config, str(tmp_path / "w"), "train")
+  assert not (tmp_path / "w").exists()
+  config = latent_config(ae_workdir)
+  with pytest.raises(FileNotFoundError, match=r"'auto' but the run has no latent\.json"):
+    score_sde.run.latent.latent_space(config, str(tmp_path))
+
+
+# --- the published pipeline: an imported DiT + an imported autoencoder -----------------------------
+
+DIT_FIXTURES = fixture_path(CASE).parents[1] / "dit"
+
+
+def test_dit_and_autoencoder_pipeline(imported_ae, tmp_path):
+  """The fixture DiT (8x8x4 latents, 10 classes, learned sigma; its EMA weights through the
+  library's reader) on the fixture autoencoder's latents (scale 0.18215): one `--mode=sample`
+  with a class label and CFG gives finite 16x16x1 images, and they are the reference
+  decoder's (diffusers') images of the sampled latents / 0.18215."""
+  from score_sde.io import dit_files
+  from score_sde.models import dit_weights
+  config = default_config.get_config("tiny")
+  config.model.name = "dit"
+  for field, value in dict(patch_size=2, hidden_size=64, depth=2, num_heads=4, mlp_ratio=4.0,
+                           class_dropout_prob=0.1, num_classes=10, learn_sigma=True).items():
+    config.model[field] = value
+  config.model.update(attn_resolutions=(8,), num_scales=1000)
+  config.training.update(sde="vpsde", continuous=False)
+  config.data.update(dataset="synthetic", image_size=16, num_channels=1, latent=str(imported_ae),
+                     latent_scaling_factor="autoencoder")
+  config.sampling.update(method="ddim", steps=4, batch_size=4, guidance="cfg",
+                         guidance_scale=3.0, class_label=3)
+  net = networks.get_model(config)
+  state_dict = dit_files.read_dit_checkpoint(DIT_FIXTURES / "dit_tiny_p2.pt")
+  variables = dit_weights.params_from_reference(state_dict, net, (8, 8, 4))
+  params = jax.tree_util.tree_map(jax.numpy.asarray, variables.pop("params"))
+  state = programs.TrainState(
+      step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+      opt_state=experiment.make_optimizer(config).init(params), ema_params=params,
+      constants=jax.tree_util.tree_map(jax.numpy.asarray, variables))
+  workdir = tmp_path / "dit_run"
+  with checkpoints.get_manager(workdir, keep=1) as manager:
+    checkpoints.save(manager, 0, state)
+    manager.wait_until_finished()
+  workdir_lib.save_config(experiment.config_to_plain(config), str(workdir))
+
+  result = main.run(config, str(workdir), "sample", num_samples=4, overrides=[])
+  assert "cfg3_y3" in result["npz"]
+  saved = np.load(result["npz"])
+  images, latents = saved["samples"], saved["latents"]
+  assert images.shape == (4, 16, 16, 1) and latents.shape == (4, 8, 8, 4)
+  assert np.all(np.isfinite(latents)) and np.all((images >= 0) & (images <= 1))
+  assert np.std(images) > 1e-3
+  diffusers = _import_diffusers()  # skipped where diffusers is not installed
+  import torch
+  reference_vae = diffusers.AutoencoderKL.from_pretrained(str(fixture_path(CASE))).eval()
+  with torch.no_grad():
+    decoded = reference_vae.decode(torch.from_numpy(
+        np.ascontiguousarray(latents.transpose(0, 3, 1, 2)) / 0.18215)).sample.numpy()
+  expected = np.clip((nhwc(decoded) + 1) / 2, 0, 1)
+  np.testing.assert_allclose(images, expected, atol=5e-5)

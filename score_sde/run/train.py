@@ -25,6 +25,7 @@ from score_sde.io import checkpoints, images, parallel
 from score_sde.io import workdir as workdir_lib
 from score_sde.io.logs import MetricsWriter
 from score_sde.run import experiment, programs
+from score_sde.run import latent as latent_lib
 from score_sde.run.experiment import RunSpec
 from score_sde.run.programs import NonFiniteLossError, TrainState
 
@@ -140,7 +141,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step: int | None =
     experiment.check_resume_config(config, workdir)
   training = config.training
   n_jitted, n_iters = int(training.n_jitted_steps), int(training.n_iters)
-  spec = experiment.run_spec(config)
+  # A latent run (config.data.latent): its scale ('auto') is computed here once, into
+  # WORKDIR/latent.json, before the run's programs compile.
+  spec = experiment.run_spec(config, latent_lib.latent_space(config, workdir, mesh=mesh,
+                                                             create=True))
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_data = experiment.make_dataset(config, "train", **process)
   eval_data = experiment.make_dataset(config, "test", **process)
