@@ -19,9 +19,11 @@ import pytest
 import safetensors.numpy
 
 import score_sde.run
-from score_sde.io import autoencoder_files, torch_zip
-from score_sde.io.checkpoints import CheckpointMismatchError
-from score_sde.run import reference
+from configs import default as default_config
+from score_sde import main
+from score_sde.io import autoencoder_files, checkpoints, datasets, torch_zip
+from score_sde.io import workdir as workdir_lib
+from score_sde.run import autoencoder_training, experiment, networks, programs, reference
 
 from test_autoencoder import (ATOL, CASE, ROOT, _diffusers_to_ldm, _import_diffusers,
                               _RunsCommand, fixture_path, nhwc)
@@ -157,11 +159,6 @@ def test_import_script_errors_are_one_line(tmp_path):
 
 # --- phase 1: training the autoencoder --------------------------------------------------------
 
-from configs import default as default_config  # noqa: E402
-from score_sde import main  # noqa: E402
-from score_sde.io import checkpoints  # noqa: E402
-from score_sde.models import autoencoder as ae_lib  # noqa: E402
-from score_sde.run import autoencoder_training  # noqa: E402
 
 
 def tiny_config(**autoencoder):
@@ -285,9 +282,6 @@ def test_train_autoencoder_bad_config(tmp_path):
 
 # --- phase 2: a run on latents -------------------------------------------------------------------
 
-from score_sde.io import datasets  # noqa: E402
-from score_sde.io import workdir as workdir_lib  # noqa: E402
-from score_sde.run import experiment, networks, programs  # noqa: E402
 
 
 def latent_config(ae_workdir, **data):

@@ -22,8 +22,6 @@ losses and the reconstruction PSNR of the EMA weights on the test split.
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import os
 import time

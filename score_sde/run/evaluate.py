@@ -159,7 +159,7 @@ def _test_bpd(config, state, spec: experiment.RunSpec, mesh: Mesh, progress: boo
   replicated = NamedSharding(mesh, P())
 
   @jax.jit
-  def bpd_fn(variables, key, x01):
+  def pixel_bpd_fn(variables, key, x01):
     score_fn = score_model.score_fn(variables)
     return likelihood.bits_per_dim_of_batch(
         key, score_fn, sde, x01, centered=bool(config.data.centered),
@@ -179,8 +179,10 @@ def _test_bpd(config, state, spec: experiment.RunSpec, mesh: Mesh, progress: boo
           atol=float(e.get("bpd_atol", 1e-5)), eps=1e-5)
       return -logp / dims, nfe
 
-    def bpd_fn(variables, key, x01):  # noqa: F811 (the latent run's counterpart)
+    def latent_bpd_fn(variables, key, x01):
       return latent_nats_fn(variables, key, encode(key, 0, x01))
+
+  bpd_fn = pixel_bpd_fn if spec.latent is None else latent_bpd_fn
 
   _, _, _, eval_key = experiment.run_keys(config)
   values, nfes, seen, start = [], [], 0, time.perf_counter()
