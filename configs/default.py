@@ -195,6 +195,45 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   classifier.log_freq = 50
   classifier.snapshot_freq = 1000
 
+  # Latent diffusion. Phase 1 (--mode=train_autoencoder, score_sde.run.autoencoder_training):
+  # the KL autoencoder of config.data, in WORKDIR/autoencoder/. LDM's objective without LPIPS:
+  # reconstruction ('l1' | 'l2', per-example sums) + kl_weight KL + the adaptive-weighted
+  # hinge term of a patch discriminator from disc_start on (disc_weight 0: none).
+  config.autoencoder = ae = ml_collections.ConfigDict()
+  ae.block_out_channels = (32, 64)  # 2 levels: a downsampling factor of 2
+  ae.layers_per_block = 1
+  ae.latent_channels = 4
+  ae.norm_num_groups = 16
+  ae.mid_block_add_attention = True
+  ae.scaling_factor = 1.0  # stored with the autoencoder; phase 2 may use it or compute 'auto'
+  ae.reconstruction = "l1"
+  ae.kl_weight = 1e-6
+  ae.disc_weight = 0.0  # LDM: 0.5
+  ae.disc_start = 0
+  ae.disc_nf = 32
+  ae.disc_layers = 2
+  ae.lr = 1e-4
+  ae.disc_lr = 1e-4
+  ae.beta1 = 0.5  # LDM's Adam betas
+  ae.beta2 = 0.9
+  ae.ema_rate = 0.999
+  ae.batch_size = 64
+  ae.n_iters = 5000
+  ae.log_freq = 100
+  ae.eval_freq = 1000  # reconstruction PSNR of the EMA weights on the test split
+  ae.eval_num_examples = 1000
+  ae.snapshot_freq = 1000
+  # Phase 2: data.latent names an autoencoder (a phase-1 workdir, an imported workdir or a
+  # diffusers folder); the network, SDE, loss and sampler then work on its latents
+  # (z - shift) * scale, and samples are decoded to pixels.
+  data.latent = config_dict.placeholder(str)
+  data.latent_sample = "mean"  # what encodes an image: the posterior 'mean' or a 'sample'
+  # 'auto': 1 / std of the encoded train latents (computed once, stored in WORKDIR/latent.json)
+  # | 'autoencoder': the autoencoder's own scaling_factor (SD: 0.18215) | a number (as a
+  # string, e.g. '0.18215': the field is a string).
+  data.latent_scaling_factor = "auto"
+  data.latent_stats_examples = 2048  # train images encoded for 'auto'
+
   # Mixed precision (docs/precision.md): the score network's compute dtype when training,
   # evaluating (the loss, bits/dim) and sampling, 'float32' | 'bfloat16'. Parameters,
   # optimizer state and EMA are float32 at every precision.
@@ -262,4 +301,8 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None
     config.optim.warmup = 2
     config.classifier.update(nf=8, batch_size=8, n_iters=4, log_freq=1, snapshot_freq=2,
                              warmup=2)
+    config.autoencoder.update(block_out_channels=(8, 16), norm_num_groups=4, batch_size=8,
+                              n_iters=4, log_freq=1, eval_freq=2, eval_num_examples=8,
+                              snapshot_freq=2, disc_nf=8)
+    config.data.latent_stats_examples = 16
   return config

@@ -6,6 +6,8 @@
         --mode=sample --config.sampling.method=dpm_solver --config.sampling.steps=20
     python -m score_sde.main --config=configs/fashion_mnist_vp.py --workdir=runs/fmnist \
         --mode=train_classifier   # the noise-conditional classifier (docs/guidance.md)
+    python -m score_sde.main --config=configs/fashion_mnist_vp.py --workdir=runs/fmnist_ae \
+        --mode=train_autoencoder  # latent diffusion's phase 1 (config.autoencoder)
     python -m score_sde.main --config=configs/imagenet256_dit.py:XL/2 --mode=describe
         # one JSON line: "params" (exact) and "flops_per_image" (XLA's count, one forward
         # pass of batch 1), under jax.eval_shape / lowering: nothing allocated, no --workdir
@@ -36,7 +38,7 @@ from ml_collections import config_flags
 
 from score_sde.io import logs
 
-MODES = ("train", "eval", "sample", "train_classifier", "describe")
+MODES = ("train", "eval", "sample", "train_classifier", "train_autoencoder", "describe")
 EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_WRITE_FAILED = 2, 3, 4
 
 FLAGS = flags.FLAGS
@@ -93,7 +95,7 @@ def run(config, workdir: str, mode: str, *, step: int | None = None,
     return networks.describe(config)
   from score_sde.io import workdir as workdir_lib
 
-  workdir_lib.check_workdir(workdir, must_exist=mode not in ("train", "train_classifier"))
+  workdir_lib.check_workdir(workdir, must_exist=mode in ("eval", "sample"))
   if num_samples is not None and (isinstance(num_samples, bool) or num_samples < 1):
     raise ValueError(f"--num_samples must be an integer >= 1, got {num_samples!r}")
   if step is not None and step < 0:
@@ -109,6 +111,11 @@ def run(config, workdir: str, mode: str, *, step: int | None = None,
     experiment.check_config(config, mode="train")
     with workdir_lib.locked(workdir, mode, enabled=chief):  # one writer per workdir
       state = classifier_training.train_classifier(config, workdir)
+    return dict(step=int(state.step))
+  if mode == "train_autoencoder":  # latent diffusion's phase 1, into WORKDIR/autoencoder/
+    from score_sde.run import autoencoder_training
+    with workdir_lib.locked(workdir, mode, enabled=chief):
+      state = autoencoder_training.train_autoencoder(config, workdir)
     return dict(step=int(state.step))
   from score_sde.run import evaluate
   with workdir_lib.locked(workdir, mode, enabled=chief):
@@ -210,7 +217,7 @@ def main(argv) -> None:
   if FLAGS.distributed:
     _initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   overrides = None
-  if FLAGS.mode != "train":
+  if FLAGS.mode not in ("train", "train_autoencoder"):
     overrides = list(config_flags.get_override_values(FLAGS["config"]))
   sys.exit(execute(FLAGS.config, FLAGS.workdir, FLAGS.mode, step=FLAGS.step,
                    num_samples=FLAGS.num_samples, overrides=overrides,

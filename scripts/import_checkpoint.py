@@ -13,15 +13,26 @@ step the step; the optimizer state starts fresh. The file is read without execut
 code, and without torch. A workdir that already has checkpoints (or another run's
 `config.json`) is refused unless `--overwrite`; then the new checkpoint is written
 completely first, and only then are the old checkpoints moved to
-`checkpoints_set_aside/checkpoints.before_import` (never deleted) and an old config kept as
-`config.<k>.json`. An interrupt at any moment leaves the old state or the new one.
+`checkpoints_set_aside/` (never deleted) and an old config kept as `config.<k>.json`. An
+interrupt at any moment leaves the old state or the new one.
 
 DiT checkpoints of facebookresearch/DiT (a bare state dict such as the published
 `DiT-XL-2-256x256.pt`, or a train.py checkpoint with "model" / "ema"; EMA weights -> EMA
 params), for a DiT config of the same size:
 
-    python scripts/import_checkpoint.py --format=dit --config=configs/imagenet256_dit.py:XL/2 \
+    python scripts/import_checkpoint.py --format=dit --config=configs/imagenet256_dit.py:XL/2 \\
         --checkpoint=DiT-XL-2-256x256.pt --workdir=runs/dit_xl2
+
+KL autoencoders (latent diffusion's first stage; no --config, the architecture comes from the
+folder's config.json or is inferred from the LDM state dict's shapes):
+
+    python scripts/import_checkpoint.py --format=diffusers_vae --checkpoint=sd-vae-ft-mse \\
+        --workdir=runs/sd_vae
+    python scripts/import_checkpoint.py --format=ldm_vae \\
+        --checkpoint=vae-ft-mse-840000-ema-pruned.ckpt --workdir=runs/sd_vae
+
+write `runs/sd_vae/autoencoder/`, which `score_sde.run.load_autoencoder` and
+`--config.data.latent=runs/sd_vae` read.
 """
 
 from __future__ import annotations
@@ -35,15 +46,17 @@ from score_sde.run import cli, reference
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py) whose "
-                                "network the checkpoint holds.", lock_config=True)
-flags.DEFINE_string("checkpoint", None, "The checkpoint: a score_sde_pytorch .pth or a "
-                    "facebookresearch/DiT .pt.")
+                                "network the checkpoint holds (--format=score_sde | dit).",
+                                lock_config=True)
+flags.DEFINE_string("checkpoint", None, "The checkpoint: a score_sde_pytorch .pth, a "
+                    "facebookresearch/DiT .pt, a diffusers AutoencoderKL folder, or an LDM / SD "
+                    ".ckpt / .safetensors.")
 flags.DEFINE_string("format", "score_sde", "What the checkpoint is: "
                     f"{' | '.join(reference.FORMATS)}.")
 flags.DEFINE_string("workdir", None, "The run directory to write the checkpoint into.")
 flags.DEFINE_bool("overwrite", False, "Import into a workdir that has checkpoints or another "
                   "config.json (the old ones are set aside, never deleted).")
-flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
+flags.mark_flags_as_required(["checkpoint", "workdir"])
 
 
 def main(argv) -> None:
@@ -53,8 +66,12 @@ def main(argv) -> None:
   def work():
     info = reference.import_any(FLAGS.format, FLAGS.checkpoint, FLAGS.workdir,
                                 config=FLAGS.config, overwrite=FLAGS.overwrite)
-    print(f"imported step {info['step']} into {FLAGS.workdir} (optimizer state "
-          "re-initialized)")
+    if "autoencoder" in info:
+      print(f"imported {FLAGS.format} into {info['autoencoder']} (scaling_factor "
+            f"{info['scaling_factor']})")
+    else:
+      print(f"imported step {info['step']} into {FLAGS.workdir} (optimizer state "
+            "re-initialized)")
 
   sys.exit(cli.execute(work))
 

@@ -256,6 +256,25 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
   return None if restored is None else restored[:2]
 
 
+def restore_as_saved(manager: ocp.CheckpointManager, step: int | None = None
+                     ) -> tuple[Any, int] | None:
+  """Checkpoint `step` (None: the latest) as it was saved (nested dicts of arrays, no target
+  structure needed), or None when there is none.
+
+  Raises:
+    FileNotFoundError: `step` is not there (the message lists those that are).
+  """
+  available = sorted(manager.all_steps())
+  if step is None:
+    if not available:
+      return None
+    step = available[-1]
+  elif step not in available:
+    raise FileNotFoundError(f"No checkpoint for step {step} in {os.fspath(manager.directory)}; "
+                            f"available steps: {available or 'none'}")
+  return manager.restore(int(step), args=ocp.args.StandardRestore()), int(step)
+
+
 SET_ASIDE_DIR = "checkpoints_set_aside"
 
 

@@ -248,7 +248,7 @@ IMPORT_MARKER = "import.pending.json"
 SET_ASIDE_DIR = "checkpoints_set_aside"
 
 
-def _keep_aside(workdir: str, name: str) -> str:
+def keep_aside(workdir: str, name: str) -> str:
   """A fresh path `workdir/checkpoints_set_aside/<name>[.k]`."""
   base = os.path.join(workdir, SET_ASIDE_DIR, name)
   target, k = base, 1
@@ -309,12 +309,12 @@ def finish_import(workdir: str) -> list[str]:
     if not os.path.lexists(current):
       os.rename(staged, current)
     elif not exchange(staged, current):
-      target = _keep_aside(workdir, "checkpoints.before_import")
+      target = keep_aside(workdir, "checkpoints.before_import")
       os.rename(current, target)
       moved.append(target)
       os.rename(staged, current)
   if os.path.isdir(staged):  # the old checkpoints, after the exchange
-    target = _keep_aside(workdir, "checkpoints.before_import")
+    target = keep_aside(workdir, "checkpoints.before_import")
     os.rename(staged, target)
     moved.append(target)
   if os.path.exists(os.path.join(current, NEW_SENTINEL)):

@@ -290,6 +290,38 @@ class AutoencoderKL(nn.Module):
     return self.decode(z), mean, logvar
 
 
+class PatchDiscriminator(nn.Module):
+  """The patch discriminator of LDM's phase-1 training (pix2pix's `NLayerDiscriminator`):
+  a 4x4 stride-2 conv + LeakyReLU(0.2), then `n_layers - 1` more stride-2 4x4 convs with
+  doubling channels (capped at 8 `nf`), each normalized and LeakyReLU'd, a stride-1 4x4 conv,
+  and a stride-1 4x4 conv to one logit per patch.
+
+  Deviation from LDM: GroupNorm (`norm_groups`) instead of BatchNorm, so the discriminator is
+  a pure function of its params (no batch statistics across devices).
+
+  `__call__(x [B, H, W, C]) -> logits [B, h, w, 1]`, float32.
+  """
+
+  nf: int = 64
+  n_layers: int = 3
+  norm_groups: int = 8
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    init = nn.initializers.normal(0.02)  # pix2pix's N(0, 0.02) convolution weights
+    h = nn.Conv(self.nf, (4, 4), strides=2, padding=((1, 1), (1, 1)), kernel_init=init)(x)
+    h = nn.leaky_relu(h, 0.2)
+    channels = self.nf
+    for i in range(1, self.n_layers + 1):
+      channels = self.nf * min(2 ** i, 8)
+      stride = 2 if i < self.n_layers else 1
+      h = nn.Conv(channels, (4, 4), strides=stride, padding=((1, 1), (1, 1)),
+                  use_bias=False, kernel_init=init)(h)
+      h = nn.leaky_relu(layers.GroupNorm(min(self.norm_groups, channels), epsilon=1e-5)(h),
+                        0.2)
+    return nn.Conv(1, (4, 4), padding=((1, 1), (1, 1)), kernel_init=init)(h)
+
+
 def check_architecture(ae: AutoencoderKL) -> None:
   """Raises a ValueError for fields no autoencoder can have (before any tracing)."""
   channels = tuple(ae.block_out_channels)

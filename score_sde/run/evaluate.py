@@ -23,24 +23,33 @@ from score_sde.run import experiment, guided, keys, programs, quality
 
 
 def _sample_batches(config, state, spec: experiment.RunSpec, num_samples: int, mesh: Mesh,
-                    progress: bool, sample_fn=None) -> tuple[np.ndarray, int, float]:
+                    progress: bool, sample_fn=None, latents: list | None = None
+                    ) -> tuple[np.ndarray, int, float]:
   """`num_samples` images in [0, 1] drawn in batches of `sampling.batch_size` with the
-  configured sampler; returns (images, NFE per sample, seconds)."""
+  configured sampler; returns (images, NFE per sample, seconds). With `latents` (a list, for
+  a latent run, and `sample_fn` made with `decode=False`), the sampled latents are appended
+  to it and decoded here."""
   from tqdm import tqdm
 
   method, options = experiment.sampler_settings(config)
   batch = int(config.sampling.batch_size)
   shape = (batch, *spec.image_shape)
   if sample_fn is None:  # else a guided one (score_sde.run.guided)
-    sample_fn = programs.make_sample_fn(spec, shape, method, options, mesh=mesh)
+    sample_fn = programs.make_sample_fn(spec, shape, method, options, mesh=mesh,
+                                        decode=latents is None)
+  decode = None if latents is None else spec.latent.make_decode_fn(mesh)
   _, _, sample_key, _ = experiment.run_keys(config)
   variables = state.variables(ema=True)
   out, nfe, start = [], 0, time.perf_counter()
   for i in tqdm(range(-(-num_samples // batch)), desc=f"sample ({method})", unit="batch",
                 disable=not progress, dynamic_ncols=True):
     # The same key for batch i of every method: samplers start from the same noise.
-    x, nfe = parallel.to_host(
-        sample_fn(variables, jax.random.fold_in(jax.random.fold_in(sample_key, keys.SAMPLE_BATCHES), i)))
+    x, nfe = sample_fn(variables, jax.random.fold_in(jax.random.fold_in(
+        sample_key, keys.SAMPLE_BATCHES), i))
+    if decode is not None:
+      latents.append(np.asarray(parallel.to_host(x)))
+      x = decode(x)
+    x, nfe = parallel.to_host((x, nfe))
     out.append(np.asarray(x))
   return np.concatenate(out)[:num_samples], int(nfe), time.perf_counter() - start
 
@@ -89,7 +98,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str, *, step: int | None 
   """Draws samples from checkpoint `step` with `config.sampling` (method and options).
 
   Writes `workdir/samples/<method>_step_<k>_<tag>_n<N>.npz` (`samples`: float32
-  [N, H, W, C] in [0, 1]; `tag` from `sampler_tag`, e.g. the steps) and a PNG grid of the
+  [N, H, W, C] in [0, 1], decoded to pixels for a latent run, which also saves `latents`
+  [N, h, w, L], the scaled latents the sampler drew; `tag` from `sampler_tag`, e.g. the steps) and a PNG grid of the
   first 64; if those names exist, `....<i>.npz` with a fresh index i: nothing is
   overwritten. Sample batch i starts from the same noise for every method (the key depends
   only on the seed and i), so runs with different `sampling.method` are comparable draw by
@@ -109,10 +119,11 @@ def sample(config: ml_collections.ConfigDict, workdir: str, *, step: int | None 
   guided.check_guidance(config, workdir)
   run = programs.restore_run(config, workdir, step, mesh)
   state, step, spec = run.state, run.step, run.spec
+  latents = None if spec.latent is None else []  # a latent run also saves its latents
   guided_fn = guided.make_guided_sample_fn(
       config, workdir, spec, (int(config.sampling.batch_size), *spec.image_shape),
-      mesh)
-  x, nfe, seconds = _sample_batches(config, state, spec, n, mesh, progress, guided_fn)
+      mesh, decode=latents is None)
+  x, nfe, seconds = _sample_batches(config, state, spec, n, mesh, progress, guided_fn, latents)
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
   stem = workdir_lib.fresh_stem(
@@ -122,7 +133,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str, *, step: int | None 
   result = dict(step=step, method=config.sampling.method, nfe=nfe, seconds=seconds,
                 npz=stem + ".npz", png=stem + ".png")
   if jax.process_index() == 0:
-    files.save_npz(result["npz"], samples=x)
+    extra = {} if latents is None else {"latents": np.concatenate(latents)[:n]}
+    files.save_npz(result["npz"], samples=x, **extra)
     images.save_grid(x[:64], result["png"], scale=2)
   logging.info("%d samples (%s, NFE %d, %.1f s) -> %s", n, config.sampling.method, nfe,
                seconds, result["npz"])
@@ -163,12 +175,30 @@ def _test_bpd(config, state, spec: experiment.RunSpec, mesh: Mesh, progress: boo
   replicated = NamedSharding(mesh, P())
 
   @jax.jit
-  def bpd_fn(variables, key, x01):
+  def pixel_bpd_fn(variables, key, x01):
     score_fn = score_model.score_fn(variables)
     return likelihood.bits_per_dim_of_batch(
         key, score_fn, sde, x01, centered=bool(config.data.centered),
         uniform_dequantization=True, rtol=float(e.get("bpd_rtol", 1e-5)),
         atol=float(e.get("bpd_atol", 1e-5)), eps=1e-5)
+
+  if spec.latent is not None:
+    # A latent run: -log p(z) / dim of the scaled latents of the test images, in nats; not
+    # comparable with pixel bits/dim (no decoder likelihood, no dequantization).
+    encode = spec.latent.make_encode_fn(mesh, steps_axis=False)
+    dims = float(np.prod(spec.image_shape))
+
+    @jax.jit
+    def latent_nats_fn(variables, key, z):
+      logp, _, nfe = likelihood.log_likelihood(
+          key, score_model.score_fn(variables), sde, z, rtol=float(e.get("bpd_rtol", 1e-5)),
+          atol=float(e.get("bpd_atol", 1e-5)), eps=1e-5)
+      return -logp / dims, nfe
+
+    def latent_bpd_fn(variables, key, x01):
+      return latent_nats_fn(variables, key, encode(key, 0, x01))
+
+  bpd_fn = pixel_bpd_fn if spec.latent is None else latent_bpd_fn
 
   _, _, _, eval_key = experiment.run_keys(config)
   values, nfes, seen, start = [], [], 0, time.perf_counter()
@@ -186,6 +216,11 @@ def _test_bpd(config, state, spec: experiment.RunSpec, mesh: Mesh, progress: boo
     nfes.append(int(parallel.to_host(nfe)))
     seen += int(keep.sum())
   bpd = np.concatenate(values)
+  if spec.latent is not None:
+    return dict(latent_nats_per_dim=float(bpd.mean()),
+                latent_nats_per_dim_stderr=float(bpd.std(ddof=1) / np.sqrt(len(bpd)))
+                if len(bpd) > 1 else float("nan"), bpd_num_examples=int(len(bpd)),
+                bpd_mean_nfe=float(np.mean(nfes)), bpd_seconds=time.perf_counter() - start)
   return dict(bpd=float(bpd.mean()), bpd_stderr=float(bpd.std(ddof=1) / np.sqrt(len(bpd)))
               if len(bpd) > 1 else float("nan"), bpd_num_examples=int(len(bpd)),
               bpd_mean_nfe=float(np.mean(nfes)), bpd_seconds=time.perf_counter() - start)
@@ -222,9 +257,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
     logging.info("step %d: test loss %.5f", step, metrics["test_loss"])
   if e.enable_bpd:
     metrics.update(_test_bpd(config, state, spec, mesh, progress))
-    logging.info("step %d: %.4f +- %.4f bits/dim on %d test images (mean NFE %.0f)", step,
-                 metrics["bpd"], metrics["bpd_stderr"], metrics["bpd_num_examples"],
-                 metrics["bpd_mean_nfe"])
+    if spec.latent is not None:
+      logging.info("step %d: %.4f +- %.4f latent nats/dim (not pixel bits/dim) on %d test "
+                   "images (mean NFE %.0f)", step, metrics["latent_nats_per_dim"],
+                   metrics["latent_nats_per_dim_stderr"], metrics["bpd_num_examples"],
+                   metrics["bpd_mean_nfe"])
+    else:
+      logging.info("step %d: %.4f +- %.4f bits/dim on %d test images (mean NFE %.0f)", step,
+                   metrics["bpd"], metrics["bpd_stderr"], metrics["bpd_num_examples"],
+                   metrics["bpd_mean_nfe"])
   out_dir = os.path.join(workdir, "eval", f"step_{step}")
   if e.enable_sampling or e.get("enable_fid", False):
     x, nfe, seconds = _sample_batches(config, state, spec, int(e.num_samples), mesh,

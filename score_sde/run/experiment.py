@@ -34,6 +34,7 @@ from score_sde.checks import check_choice
 from score_sde.models.dit import DiT
 from score_sde.io import datasets, parallel
 from score_sde.io import workdir as workdir_lib
+from score_sde.run import latent as latent_lib
 from score_sde.run import networks
 
 Array = jax.Array
@@ -159,6 +160,8 @@ def sampler_settings(config: ml_collections.ConfigDict) -> tuple[str, dict]:
 def data_range(config: ml_collections.ConfigDict) -> tuple[float, float]:
   """The range of the data as the network sees it: [-1, 1] if `data.centered`, else [0, 1]
   (what clipping / thresholding of the denoised estimate clips to)."""
+  if latent_lib.latent_path(config) is not None:  # latents: no fixed range
+    return (-math.inf, math.inf)
   return (-1.0, 1.0) if config.data.centered else (0.0, 1.0)
 
 
@@ -217,6 +220,9 @@ class RunSpec:
     train_precision, eval_precision, sample_precision: the network's compute precision
       ('float32' | 'bfloat16', `models.PRECISIONS`) in the train step, the evaluation
       (loss, bits/dim) and sampling; `network(purpose)` gives the network at it.
+    latent: a latent run's `latent.LatentSpace` (None: pixel space). Batches are encoded
+      before the compiled step, and the scaled latents are the model's data as they are
+      (`scaler` is the identity); samples are decoded to [0, 1].
   """
   score_model: models.ScoreModel
   image_shape: tuple[int, int, int]
@@ -232,6 +238,7 @@ class RunSpec:
   train_precision: str = "float32"
   eval_precision: str = "float32"
   sample_precision: str = "float32"
+  latent: latent_lib.LatentSpace | None = None
 
   def network(self, purpose: str) -> nn.Module:
     """`model` at the precision of `purpose` ('train' | 'eval' | 'sample'); the same
@@ -260,17 +267,25 @@ class RunSpec:
 
   @property
   def scaler(self) -> Callable[[Any], Any]:
-    """Data [0, 1] -> model scale."""
+    """Data [0, 1] -> model scale (the identity on a latent run's encoded batches)."""
+    if self.latent is not None:
+      return lambda x: x
     return datasets.get_data_scaler(self.centered)
 
   @property
   def inverse_scaler(self) -> Callable[[Any], Any]:
-    """Model scale -> data [0, 1]."""
+    """Model scale -> data [0, 1] (a latent run's samples are decoded instead, see
+    `programs.make_sample_fn`: this is the identity on its latents)."""
+    if self.latent is not None:
+      return lambda x: x
     return datasets.get_data_inverse_scaler(self.centered)
 
 
-def run_spec(config: ml_collections.ConfigDict) -> RunSpec:
-  """The `RunSpec` of a config (builds the SDE, network, loss and optimizer)."""
+def run_spec(config: ml_collections.ConfigDict,
+             latent: latent_lib.LatentSpace | None = None) -> RunSpec:
+  """The `RunSpec` of a config (builds the SDE, network, loss and optimizer); `latent`: a
+  latent run's space (`latent.latent_space(config, workdir)`), which a run with
+  `config.data.latent` needs for its programs (its shapes come from the config alone)."""
   sde = make_sde(config)
   return RunSpec(
       score_model=make_score_model(config, networks.get_model(config), sde),
@@ -285,7 +300,8 @@ def run_spec(config: ml_collections.ConfigDict) -> RunSpec:
       num_classes=int(config.model.get("num_classes", 0)),
       train_precision=str(config.training.get("precision", "float32")),
       eval_precision=str(config.eval.get("precision", "float32")),
-      sample_precision=str(config.sampling.get("precision", "float32")))
+      sample_precision=str(config.sampling.get("precision", "float32")),
+      latent=latent)
 
 
 # ----------------------------------------------------------------------------------------
@@ -425,6 +441,7 @@ def _check_data(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> Non
   del mesh, mode
   _number("data", config, "image_size", minimum=1, integer=True)
   _number("data", config, "num_channels", minimum=1, integer=True)
+  latent_lib.check_latent_config(config)
 
 
 def _check_model(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> None:
@@ -449,10 +466,13 @@ def _check_model(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> No
     raise ValueError(f"config.model.ch_mult must be a non-empty tuple of integers >= 1, got "
                      f"{ch_mult!r}")
   levels = len(m.ch_mult) - 1
-  if d.image_size % (2 ** levels):
-    raise ValueError(f"config.data.image_size={d.image_size} is not divisible by "
+  size = networks.image_shape(config)[0]  # a latent run's network sees the latents
+  what = (f"config.data.image_size={d.image_size}" if latent_lib.latent_path(config) is None
+          else f"the latent size {size} (config.data.latent)")
+  if size % (2 ** levels):
+    raise ValueError(f"{what} is not divisible by "
                      f"2**(len(ch_mult) - 1) = {2 ** levels} (ch_mult={tuple(m.ch_mult)})")
-  resolutions = {d.image_size // 2 ** i for i in range(levels + 1)}
+  resolutions = {size // 2 ** i for i in range(levels + 1)}
   bad = sorted(set(m.attn_resolutions) - resolutions)
   if bad:
     raise ValueError(f"config.model.attn_resolutions {bad} are not resolutions of this "

@@ -50,7 +50,7 @@ def sample_tag(config: ml_collections.ConfigDict) -> str:
 
 def make_guided_sample_fn(config: ml_collections.ConfigDict, workdir: str,
                           spec: experiment.RunSpec, shape: tuple[int, ...],
-                          mesh: Mesh | None = None) -> Callable | None:
+                          mesh: Mesh | None = None, decode: bool = True) -> Callable | None:
   """`sample_fn(variables, key) -> (images in [0, 1], nfe)` with the config's guidance, one
   compiled program (as `programs.make_sample_fn`; the same starting noise for the same key), or
   None when `config.sampling.guidance == 'none'`. `spec` is the run's `experiment.run_spec`.
@@ -93,7 +93,8 @@ def make_guided_sample_fn(config: ml_collections.ConfigDict, workdir: str,
         variables, class_labels=jnp.full(x.shape[:1], label, jnp.int32))(x, t)
 
   sample_fn = programs.make_sample_fn(spec, shape, method, options, mesh=mesh,
-                                   score_fn_of=score_fn_of, variance_fn_of=variance_fn_of)
+                                   score_fn_of=score_fn_of, variance_fn_of=variance_fn_of,
+                                   decode=decode)
   return lambda variables, key: sample_fn((variables, classifier_variables), key)
 
 

@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from score_sde.checks import check_choice
 from score_sde import models
+from score_sde.checks import check_choice
 from score_sde.models.ddpm import DDPM
 from score_sde.models.dit import DiT, dit_size
 from score_sde.models.ncsnpp import NCSNpp
+from score_sde.run import latent
 
 
 def _unet_fields(config: ml_collections.ConfigDict) -> dict:
@@ -129,7 +130,8 @@ def _dit_fields(config: ml_collections.ConfigDict) -> dict:
                 num_classes=int(m.get("num_classes", 0)),
                 learn_sigma=bool(m.get("learn_sigma", False)),
                 attention_implementation=m.get("attention_implementation", None) or None)
-  DiT(**fields).grid(config.data.image_size, config.data.image_size)
+  height, width, _ = image_shape(config)
+  DiT(**fields).grid(height, width)
   return fields
 
 
@@ -158,9 +160,9 @@ def get_model(config: ml_collections.ConfigDict) -> nn.Module:
 
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """`(H, W, C)` of the config's images."""
-  return (int(config.data.image_size), int(config.data.image_size),
-          int(config.data.num_channels))
+  """`(H, W, C)` of the network's input: the config's images, or with `config.data.latent`
+  their latents `(H / f, W / f, L)` (read off the autoencoder's config file)."""
+  return latent.model_shape(config)
 
 
 def init_model(key: jax.Array, config: ml_collections.ConfigDict,

@@ -36,6 +36,7 @@ from score_sde import guidance, models, sampling
 from score_sde.io import checkpoints, parallel
 from score_sde.io import workdir as workdir_lib
 from score_sde.run import experiment, keys
+from score_sde.run import latent as latent_lib
 from score_sde.run.experiment import RunSpec
 
 Array = jax.Array
@@ -149,8 +150,19 @@ def make_train_step(spec: RunSpec, *, mesh: Mesh | None = None) -> Callable:
 
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(None, "batch"))
-  return jax.jit(step_fn, in_shardings=(replicated, replicated, batch_sharding),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+  compiled = jax.jit(step_fn, in_shardings=(replicated, replicated, batch_sharding),
+                     out_shardings=(replicated, replicated), donate_argnums=0)
+  if spec.latent is None:
+    return compiled
+  # A latent run: the pixel batch of each call is encoded first (one more compiled program,
+  # the autoencoder's weights its argument), keyed by the steps it serves.
+  encode = spec.latent.make_encode_fn(mesh, steps_axis=True)
+
+  def latent_step_fn(state, base_key, batch):
+    latents = encode(base_key, state.step, batch["image"])
+    return compiled(state, base_key, {**batch, "image": latents})
+
+  return latent_step_fn
 
 
 def make_eval_loss_fn(spec: RunSpec, *, mesh: Mesh | None = None) -> Callable:
@@ -172,14 +184,22 @@ def make_eval_loss_fn(spec: RunSpec, *, mesh: Mesh | None = None) -> Callable:
     return jnp.sum(jnp.where(mask, aux["per_example_loss"], 0.0)), jnp.sum(mask)
 
   replicated = NamedSharding(mesh, P())
-  return jax.jit(eval_fn, in_shardings=(replicated, replicated, NamedSharding(mesh, P("batch"))),
-                 out_shardings=replicated)
+  compiled = jax.jit(eval_fn, in_shardings=(replicated, replicated,
+                                            NamedSharding(mesh, P("batch"))),
+                     out_shardings=replicated)
+  if spec.latent is None:
+    return compiled
+  encode = spec.latent.make_encode_fn(mesh, steps_axis=False)
+
+  def latent_eval_fn(variables, key, batch):  # encoded with fold_in(key, LATENT, 0)
+    return compiled(variables, key, {**batch, "image": encode(key, 0, batch["image"])})
+
+  return latent_eval_fn
 
 
 def make_sample_fn(spec: RunSpec, shape: tuple[int, ...], method: str, options: dict, *,
                    mesh: Mesh | None = None, score_fn_of: Callable | None = None,
-                   variance_fn_of: Callable | None = None
-                   ) -> Callable:
+                   variance_fn_of: Callable | None = None, decode: bool = True) -> Callable:
   """`sample_fn(variables, key) -> (images [B, H, W, C] in [0, 1], nfe)`, one compiled
   program with the batch `shape[0]` sharded over devices. `method` and `options` as for
   `sampling.sample` (e.g. from `experiment.sampler_settings`). The starting noise is
@@ -189,7 +209,9 @@ def make_sample_fn(spec: RunSpec, shape: tuple[int, ...], method: str, options: 
   variables, at `spec.sample_precision`), e.g. a guided one. With ddpm's
   `variance='learned'`, `variance_fn_of(variables) -> var_interp_fn` gives the network's
   variance half (default: `ScoreModel.variance_fn` of the network's variables, no class
-  labels)."""
+  labels). A latent run's samples (`spec.latent`) are drawn in latent space and decoded by
+  a second compiled program: the images are in pixel space (`decode=False`: the latents
+  themselves)."""
   mesh = parallel.make_mesh() if mesh is None else mesh
   parallel.check_batch(shape[0], mesh, "sampling batch size")
   batch_sharding = NamedSharding(mesh, P("batch"))
@@ -208,9 +230,20 @@ def make_sample_fn(spec: RunSpec, shape: tuple[int, ...], method: str, options: 
     extra = {"var_interp_fn": variance_fn_of(variables)} if learned else {}
     x, nfe = sampling.sample(jax.random.fold_in(key, keys.SAMPLER), score_fn, sde, shape, method=method,
                              x_T=x_T, **options, **extra)
+    if spec.latent is not None:
+      return x, nfe  # latents, decoded below
     return jnp.clip(spec.inverse_scaler(x), 0.0, 1.0), nfe
 
-  return jax.jit(sample_fn)
+  compiled = jax.jit(sample_fn)
+  if spec.latent is None or not decode:
+    return compiled
+  decode = spec.latent.make_decode_fn(mesh)  # a latent run's samples, decoded to pixels
+
+  def latent_sample_fn(variables, key):
+    z, nfe = compiled(variables, key)
+    return decode(z), nfe
+
+  return latent_sample_fn
 
 
 def abstract_state(spec: RunSpec, mesh: Mesh) -> TrainState:
@@ -282,8 +315,8 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str, step: int | Non
   Raises:
     FileNotFoundError: no checkpoint (or not that step) in `workdir/checkpoints`.
   """
-  spec = experiment.run_spec(config)
   mesh = parallel.make_mesh() if mesh is None else mesh
+  spec = experiment.run_spec(config, latent_lib.latent_space(config, workdir, mesh=mesh))
   with checkpoints.get_manager(workdir, read_only=True) as manager:
     restored = restore_state(manager, spec, mesh, step)
   if restored is None:

@@ -47,6 +47,7 @@ from score_sde.io import workdir as workdir_lib
 from score_sde.io.checkpoints import CheckpointMismatchError
 from score_sde.models import dit_weights
 from score_sde.models.dit import DIT_SIZES, DiT
+from score_sde.run import autoencoder as autoencoder_run
 from score_sde.run import experiment, networks, programs
 
 # The checkpoints score_sde_pytorch published (paths as in its README) -> the config file here
@@ -1008,10 +1009,22 @@ def _import_dit(checkpoint, workdir, *, config, overwrite: bool) -> dict:
   return dict(format="dit", step=step)
 
 
+def _import_diffusers_vae(checkpoint, workdir, *, config, overwrite: bool) -> dict:
+  del config  # the architecture is the folder's config.json
+  return autoencoder_run.import_diffusers_vae(checkpoint, workdir, overwrite=overwrite)
+
+
+def _import_ldm_vae(checkpoint, workdir, *, config, overwrite: bool) -> dict:
+  del config  # the architecture is inferred from the state dict
+  return autoencoder_run.import_ldm_vae(checkpoint, workdir, overwrite=overwrite)
+
+
 # --format -> importer(checkpoint, workdir, *, config, overwrite) -> dict describing the import.
 FORMATS = {
     "score_sde": _import_score_sde,
     "dit": _import_dit,
+    "diffusers_vae": _import_diffusers_vae,
+    "ldm_vae": _import_ldm_vae,
 }
 
 

@@ -23,6 +23,7 @@ from score_sde.io import checkpoints, files, images, parallel
 from score_sde.io import workdir as workdir_lib
 from score_sde.io.logs import MetricsWriter
 from score_sde.run import experiment, programs
+from score_sde.run import latent as latent_lib
 from score_sde.run.experiment import RunSpec
 from score_sde.run.programs import NonFiniteLossError, TrainState
 
@@ -136,7 +137,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step: int | None =
   experiment.check_config(config, mesh, "train")
   if checkpoints.has_checkpoints(workdir):
     experiment.check_resume_config(config, workdir)
-  spec = experiment.run_spec(config)
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_data = experiment.make_dataset(config, "train", **process)
   eval_data = experiment.make_dataset(config, "test", **process)
@@ -145,6 +145,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, step: int | None =
   workdir_lib.check_inside(workdir, os.path.join(workdir, checkpoints.SET_ASIDE_DIR),
                            "its set-aside folder")
   with workdir_lib.locked(workdir, "train", enabled=jax.process_index() == 0):
+    # A latent run (config.data.latent): its scale ('auto') is computed here once, into
+    # WORKDIR/latent.json, before the run's programs compile.
+    spec = experiment.run_spec(config, latent_lib.latent_space(config, workdir, mesh=mesh,
+                                                               create=True))
     return _train_locked(config, workdir, step, mesh, progress, spec, train_data, eval_data)
 
 
