@@ -64,3 +64,77 @@ def test_second_process_loads_the_compiled_program(tmp_path):
 def test_empty_variable_turns_the_cache_off_in_a_process(tmp_path):
   out = _child("")
   assert out["dir"] == "None" and int(out["hits"]) == 0
+
+
+# ----------------------------------------------------------------------------------------
+# No host callback in the ODE programs (so they are cached), and a failed solve still fails.
+
+def test_ode_programs_compile_no_callback_and_a_failed_solve_is_a_clear_error():
+  import diffrax
+  import jax
+  import jax.numpy as jnp
+  import pytest
+
+  from score_sde import likelihood, sampling, sde as sde_lib, solvers
+
+  sde = sde_lib.VPSDE()
+  score_fn = lambda x, t: -x  # noqa: E731 (the exact score of N(0, I) data under VP)
+  key = jax.random.PRNGKey(0)
+  x = jnp.full((3, 2), 0.5)
+
+  def sample(max_steps, return_result=True):
+    return jax.jit(lambda k: sampling.sample(k, score_fn, sde, (3, 2), "ode", rtol=1e-3,
+                                             atol=1e-3, max_steps=max_steps,
+                                             return_result=return_result))
+
+  def loglik(max_steps):
+    return jax.jit(lambda k, x: likelihood.log_likelihood(
+        k, score_fn, sde, x, rtol=1e-3, atol=1e-3, max_steps=max_steps, return_result=True))
+
+  # JAX keeps programs with host callbacks out of the persistent cache; these have none
+  # (the default, diffrax's run-time check, has one).
+  assert "callback" not in sample(2).lower(key).as_text()
+  assert "callback" not in loglik(2).lower(key, x).as_text()
+  assert "callback" in sample(2, return_result=False).lower(key).as_text()
+  # A solve that fits its budget succeeds; one that does not is an error on the host.
+  _, nfe, result = sample(4096)(key)
+  solvers.check_result(jax.device_get(result))
+  assert bool(result == diffrax.RESULTS.successful) and int(nfe) > 2 * 6
+  _, _, _, result = loglik(4096)(key, x)
+  solvers.check_result(jax.device_get(result))
+  for result in (sample(2)(key)[2], loglik(2)(key, x)[3]):
+    with pytest.raises(RuntimeError, match="the ODE solve failed: The maximum number of "
+                                           "solver steps was reached"):
+      solvers.check_result(jax.device_get(result))
+  # The fixed-step samplers cannot fail: they report success.
+  _, _, result = jax.jit(lambda k: sampling.sample(k, score_fn, sde, (3, 2), "ddim", steps=3,
+                                                   return_result=True))(key)
+  solvers.check_result(jax.device_get(result))
+
+
+def test_run_sampler_raises_on_a_failed_ode_solve():
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import pytest
+
+  from score_sde import models, sde as sde_lib
+  from score_sde.run import experiment, programs
+
+  class Linear(nn.Module):  # the score networks' calling convention, fast to compile
+    @nn.compact
+    def __call__(self, x, labels, train=False, class_labels=None):
+      return nn.Dense(x.shape[-1])(x) * (1.0 + labels[:, None, None, None] / 999)
+
+  network, sde = Linear(), sde_lib.VPSDE()
+  variables = network.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 1)), jnp.ones((1,)))
+  spec = experiment.RunSpec(score_model=models.ScoreModel(network, sde), image_shape=(4, 4, 1),
+                            loss_fn=None, optimizer=None, ema_rate=0.9, ema_warmup=False)
+  key = jax.random.PRNGKey(1)
+  ok = programs.make_sample_fn(spec, (2, 4, 4, 1), "ode", dict(rtol=1e-2, atol=1e-2))
+  images, nfe = ok(variables, key)
+  assert images.shape == (2, 4, 4, 1) and int(nfe) > 1
+  failing = programs.make_sample_fn(spec, (2, 4, 4, 1), "ode", dict(max_steps=2))
+  with pytest.raises(RuntimeError, match="the 'ode' sampler's solve failed: The maximum "
+                                         "number of solver steps was reached"):
+    failing(variables, key)

@@ -32,7 +32,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from score_sde import guidance, models, sampling
+from score_sde import guidance, models, sampling, solvers
 from score_sde.io import checkpoints, parallel
 from score_sde.io import workdir as workdir_lib
 from score_sde.run import experiment, keys
@@ -185,7 +185,12 @@ def make_sample_fn(spec: RunSpec, shape: tuple[int, ...], method: str, options: 
   `sde.prior_sampling(fold_in(key, keys.PRIOR), shape)`, so calls with the same key but different
   methods start from the same x_T. `score_fn_of(variables) -> score_fn` makes the score
   function from `variables` (any pytree; default: the network's score with the network's
-  variables, at `spec.sample_precision`), e.g. a guided one."""
+  variables, at `spec.sample_precision`), e.g. a guided one.
+
+  The compiled program has no host callback (the ODE sampler solves with diffrax's
+  `throw=False`), so it is stored in the persistent compilation cache; a failed ODE solve
+  (e.g. `max_steps` reached) raises RuntimeError on the host after the call
+  (`solvers.check_result`)."""
   mesh = parallel.make_mesh() if mesh is None else mesh
   parallel.check_batch(shape[0], mesh, "sampling batch size")
   batch_sharding = NamedSharding(mesh, P("batch"))
@@ -198,11 +203,18 @@ def make_sample_fn(spec: RunSpec, shape: tuple[int, ...], method: str, options: 
     score_fn = score_fn_of(variables)
     x_T = sde.prior_sampling(jax.random.fold_in(key, keys.PRIOR), shape)
     x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
-    x, nfe = sampling.sample(jax.random.fold_in(key, keys.SAMPLER), score_fn, sde, shape, method=method,
-                             x_T=x_T, **options)
-    return jnp.clip(spec.inverse_scaler(x), 0.0, 1.0), nfe
+    x, nfe, result = sampling.sample(jax.random.fold_in(key, keys.SAMPLER), score_fn, sde, shape,
+                                     method=method, x_T=x_T, return_result=True, **options)
+    return jnp.clip(spec.inverse_scaler(x), 0.0, 1.0), nfe, result
 
-  return jax.jit(sample_fn)
+  compiled = jax.jit(sample_fn)
+
+  def checked_sample_fn(variables, key):
+    x, nfe, result = compiled(variables, key)
+    solvers.check_result(parallel.to_host(result), f"the {method!r} sampler's solve")
+    return x, nfe
+
+  return checked_sample_fn
 
 
 def abstract_state(spec: RunSpec, mesh: Mesh) -> TrainState:
