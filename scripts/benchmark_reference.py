@@ -113,6 +113,7 @@ def reference_config(reference_dir: pathlib.Path, config_path: str, ours):
       # Same value, the reference's type (it has e.g. the integer fourier_scale = 16).
       config.model[name] = type(old)(value) if isinstance(old, (int, float)) else value
   config.training.batch_size = ours.training.batch_size
+  config.data.image_size = int(ours.data.image_size)  # the same input shape as ours
   return config
 
 
