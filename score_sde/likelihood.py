@@ -36,8 +36,8 @@ DIVERGENCES = ("rademacher", "gaussian", "exact")
 
 def log_likelihood(key: jax.Array, score_fn: ScoreFn, sde: SDE, x: jax.Array, *,
                    divergence: str = "rademacher", rtol: float = 1e-5, atol: float = 1e-5,
-                   eps: float = 1e-5, solver: str = "tsit5", max_steps: int = 16384
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                   eps: float = 1e-5, solver: str = "tsit5", max_steps: int = 16384,
+                   return_result: bool = False) -> tuple:
   """log p_eps(x) by the probability-flow ODE, in nats per example.
 
   Solves the probability-flow ODE of `sde` driven by `score_fn` from t = eps (data) to
@@ -60,6 +60,10 @@ def log_likelihood(key: jax.Array, score_fn: ScoreFn, sde: SDE, x: jax.Array, *,
     solver: an adaptive solver of `solvers.SOLVERS` ('tsit5', 'dopri5', 'dopri8', 'bosh3',
       'heun').
     max_steps: the solver's step budget (the solve fails loudly beyond it).
+    return_result: solve with diffrax's `throw=False` (no run-time check, so no host callback
+      in the compiled program: it can be stored in the persistent compilation cache) and
+      return the solver's result (a `diffrax.RESULTS` item) as a fourth output; check it on
+      the host with `solvers.check_result` (logp and z are not meaningful when it failed).
 
   Returns:
     logp: `[B]`, log p_eps(x) = sde.prior_logp(z) + int_eps^t_max div f~ dt, in nats.
@@ -122,10 +126,12 @@ def log_likelihood(key: jax.Array, score_fn: ScoreFn, sde: SDE, x: jax.Array, *,
       diffrax.ODETerm(vector_field), erk, t0=eps, t1=sde.t_max, dt0=0.01 * (sde.t_max - eps),
       y0=(x, jnp.zeros((batch,), x.dtype)),
       stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-      saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
+      saveat=diffrax.SaveAt(t1=True), max_steps=max_steps, throw=not return_result)
   z, delta_logp = sol.ys[0][0], sol.ys[1][0]
   logp = sde.prior_logp(z) + delta_logp
   nfe = solvers.function_evaluations(erk, sol.stats["num_steps"])
+  if return_result:
+    return logp, z, nfe, sol.result
   return logp, z, nfe
 
 
@@ -186,7 +192,7 @@ def dequantize(key: jax.Array, x: jax.Array, *, dtype=jnp.float32) -> jax.Array:
 
 def bits_per_dim_of_batch(key: jax.Array, score_fn: ScoreFn, sde: SDE, x01: jax.Array, *,
                           centered: bool, uniform_dequantization: bool = True,
-                          **likelihood_options) -> tuple[jax.Array, jax.Array]:
+                          return_result: bool = False, **likelihood_options) -> tuple:
   """Bits/dim of a batch of 8-bit data, the number published for image models.
 
   Dequantizes (when `uniform_dequantization`), scales to [-1, 1] when `centered`, runs
@@ -201,12 +207,14 @@ def bits_per_dim_of_batch(key: jax.Array, score_fn: ScoreFn, sde: SDE, x01: jax.
     centered: whether the model works on data in [-1, 1] (`config.data.centered`).
     uniform_dequantization: add U[0, 1) / 256 noise as in `dequantize` (recommended; the
       reference's `bpd` evaluation does so only when `config.data.uniform_dequantization`).
+    return_result: as for `log_likelihood`: also return the solver's result (third output).
     **likelihood_options: keyword options of `log_likelihood` (divergence, rtol, atol, eps,
       solver, max_steps).
 
   Returns:
     bpd: `[B]` bits per dimension.
     nfe: int scalar, ODE-function evaluations of the solve.
+    (with `return_result`) result: the solver's `diffrax.RESULTS` item.
   """
   k_deq, k_probe = jax.random.split(key)
   x01 = jnp.asarray(x01)
@@ -218,5 +226,7 @@ def bits_per_dim_of_batch(key: jax.Array, score_fn: ScoreFn, sde: SDE, x01: jax.
     x = x01
   if centered:
     x = 2.0 * x - 1.0
-  logp, _, nfe = log_likelihood(k_probe, score_fn, sde, x, **likelihood_options)
-  return bits_per_dim(logp, x.shape[1:], offset=7.0 if centered else 8.0), nfe
+  logp, _, nfe, *result = log_likelihood(k_probe, score_fn, sde, x,
+                                         return_result=return_result, **likelihood_options)
+  bpd = bits_per_dim(logp, x.shape[1:], offset=7.0 if centered else 8.0)
+  return (bpd, nfe, *result)

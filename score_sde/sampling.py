@@ -1208,7 +1208,8 @@ ODE_SOLVERS = solvers.SOLVERS
 def ode_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, solver: str = "tsit5",
                rtol: float = 1e-5, atol: float = 1e-5, steps: int | None = None,
                max_steps: int | None = None, denoise: bool = True, eps: float | None = None,
-               x_T: Array | None = None) -> tuple[Array, Array]:
+               x_T: Array | None = None, return_result: bool = False
+               ) -> tuple[Array, Array] | tuple[Array, Array, diffrax.RESULTS]:
   """Solves the probability-flow ODE dx/dt = f(x, t) - g(t)^2 score(x, t) / 2 from T to eps.
 
   One diffrax solve (a compiled while loop). Adaptive (PID step-size control in the batch's
@@ -1221,15 +1222,20 @@ def ode_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, solver: str = 
     rtol, atol: tolerances of the adaptive step-size controller.
     steps: fixed number of steps (None: adaptive).
     max_steps: cap on step attempts (default 4096 adaptive, `steps` fixed); diffrax raises
-      at run time when it is hit.
+      at run time when it is hit (with `return_result`: the result says so).
     denoise: end with a Tweedie step at eps (+1 NFE).
     eps: the end time (default `default_eps(sde)`).
     x_T: optional starting noise.
+    return_result: solve with diffrax's `throw=False` (no run-time check, so no host callback
+      in the compiled program: it can be stored in the persistent compilation cache) and
+      return the solver's result as a third output; check it on the host with
+      `solvers.check_result` (x is not meaningful when it failed).
 
   Returns:
     `(x [B, *D], nfe)` with nfe an int32 array: per step attempt (accepted or rejected) the
     solver's new stages (6 for Tsit5/Dopri5, which reuse the last stage; 2 for Heun; 1 for
     Euler), plus one evaluation at x_T for first-same-as-last solvers, plus `denoise`.
+    With `return_result`: `(x, nfe, result)`, result a `diffrax.RESULTS` item.
   """
   check_options(sde, "ode", dict(solver=solver, rtol=rtol, atol=atol, steps=steps,
                                  max_steps=max_steps, denoise=denoise, eps=eps))
@@ -1249,25 +1255,29 @@ def ode_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, solver: str = 
   term = diffrax.ODETerm(vector_field)
   ode_solver = solvers.SOLVERS[solver]()
   fsal = solvers.is_fsal(ode_solver)
-  s0, s1 = jnp.asarray(-sde.t_max, dtype), jnp.asarray(-eps, dtype)
-  if steps is None:
-    controller = diffrax.PIDController(rtol=rtol, atol=atol)
-    # An explicit first step (1% of the interval; the controller adapts it from there) rather
-    # than diffrax's initial-step heuristic, whose cost in evaluations varies by version.
-    dt0 = 0.01 * (s1 - s0)
-  else:
-    controller = diffrax.ConstantStepSize()
-    dt0 = (s1 - s0) / steps
+  # Python floats, not arrays: diffrax's solve is an `equinox.filter_jit`, which traces array
+  # arguments, and its check of the direction of dt0 is then decided at trace time instead
+  # of compiling a run-time check (a host callback, which keeps the program out of the
+  # persistent compilation cache).
+  s0, s1 = -float(sde.t_max), -float(eps)
+  # Adaptive: an explicit first step (1% of the interval; the controller adapts it from
+  # there) rather than diffrax's initial-step heuristic, whose cost in evaluations varies by
+  # version.
+  dt0 = 0.01 * (s1 - s0) if steps is None else (s1 - s0) / steps
+  controller = (diffrax.PIDController(rtol=rtol, atol=atol) if steps is None
+                else diffrax.ConstantStepSize())
   # A first-same-as-last solver re-evaluates its first stage on the first step and again
   # after any rejection of that step; seeding its state with f(x_T) makes the count exact.
   solver_state = (jnp.asarray(False), vector_field(s0, x, None)) if fsal else None
   solution = diffrax.diffeqsolve(
       term, ode_solver, s0, s1, dt0, x, stepsize_controller=controller, max_steps=max_steps,
-      saveat=diffrax.SaveAt(t1=True), solver_state=solver_state)
+      saveat=diffrax.SaveAt(t1=True), solver_state=solver_state, throw=not return_result)
   x = solution.ys[0]
   nfe = solvers.function_evaluations(ode_solver, solution.stats["num_steps"]) + int(denoise)
   if denoise:
     x = _tweedie(score_fn, sde, x, eps)
+  if return_result:
+    return x, jnp.asarray(nfe, jnp.int32), solution.result
   return x, jnp.asarray(nfe, jnp.int32)
 
 
@@ -1383,14 +1393,16 @@ SAMPLERS: dict[str, Callable] = {
 
 
 def sampler_options(method: str) -> tuple[str, ...]:
-  """The keyword options a method accepts (e.g. to pick them out of a config)."""
+  """The keyword options a method accepts (e.g. to pick them out of a config); not
+  `return_result`, which is an argument of `sample` (what to return), not a sampler option."""
   _check_name("sampling method", method, SAMPLERS)
   parameters = inspect.signature(SAMPLERS[method]).parameters.values()
-  return tuple(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
+  return tuple(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY
+               and p.name != "return_result")
 
 
-def sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, method: str = "pc", **options
-           ) -> tuple[Array, Array | int]:
+def sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, method: str = "pc", *,
+           return_result: bool = False, **options) -> tuple:
   """Draws samples `[B, *D]` with `SAMPLERS[method]`; returns `(x, nfe)`.
 
   Args:
@@ -1400,6 +1412,9 @@ def sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, method: str = "pc", *
     shape: `(B, *D)`.
     method: one of `SAMPLERS` ('pc', 'ode', 'ddpm', 'ddim', 'heun', 'dpm_solver', 'unipc',
       'deis', ...).
+    return_result: return `(x, nfe, result)`, with no run-time check compiled in: for 'ode'
+      diffrax's result (see `ode_sample`), for the fixed-step methods (which cannot fail)
+      `diffrax.RESULTS.successful`. Check it on the host with `solvers.check_result`.
     **options: that method's keyword options (see `sampler_options(method)`).
 
   Raises:
@@ -1408,7 +1423,10 @@ def sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, method: str = "pc", *
     TypeError: an option the method does not take.
   """
   check_options(sde, method, options)
-  return SAMPLERS[method](key, score_fn, sde, shape, **options)
+  if method == "ode":
+    return ode_sample(key, score_fn, sde, shape, return_result=return_result, **options)
+  x, nfe = SAMPLERS[method](key, score_fn, sde, shape, **options)
+  return (x, nfe, diffrax.RESULTS.successful) if return_result else (x, nfe)
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,12 @@ The probability-flow ODE is integrated with diffrax by `sampling.ode_sample` (x 
 `likelihood.log_likelihood` (x and the divergence integral); both pick the solver here by name
 and report the number of vector-field evaluations with `function_evaluations` (diffrax reports
 steps, not evaluations).
+
+Failed solves. By default diffrax checks its result at run time with a host callback (an
+equinox runtime error), and JAX does not store a program with host callbacks in the persistent
+compilation cache. With `return_result=True` both functions solve with `throw=False` instead,
+so the compiled program has no callback, and return diffrax's result code (a
+`diffrax.RESULTS` item); `check_result` turns a failed one into a clear error on the host.
 """
 
 from __future__ import annotations
@@ -28,6 +34,22 @@ def check_solver(name: str, adaptive: bool = False) -> None:
   """Raises ValueError naming the valid solvers if `name` is not one (of the adaptive ones)."""
   valid = ADAPTIVE_SOLVERS if adaptive else tuple(SOLVERS)
   check_choice("solver", name, valid)
+
+
+def check_result(result, what: str = "the ODE solve") -> None:
+  """Raises RuntimeError with diffrax's message if `result` is not `RESULTS.successful`.
+
+  Args:
+    result: the `diffrax.RESULTS` item a `return_result=True` solve returned, as a concrete
+      (host or fully addressable) value, i.e. after the compiled call.
+    what: what was solved, for the message (e.g. "the probability-flow ODE sample").
+
+  Raises:
+    RuntimeError: naming `what` and diffrax's reason (e.g. the maximum number of solver steps
+      was reached: raise `max_steps` or loosen rtol/atol).
+  """
+  if not bool(result == diffrax.RESULTS.successful):
+    raise RuntimeError(f"{what} failed: {diffrax.RESULTS[result]}")
 
 
 def is_fsal(solver: diffrax.AbstractSolver) -> bool:

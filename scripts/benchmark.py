@@ -17,7 +17,9 @@ batch over a `"batch"` mesh of `--devices` devices (on a CPU, simulated ones: ea
 share on one core, see docs/benchmarks.md). `--precision=bfloat16` runs both in mixed
 precision (bfloat16 convolutions and matmuls, float32 parameters; docs/precision.md) and
 takes the peak fraction against the device's bfloat16 peak. `--config=path:tiny` picks the
-file's tiny variant; `--config.<section>.<field>=value` overrides a field.
+file's tiny variant; `--config.<section>.<field>=value` overrides a field. `--dit_size=S/2`
+measures a DiT of that published size (`models.DIT_SIZES`-style name) on the config's data
+instead of its network.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ flags.DEFINE_integer("runs", 5, "Timed calls (median).", lower_bound=1)
 flags.DEFINE_enum("mode", "both", ["forward", "train", "both"], "What to measure.")
 flags.DEFINE_enum("precision", "float32", list(models.PRECISIONS),
                   "Compute precision of the network (forward and train step).")
+flags.DEFINE_string("dit_size", None, "Measure a DiT of this size (e.g. 'S/2', 'B/2') on the "
+                    "config's data instead of the config's network.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -120,6 +124,10 @@ def main(argv) -> None:
   del argv
   cli.setup()
   name = config_flags.get_config_filename(FLAGS["config"])
+  if FLAGS.dit_size:
+    FLAGS.config.model.name = "dit"
+    FLAGS.config.model.dit_size = FLAGS.dit_size
+    name = f"{name} (DiT-{FLAGS.dit_size})"
   sys.exit(cli.execute(lambda: benchmark(FLAGS.config, name, FLAGS.batch_size, FLAGS.devices,
                                          FLAGS.runs, FLAGS.mode, FLAGS.precision)))
 

@@ -9,8 +9,10 @@ only to measure it). The reference network is built from the reference's own con
 the experiment (`--reference_config`, relative to the checkout) with every `config.model`
 field that both projects name the same copied from this project's config, and the parameter
 counts of the two networks are checked to be equal, so both sides measure the same network.
-The reference's custom CUDA kernels are compiled at import in the reference; on a CPU their
-loader is replaced by a stub, and the reference runs its own native PyTorch paths.
+The reference's custom CUDA kernels are compiled at import in the reference; their loader is
+replaced by a stub and its FIR up/down-sampling (`upfirdn2d`) always takes the reference's own
+pure-PyTorch path (`upfirdn2d_native`, which it uses on CPUs), on a GPU too (`--device=cuda`):
+its pure-torch ops, nothing compiled.
 
 Prints one JSON line per measurement, with the fields of `scripts/benchmark.py`'s lines:
 images/s from the median of `--runs` timed calls after one warm-up call. The forward pass is
@@ -49,6 +51,7 @@ flags.DEFINE_integer("batch_size", 8, "Batch size.", lower_bound=1)
 flags.DEFINE_integer("runs", 5, "Timed calls (median).", lower_bound=1)
 flags.DEFINE_integer("threads", 0, "torch threads (0: torch's default).", lower_bound=0)
 flags.DEFINE_enum("mode", "both", ["forward", "train", "both"], "What to measure.")
+flags.DEFINE_enum("device", "cpu", ["cpu", "cuda"], "torch device.")
 flags.mark_flags_as_required(["reference_dir", "config"])
 
 # config.model fields that are this project's only (or mean something else here).
@@ -69,9 +72,17 @@ def import_reference(reference_dir: pathlib.Path):
   try:
     import losses
     import sde_lib
-    from models import ddpm, ema, ncsnpp, utils  # noqa: F401  (registers the networks)
+    from models import ddpm, ema, ncsnpp, up_or_down_sampling, utils  # noqa: F401
+    upfirdn2d_module = importlib.import_module("op.upfirdn2d")  # `op.upfirdn2d` is also
+    # the name of the function that `op/__init__.py` exports
   finally:
     torch.utils.cpp_extension.load = real_load
+
+  def upfirdn2d(input, kernel, up=1, down=1, pad=(0, 0)):  # the reference's CPU branch
+    return upfirdn2d_module.upfirdn2d_native(input, kernel, up, up, down, down, pad[0],
+                                             pad[1], pad[0], pad[1])
+
+  up_or_down_sampling.upfirdn2d = upfirdn2d
   return losses, sde_lib, utils, ema
 
 
@@ -102,6 +113,7 @@ def reference_config(reference_dir: pathlib.Path, config_path: str, ours):
       # Same value, the reference's type (it has e.g. the integer fourier_scale = 16).
       config.model[name] = type(old)(value) if isinstance(old, (int, float)) else value
   config.training.batch_size = ours.training.batch_size
+  config.data.image_size = int(ours.data.image_size)  # the same input shape as ours
   return config
 
 
@@ -116,48 +128,74 @@ def benchmark_reference(args, config_name: str) -> None:
 
   if args.threads:
     torch.set_num_threads(args.threads)
+  device = torch.device(args.device)
+  if device.type == "cuda" and not torch.cuda.is_available():
+    raise ValueError("--device=cuda, but torch sees no CUDA device; valid here: cpu")
   ours = args.config
   ours_params = models.count_params(
       jax.eval_shape(lambda k: networks.init_model(k, ours), jax.random.key(0)))
   losses, sde_lib, mutils, ema_lib = import_reference(reference_dir)
   config = reference_config(reference_dir, args.reference_config, ours)
-  config.device = torch.device("cpu")
+  config.device = device
   torch.manual_seed(config.seed)
-  net = mutils.get_model(config.model.name)(config)
+  net = mutils.get_model(config.model.name)(config).to(device)
   n_params = sum(p.numel() for p in net.parameters())
   if n_params != ours_params:
     raise ValueError(f"the reference network has {n_params} parameters, this project's "
                      f"{ours_params}: not the same network (check --reference_config)")
   base = {"project": "score_sde_pytorch", "config": config_name, "model": config.model.name,
-          "n_params": n_params, "batch_size": args.batch_size, "platform": "cpu",
+          "n_params": n_params, "batch_size": args.batch_size, "platform": device.type,
           "torch": torch.__version__, "threads": torch.get_num_threads()}
+  if device.type == "cuda":
+    base["device_kind"] = torch.cuda.get_device_name(device)
+    torch.backends.cudnn.benchmark = True
+
+  def synced(call):  # CUDA calls are asynchronous: wait for the result before the clock
+    def run():
+      out = call()
+      if device.type == "cuda":
+        torch.cuda.synchronize(device)
+      return out
+    return run
+
+  def memory() -> dict:
+    if device.type == "cuda":
+      return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)),
+              "memory_source": "device"}
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "memory_source": "process_max_rss"}
   shape = (args.batch_size, config.data.num_channels, config.data.image_size,
            config.data.image_size)
   gen = torch.Generator().manual_seed(0)
 
   def report(mode: str, seconds: float) -> None:
     print(json.dumps({**base, "mode": mode, "median_s": round(seconds, 5),
-                      "images_per_s": round(args.batch_size / seconds, 2),
-                      "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                      * 1024, "memory_source": "process_max_rss"}), flush=True)
+                      "images_per_s": round(args.batch_size / seconds, 2), **memory()}),
+          flush=True)
 
   if args.mode in ("forward", "both"):
     net.eval()
-    x = torch.randn(shape, generator=gen)
-    labels = torch.linspace(0.1, 0.9, args.batch_size) * 999
+    x = torch.randn(shape, generator=gen).to(device)
+    labels = torch.linspace(0.1, 0.9, args.batch_size).to(device) * 999
 
     def forward():
       with torch.no_grad():
         net(x, labels)
 
-    report("forward", timing.median_seconds(forward, args.runs))
+    report("forward", timing.median_seconds(synced(forward), args.runs))
 
   if args.mode in ("train", "both"):
     net.train()
-    sde = sde_lib.VPSDE(beta_min=config.model.beta_min, beta_max=config.model.beta_max,
-                        N=config.model.num_scales)
-    if config.training.sde.lower() != "vpsde":
-      raise ValueError(f"only VP-SDE experiments are measured; got {config.training.sde!r}")
+    kind = config.training.sde.lower()
+    if kind == "vpsde":
+      sde = sde_lib.VPSDE(beta_min=config.model.beta_min, beta_max=config.model.beta_max,
+                          N=config.model.num_scales)
+    elif kind == "vesde":
+      sde = sde_lib.VESDE(sigma_min=config.model.sigma_min, sigma_max=config.model.sigma_max,
+                          N=config.model.num_scales)
+    else:
+      raise ValueError(f"only VP- and VE-SDE experiments are measured; got "
+                       f"{config.training.sde!r}; valid: ['vpsde', 'vesde']")
     optimizer = torch.optim.Adam(net.parameters(), lr=config.optim.lr,
                                  betas=(config.optim.beta1, 0.999), eps=config.optim.eps,
                                  weight_decay=config.optim.weight_decay)
@@ -170,8 +208,9 @@ def benchmark_reference(args, config_name: str) -> None:
                                  continuous=config.training.continuous,
                                  likelihood_weighting=config.training.likelihood_weighting)
     batch = torch.from_numpy(
-        np.random.default_rng(0).random(shape, dtype=np.float32) * 2 - 1)
-    report("train_step", timing.median_seconds(lambda: step_fn(state, batch), args.runs))
+        np.random.default_rng(0).random(shape, dtype=np.float32) * 2 - 1).to(device)
+    report("train_step", timing.median_seconds(synced(lambda: step_fn(state, batch)),
+                                               args.runs))
 
 
 def main(argv) -> None:

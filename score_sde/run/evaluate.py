@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from score_sde import likelihood
+from score_sde import likelihood, solvers
 from score_sde.io import files, images, parallel
 from score_sde.io import workdir as workdir_lib
 from score_sde.run import experiment, guided, keys, programs, quality
@@ -180,7 +180,7 @@ def _test_bpd(config, state, spec: experiment.RunSpec, mesh: Mesh, progress: boo
     return likelihood.bits_per_dim_of_batch(
         key, score_fn, sde, x01, centered=bool(config.data.centered),
         uniform_dequantization=True, rtol=float(e.get("bpd_rtol", 1e-5)),
-        atol=float(e.get("bpd_atol", 1e-5)), eps=1e-5)
+        atol=float(e.get("bpd_atol", 1e-5)), eps=1e-5, return_result=True)
 
   if spec.latent is not None:
     # A latent run: -log p(z) / dim of the scaled latents of the test images, in nats; not
@@ -190,10 +190,10 @@ def _test_bpd(config, state, spec: experiment.RunSpec, mesh: Mesh, progress: boo
 
     @jax.jit
     def latent_nats_fn(variables, key, z):
-      logp, _, nfe = likelihood.log_likelihood(
+      logp, _, nfe, result = likelihood.log_likelihood(
           key, score_model.score_fn(variables), sde, z, rtol=float(e.get("bpd_rtol", 1e-5)),
-          atol=float(e.get("bpd_atol", 1e-5)), eps=1e-5)
-      return -logp / dims, nfe
+          atol=float(e.get("bpd_atol", 1e-5)), eps=1e-5, return_result=True)
+      return -logp / dims, nfe, result
 
     def latent_bpd_fn(variables, key, x01):
       return latent_nats_fn(variables, key, encode(key, 0, x01))
@@ -208,8 +208,11 @@ def _test_bpd(config, state, spec: experiment.RunSpec, mesh: Mesh, progress: boo
     if seen >= limit:
       break
     x01, mask = parallel.shard_batch((batch["image"], batch["mask"]), mesh)
-    bpd, nfe = bpd_fn(score_variables, jax.device_put(jax.random.fold_in(eval_key, keys.BPD_BATCHES | i),
-                                                      replicated), x01)
+    bpd, nfe, result = bpd_fn(score_variables, jax.device_put(
+        jax.random.fold_in(eval_key, keys.BPD_BATCHES | i), replicated), x01)
+    # No run-time check is compiled in (so the program is cached): a failed solve is an
+    # error here, e.g. eval.bpd_rtol / bpd_atol too tight for the solver's step budget.
+    solvers.check_result(parallel.to_host(result), "the bits/dim probability-flow ODE solve")
     bpd, mask = parallel.to_host((bpd, mask))  # the global batch, on every host
     keep = mask & (np.arange(len(mask)) + seen < limit)
     values.append(np.asarray(bpd)[keep])

@@ -32,7 +32,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from score_sde import guidance, models, sampling
+from score_sde import guidance, models, sampling, solvers
 from score_sde.io import checkpoints, parallel
 from score_sde.io import workdir as workdir_lib
 from score_sde.run import experiment, keys
@@ -211,7 +211,12 @@ def make_sample_fn(spec: RunSpec, shape: tuple[int, ...], method: str, options: 
   variance half (default: `ScoreModel.variance_fn` of the network's variables, no class
   labels). A latent run's samples (`spec.latent`) are drawn in latent space and decoded by
   a second compiled program: the images are in pixel space (`decode=False`: the latents
-  themselves)."""
+  themselves).
+
+  The compiled program has no host callback (the ODE sampler solves with diffrax's
+  `throw=False`), so it is stored in the persistent compilation cache; a failed ODE solve
+  (e.g. `max_steps` reached) raises RuntimeError on the host after the call
+  (`solvers.check_result`)."""
   mesh = parallel.make_mesh() if mesh is None else mesh
   parallel.check_batch(shape[0], mesh, "sampling batch size")
   batch_sharding = NamedSharding(mesh, P("batch"))
@@ -228,22 +233,23 @@ def make_sample_fn(spec: RunSpec, shape: tuple[int, ...], method: str, options: 
     x_T = sde.prior_sampling(jax.random.fold_in(key, keys.PRIOR), shape)
     x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
     extra = {"var_interp_fn": variance_fn_of(variables)} if learned else {}
-    x, nfe = sampling.sample(jax.random.fold_in(key, keys.SAMPLER), score_fn, sde, shape, method=method,
-                             x_T=x_T, **options, **extra)
-    if spec.latent is not None:
-      return x, nfe  # latents, decoded below
-    return jnp.clip(spec.inverse_scaler(x), 0.0, 1.0), nfe
+    x, nfe, result = sampling.sample(jax.random.fold_in(key, keys.SAMPLER), score_fn, sde, shape,
+                                     method=method, x_T=x_T, return_result=True, **options,
+                                     **extra)
+    if spec.latent is None:
+      x = jnp.clip(spec.inverse_scaler(x), 0.0, 1.0)
+    return x, nfe, result  # a latent run's latents are decoded below
 
   compiled = jax.jit(sample_fn)
-  if spec.latent is None or not decode:
-    return compiled
-  decode = spec.latent.make_decode_fn(mesh)  # a latent run's samples, decoded to pixels
+  decode_fn = (spec.latent.make_decode_fn(mesh)  # a latent run's samples, decoded to pixels
+               if spec.latent is not None and decode else None)
 
-  def latent_sample_fn(variables, key):
-    z, nfe = compiled(variables, key)
-    return decode(z), nfe
+  def checked_sample_fn(variables, key):
+    x, nfe, result = compiled(variables, key)
+    solvers.check_result(parallel.to_host(result), f"the {method!r} sampler's solve")
+    return (x if decode_fn is None else decode_fn(x)), nfe
 
-  return latent_sample_fn
+  return checked_sample_fn
 
 
 def abstract_state(spec: RunSpec, mesh: Mesh) -> TrainState:

@@ -94,8 +94,11 @@ def _start_state(manager, config, spec: RunSpec, mesh: Mesh, workdir: str, step:
   Unreadable newer checkpoints, and with `step` the newer ones, are moved to
   `workdir/checkpoints_set_aside/` (never deleted) so that training can save those steps again.
   """
-  abstract = programs.abstract_state(spec, mesh)
-  restored = checkpoints.restore_intact(manager, abstract, step)
+  # A fresh run skips the abstract state: it would trace the initializer once more (seconds
+  # of a warm start) only to find nothing to restore.
+  restored = None
+  if step is not None or manager.all_steps():
+    restored = checkpoints.restore_intact(manager, programs.abstract_state(spec, mesh), step)
   if restored is not None:
     state, restored_step, unreadable = restored
     newer = [s for s in manager.all_steps() if s > restored_step and s not in unreadable]
