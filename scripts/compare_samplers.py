@@ -3,6 +3,7 @@ evaluations (NFE), all from the same starting noise x_T (`score_sde.run.compare`
 
     python scripts/compare_samplers.py                                  # 2-D mixture, VP SDE
     python scripts/compare_samplers.py --sde=vesde --mixture=image --image_shape=8,8,1
+    python scripts/compare_samplers.py --grid=log_snr      # one time grid for every sampler
     python scripts/compare_samplers.py --score=mlp --mlp_width=1024 --num_samples=512 \\
         --samplers=ddim,dpm_solver2 --nfe=50                           # per-NFE overhead
     python scripts/compare_samplers.py --workdir=runs/cifar10_vp --num_samples=64
@@ -20,6 +21,7 @@ import sys
 
 from absl import app, flags
 
+from score_sde import sampling
 from score_sde import sde as sde_lib
 from score_sde.run import cli, compare
 
@@ -44,6 +46,8 @@ flags.DEFINE_list("samplers", list(compare.SAMPLER_GRID),
                   f"Subset of {list(compare.SAMPLER_GRID)}.")
 flags.DEFINE_list("nfe", ["10", "20", "50", "100", "200"],
                   "NFE budgets of the fixed-step samplers.")
+flags.DEFINE_enum("grid", None, list(sampling.GRIDS),
+                  "Time grid of every fixed-step sampler (default: each method's own grid).")
 flags.DEFINE_list("ode_tols", ["1e-2", "1e-3", "1e-4", "1e-5"],
                   "rtol = atol values of the adaptive 'ode' sampler.")
 flags.DEFINE_integer("num_samples", 2000, "Samples per sampler.", lower_bound=1)
@@ -78,7 +82,7 @@ def options_from_flags() -> compare.CompareOptions:
       sde=FLAGS.sde, score=FLAGS.score, mlp_width=FLAGS.mlp_width, mlp_depth=FLAGS.mlp_depth,
       mlp_scale=FLAGS.mlp_scale, workdir=FLAGS.workdir, step=FLAGS.step,
       overrides=tuple(FLAGS.override), samplers=tuple(FLAGS.samplers),
-      nfe=_numbers("nfe", int), ode_tols=_numbers("ode_tols", float),
+      nfe=_numbers("nfe", int), grid=FLAGS.grid, ode_tols=_numbers("ode_tols", float),
       num_samples=FLAGS.num_samples, eps=FLAGS.eps, reference_solver=FLAGS.reference_solver,
       reference_tol=FLAGS.reference_tol, reference_dtype=FLAGS.reference_dtype,
       projections=FLAGS.projections, repeats=FLAGS.repeats, seed=FLAGS.seed,

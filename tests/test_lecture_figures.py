@@ -60,3 +60,11 @@ def test_pixel_stats():
 def test_unknown_sampler_names_the_valid_ones():
   with pytest.raises(ValueError, match="'rk45'.*ddim"):
     figures.check_samplers(["ddim", "rk45"])
+
+
+@pytest.mark.parametrize("sde", [sde_lib.VPSDE(), sde_lib.VESDE()], ids=["vp", "ve"])
+def test_demo_sampler_settings_are_valid_options(sde):
+  # Every panel entry, unipc and deis included, passes the samplers' one option check.
+  assert {"unipc", "deis"} <= set(figures.DEMO_SAMPLERS)
+  for method, options in figures.DEMO_SAMPLERS.items():
+    sampling.check_options(sde, method, options)

@@ -84,6 +84,10 @@ SAMPLER_GRID: dict[str, SamplerSpec] = {
     "heun": SamplerSpec("heun", (("rho", 7.0),), lambda n: (n + 1) // 2, True),
     "dpm_solver2": SamplerSpec("dpm_solver", (("order", 2),), lambda n: n - 1, True),
     "dpm_solver3": SamplerSpec("dpm_solver", (("order", 3),), lambda n: n - 1, True),
+    # UniPC-bh2 with the UniC corrector (its evaluation is the next step's) and DEIS (tAB),
+    # both order 2 as diffusers' defaults: one evaluation per step + the Tweedie step.
+    "unipc": SamplerSpec("unipc", (("order", 2), ("variant", "bh2")), lambda n: n - 1, True),
+    "deis": SamplerSpec("deis", (("order", 2),), lambda n: n - 1, True),
     "ddpm": SamplerSpec("ddpm", (), lambda n: n, False),
     "pc_em": SamplerSpec("pc", (("predictor", "euler_maruyama"), ("corrector", "none")),
                          lambda n: n, False),
@@ -94,6 +98,7 @@ SAMPLER_GRID: dict[str, SamplerSpec] = {
 }
 
 PROBLEMS = ("mixture", "checkpoint")
+OWN_GRIDS = "each method's default"  # the summary's grid without CompareOptions.grid
 SCORES = ("exact", "mlp")
 REFERENCE_DTYPES = ("float64", "float32")
 
@@ -124,6 +129,9 @@ class CompareOptions:
     workdir, step, overrides: the trained run (problem 'checkpoint'), as `programs.load_run`.
     samplers: names of `SAMPLER_GRID`.
     nfe: NFE budgets of the fixed-step samplers.
+    grid: a name of `score_sde.sampling.GRIDS` given to every sampler that takes a `grid`
+      (all the fixed-step ones: ddim, heun, dpm_solver, unipc, deis, ddpm, pc), so that all
+      of them step on the same times; None (default): each method's own default grid.
     ode_tols: rtol = atol values of the adaptive 'ode' sampler.
     num_samples: samples per sampler (one shared x_T).
     eps: data-end time (None: `sampling.default_eps(sde)`).
@@ -148,6 +156,7 @@ class CompareOptions:
   overrides: tuple[str, ...] = ()
   samplers: tuple[str, ...] = tuple(SAMPLER_GRID)
   nfe: tuple[int, ...] = (10, 20, 50, 100, 200)
+  grid: str | None = None
   ode_tols: tuple[float, ...] = (1e-2, 1e-3, 1e-4, 1e-5)
   num_samples: int = 2000
   eps: float | None = None
@@ -177,6 +186,8 @@ class CompareOptions:
     for name in ("num_samples", "projections", "repeats", "mlp_width", "mlp_depth"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.grid is not None:
+      check_choice("grid", self.grid, sampling.GRIDS)
     if any(n < 1 for n in self.nfe):
       raise ValueError(f"NFE budgets must be >= 1, got {list(self.nfe)}")
     if any(not tol > 0 for tol in (*self.ode_tols, self.reference_tol)):
@@ -318,10 +329,13 @@ def _fmt(v, digits=4) -> str:
 
 def sampler_jobs(options: CompareOptions) -> list[tuple[str, SamplerSpec, dict]]:
   """`(name, spec, sampler options)` of every run of the grid, in order: per sampler, its NFE
-  budgets (or ODE tolerances); budgets a sampler cannot meet (steps < 1, Heun < 2) left out."""
+  budgets (or ODE tolerances); budgets a sampler cannot meet (steps < 1, Heun < 2) left out.
+  With `options.grid`, every method that takes a `grid` gets it."""
   jobs = []
   for name in options.samplers:
     spec = SAMPLER_GRID[name]
+    if options.grid is not None and "grid" in sampling.sampler_options(spec.method):
+      spec = dataclasses.replace(spec, options=spec.options + (("grid", options.grid),))
     if spec.steps_for_nfe is None:
       for tol in options.ode_tols:
         jobs.append((name, spec, dict(spec.options, rtol=tol, atol=tol)))
@@ -363,6 +377,7 @@ def run_comparison(options: CompareOptions, *, progress: bool = True
     x_ref, ref_nfe = ref_fn(k_sample, x_T.astype(jnp.float64 if x64 else jnp.float32))
     x_ref = np.asarray(x_ref, np.float64)
   summary = dict(problem=problem.description, sde=type(sde).__name__, eps=eps, num_samples=n,
+                 grid=options.grid or OWN_GRIDS,
                  reference=f"ode {options.reference_solver} "
                            f"rtol=atol={options.reference_tol:g} "
                            f"({options.reference_dtype}), NFE {int(ref_nfe)}")
@@ -457,7 +472,8 @@ def write_csv(rows: list[dict], path) -> None:
 def markdown_table(rows: list[dict], summary: dict) -> str:
   """The summary as a few lines, then the rows as a Markdown table of `COLUMNS`."""
   lines = [f"Problem: {summary['problem']}; SDE {summary['sde']}, eps = {summary['eps']:g}; "
-           f"{summary['num_samples']} samples from one shared x_T.",
+           f"{summary['num_samples']} samples from one shared x_T; time grid: "
+           f"{summary.get('grid', OWN_GRIDS)}.",
            f"Reference: {summary['reference']}.",
            f"Bare jitted score_fn call on the batch: {summary['bare_score_ms']:.4g} ms "
            f"(best single call; {summary['bare_score_ms_in_run']:.4g} ms per call in a run "

@@ -33,6 +33,8 @@ DEMO_SAMPLERS: dict[str, dict] = {
     "dpm_solver": dict(steps=25, order=2),  # [26]
     "heun": dict(steps=18),  # [35]
     "ddpm": dict(steps=200),  # [200]
+    "unipc": dict(steps=25, order=2),  # [26]  (bh2 with UniC; --methods=...,unipc,deis)
+    "deis": dict(steps=25, order=2),  # [26]
 }
 SATURATION = (-0.05, 1.05)  # pixels outside this range of [0, 1] count as saturated
 
