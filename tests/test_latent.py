@@ -374,7 +374,10 @@ def test_dit_and_autoencoder_pipeline(imported_ae, tmp_path):
   for field, value in dict(patch_size=2, hidden_size=64, depth=2, num_heads=4, mlp_ratio=4.0,
                            class_dropout_prob=0.1, num_classes=10, learn_sigma=True).items():
     config.model[field] = value
-  config.model.update(attn_resolutions=(8,), num_scales=1000)
+  unet = default_config.get_config().model  # a DiT refuses changed U-Net-only fields
+  config.model.update(nf=unet.nf, num_res_blocks=unet.num_res_blocks,
+                      attn_resolutions=unet.attn_resolutions, dropout=unet.dropout,
+                      num_scales=1000)
   config.training.update(sde="vpsde", continuous=False)
   config.data.update(dataset="synthetic", image_size=16, num_channels=1, latent=str(imported_ae),
                      latent_scaling_factor="autoencoder")

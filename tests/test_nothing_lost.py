@@ -246,7 +246,7 @@ def test_import_interrupted_at_every_step_of_its_finish(run_dir, tmp_path, monke
     fail_at[0], seen = None, list(calls)
     assert snapshot(os.path.join(workdir, "checkpoints")) == old or _steps(workdir) == [9], (
         k, calls)
-    with workdir_lib.locked(workdir, "test"):  # finishes a pending import
+    with workdir_lib.locked(workdir, "train"):  # the next checkpoint writer finishes it
       pass
     assert _steps(workdir) == [9], (k, calls)
     assert snapshot(os.path.join(workdir, checkpoints.SET_ASIDE_DIR,
