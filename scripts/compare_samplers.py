@@ -5,6 +5,7 @@ evaluations (NFE), all from the same starting noise x_T (`score_sde.run.compare`
     python scripts/compare_samplers.py --sde=vesde --mixture=image --image_shape=8,8,1
     python scripts/compare_samplers.py --score=mlp --mlp_width=1024 --num_samples=512 \\
         --samplers=ddim,dpm_solver2 --nfe=50                           # per-NFE overhead
+    python scripts/compare_samplers.py --sde=rectified_flow --samplers=sde,ddim --w=0,0.5,1,2
     python scripts/compare_samplers.py --workdir=runs/cifar10_vp --num_samples=64
                                                                        # a trained run
 
@@ -44,6 +45,9 @@ flags.DEFINE_list("samplers", list(compare.SAMPLER_GRID),
                   f"Subset of {list(compare.SAMPLER_GRID)}.")
 flags.DEFINE_list("nfe", ["10", "20", "50", "100", "200"],
                   "NFE budgets of the fixed-step samplers.")
+flags.DEFINE_list("w", ["0", "0.5", "1", "2"],
+                  "Stochasticities of the dial samplers (sde, sde_heun): 0 is the "
+                  "probability-flow ODE, 1 the reverse SDE.")
 flags.DEFINE_list("ode_tols", ["1e-2", "1e-3", "1e-4", "1e-5"],
                   "rtol = atol values of the adaptive 'ode' sampler.")
 flags.DEFINE_integer("num_samples", 2000, "Samples per sampler.", lower_bound=1)
@@ -77,7 +81,7 @@ def options_from_flags() -> compare.CompareOptions:
       sde=FLAGS.sde, score=FLAGS.score, mlp_width=FLAGS.mlp_width, mlp_depth=FLAGS.mlp_depth,
       mlp_scale=FLAGS.mlp_scale, workdir=FLAGS.workdir, step=FLAGS.step,
       overrides=tuple(FLAGS.override), samplers=tuple(FLAGS.samplers),
-      nfe=_numbers("nfe", int), ode_tols=_numbers("ode_tols", float),
+      nfe=_numbers("nfe", int), w=_numbers("w", float), ode_tols=_numbers("ode_tols", float),
       num_samples=FLAGS.num_samples, eps=FLAGS.eps, reference_solver=FLAGS.reference_solver,
       reference_tol=FLAGS.reference_tol, reference_dtype=FLAGS.reference_dtype,
       projections=FLAGS.projections, repeats=FLAGS.repeats, seed=FLAGS.seed,

@@ -89,7 +89,14 @@ SAMPLER_GRID: dict[str, SamplerSpec] = {
         "pc", (("predictor", "reverse_diffusion"), ("corrector", "langevin"), ("snr", 0.16),
                ("n_steps", 1)), lambda n: n // 2, False),
     "ode": SamplerSpec("ode", (("solver", "tsit5"),), None, True),
+    # The dial dx = [f - (1 + w^2)/2 g^2 s] dt + w g dW, once per value of `CompareOptions.w`
+    # (rows `sde_w0`, `sde_w0.5`, ...; pathwise error only at w = 0, where it is the ODE).
+    "sde": SamplerSpec("sde", (("solver", "euler"),), lambda n: n - 1, False),
+    "sde_heun": SamplerSpec("sde", (("solver", "heun"),), lambda n: (n - 1) // 2, False),
 }
+
+# The samplers of `SAMPLER_GRID` run once per value of `CompareOptions.w`.
+DIAL_SAMPLERS = ("sde", "sde_heun")
 
 PROBLEMS = ("mixture", "checkpoint")
 SCORES = ("exact", "mlp")
@@ -122,6 +129,8 @@ class CompareOptions:
     workdir, step, overrides: the trained run (problem 'checkpoint'), as `programs.load_run`.
     samplers: names of `SAMPLER_GRID`.
     nfe: NFE budgets of the fixed-step samplers.
+    w: the stochasticities of the dial samplers `DIAL_SAMPLERS` (each finite, >= 0; 0 is the
+      probability-flow ODE, 1 the reverse SDE).
     ode_tols: rtol = atol values of the adaptive 'ode' sampler.
     num_samples: samples per sampler (one shared x_T).
     eps: data-end time (None: `sampling.default_eps(sde)`).
@@ -146,6 +155,7 @@ class CompareOptions:
   overrides: tuple[str, ...] = ()
   samplers: tuple[str, ...] = tuple(SAMPLER_GRID)
   nfe: tuple[int, ...] = (10, 20, 50, 100, 200)
+  w: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
   ode_tols: tuple[float, ...] = (1e-2, 1e-3, 1e-4, 1e-5)
   num_samples: int = 2000
   eps: float | None = None
@@ -177,6 +187,14 @@ class CompareOptions:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if any(n < 1 for n in self.nfe):
       raise ValueError(f"NFE budgets must be >= 1, got {list(self.nfe)}")
+    bad_w = [w for w in self.w if not (isinstance(w, (int, float)) and not isinstance(w, bool)
+                                       and math.isfinite(w) and w >= 0)]
+    if bad_w:
+      raise ValueError(f"w must be finite numbers >= 0 (0: probability-flow ODE, 1: reverse "
+                       f"SDE), got {list(self.w)}")
+    if not self.w and set(self.samplers) & set(DIAL_SAMPLERS):
+      raise ValueError(f"w is empty but the samplers include {sorted(DIAL_SAMPLERS)}: give at "
+                       "least one w")
     if any(not tol > 0 for tol in (*self.ode_tols, self.reference_tol)):
       raise ValueError(f"tolerances must be > 0, got ode_tols {list(self.ode_tols)}, "
                        f"reference_tol {self.reference_tol}")
@@ -316,11 +334,20 @@ def _fmt(v, digits=4) -> str:
 
 def sampler_jobs(options: CompareOptions) -> list[tuple[str, SamplerSpec, dict]]:
   """`(name, spec, sampler options)` of every run of the grid, in order: per sampler, its NFE
-  budgets (or ODE tolerances); budgets a sampler cannot meet (steps < 1, Heun < 2) left out."""
+  budgets (or ODE tolerances); budgets a sampler cannot meet (steps < 1, Heun < 2) left out.
+  The dial samplers run per w of `options.w`, named `sde_w{w:g}` / `sde_heun_w{w:g}`."""
   jobs = []
   for name in options.samplers:
     spec = SAMPLER_GRID[name]
-    if spec.steps_for_nfe is None:
+    if name in DIAL_SAMPLERS:
+      for w in options.w:
+        dial = dataclasses.replace(spec, deterministic=float(w) == 0.0)
+        for n in options.nfe:
+          steps = spec.steps_for_nfe(n)
+          if steps >= 1:
+            jobs.append((f"{name}_w{float(w):g}", dial, dict(spec.options, w=float(w),
+                                                             steps=steps)))
+    elif spec.steps_for_nfe is None:
       for tol in options.ode_tols:
         jobs.append((name, spec, dict(spec.options, rtol=tol, atol=tol)))
     else:
