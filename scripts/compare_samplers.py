@@ -37,6 +37,8 @@ flags.DEFINE_integer("mlp_width", 512, "Hidden units of --score=mlp.", lower_bou
 flags.DEFINE_integer("mlp_depth", 3, "Hidden layers of --score=mlp.", lower_bound=1)
 flags.DEFINE_float("mlp_scale", 0.01, "Factor of the MLP's output.")
 flags.DEFINE_string("workdir", None, "A trained run's directory (config.json, checkpoints).")
+flags.DEFINE_string("model", None, "A registered pretrained model by name "
+                    "(score_sde.run.pretrained.MODELS; SHA-256 checked at load).")
 flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: newest).",
                      lower_bound=0)
 flags.DEFINE_multi_string("override", [], "Config override of the run, "
@@ -75,11 +77,11 @@ def _numbers(name: str, kind):
 
 def options_from_flags() -> compare.CompareOptions:
   """The flags as `CompareOptions` (raises ValueError naming a bad value)."""
-  problem = FLAGS.problem or ("checkpoint" if FLAGS.workdir else "mixture")
+  problem = FLAGS.problem or ("checkpoint" if FLAGS.workdir or FLAGS.model else "mixture")
   return compare.CompareOptions(
       problem=problem, mixture=FLAGS.mixture, image_shape=_numbers("image_shape", int),
       sde=FLAGS.sde, score=FLAGS.score, mlp_width=FLAGS.mlp_width, mlp_depth=FLAGS.mlp_depth,
-      mlp_scale=FLAGS.mlp_scale, workdir=FLAGS.workdir, step=FLAGS.step,
+      mlp_scale=FLAGS.mlp_scale, workdir=FLAGS.workdir, model=FLAGS.model, step=FLAGS.step,
       overrides=tuple(FLAGS.override), samplers=tuple(FLAGS.samplers),
       nfe=_numbers("nfe", int), w=_numbers("w", float), ode_tols=_numbers("ode_tols", float),
       num_samples=FLAGS.num_samples, eps=FLAGS.eps, reference_solver=FLAGS.reference_solver,

@@ -52,7 +52,7 @@ from tqdm import tqdm
 from score_sde import metrics, mixtures, sampling
 from score_sde.checks import check_choice
 from score_sde import sde as sde_lib
-from score_sde.run import experiment, programs, quality, timing
+from score_sde.run import experiment, pretrained, programs, quality, timing
 
 COLUMNS = ("sampler", "method", "options", "nfe", "ms_per_sample", "ms_per_nfe",
            "ratio_to_bare_score", "rmse_vs_reference", "sliced_w1", "mode_tv", "fd", "kid")
@@ -127,6 +127,8 @@ class CompareOptions:
     score: 'exact' (the mixture's score) or 'mlp' (exact + `mlp_scale` x a random tanh MLP
       of `mlp_depth` x `mlp_width`, a score whose cost is the MLP's, for timing).
     workdir, step, overrides: the trained run (problem 'checkpoint'), as `programs.load_run`.
+    model: instead of a workdir, a registered pretrained model (`pretrained.MODELS`), loaded
+      by name with its SHA-256 checked.
     samplers: names of `SAMPLER_GRID`.
     nfe: NFE budgets of the fixed-step samplers.
     w: the stochasticities of the dial samplers `DIAL_SAMPLERS` (each finite, >= 0; 0 is the
@@ -151,6 +153,7 @@ class CompareOptions:
   mlp_depth: int = 3
   mlp_scale: float = 0.01
   workdir: str | None = None
+  model: str | None = None
   step: int | None = None
   overrides: tuple[str, ...] = ()
   samplers: tuple[str, ...] = tuple(SAMPLER_GRID)
@@ -171,8 +174,14 @@ class CompareOptions:
   def __post_init__(self):
     """Raises ValueError naming a bad value (and the valid ones)."""
     check_choice("problem", self.problem, PROBLEMS)
-    if self.problem == "checkpoint" and not self.workdir:
-      raise ValueError("problem 'checkpoint' needs a workdir (a trained run)")
+    if self.problem == "checkpoint" and not (self.workdir or self.model):
+      raise ValueError("problem 'checkpoint' needs a workdir (a trained run) or a model "
+                       f"(one of {sorted(pretrained.MODELS)})")
+    if self.model is not None:
+      if self.workdir:
+        raise ValueError(f"give a workdir or a model, not both (got {self.workdir!r} and "
+                         f"{self.model!r})")
+      check_choice("pretrained model", self.model, pretrained.MODELS)
     check_choice("mixture", self.mixture, MIXTURES)
     check_choice("SDE", self.sde, sde_lib.SDES)
     check_choice("score", self.score, SCORES)
@@ -257,6 +266,10 @@ def build_problem(options: CompareOptions) -> Problem:
   Raises:
     FileNotFoundError: problem 'checkpoint' and no run (config.json, checkpoint) in workdir.
   """
+  if options.problem == "checkpoint" and options.model is not None:
+    run = pretrained.load_pretrained(options.model)
+    return Problem(run.score_fn(), run.spec.sde, tuple(run.spec.image_shape), None,
+                   f"pretrained model {options.model} (step {run.step})", run)
   if options.problem == "checkpoint":
     run = programs.load_run(options.workdir, step=options.step, overrides=options.overrides)
     return Problem(run.score_fn(), run.spec.sde, tuple(run.spec.image_shape), None,
