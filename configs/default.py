@@ -28,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Training.
   config.training = training = ml_collections.ConfigDict()
-  training.sde = "vpsde"  # 'vpsde' | 'subvpsde' | 'vesde'
+  training.sde = "vpsde"  # 'vpsde' | 'subvpsde' | 'vesde' | 'rectified_flow' | 'trigflow'
   training.batch_size = 128
   training.n_iters = 1_300_001
   training.snapshot_freq = 50_000
@@ -51,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Sampling.
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.method = "pc"  # 'pc' | 'ode' | 'ddpm' | 'ddim' | 'heun' | 'dpm_solver'
+  sampling.method = "pc"  # 'pc' | 'ode' | 'ddpm' | 'ddim' | 'heun' | 'dpm_solver' | 'sde' | ...
   sampling.predictor = "euler_maruyama"
   sampling.corrector = "none"
   sampling.snr = 0.16
@@ -66,6 +66,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ddpm's variance: 'beta' | 'posterior' | 'learned' (the network's, Nichol & Dhariwal: a
   # DiT with learn_sigma=True; sampling.ddpm_sample).
   sampling.variance = "beta"
+  # The dial (method 'sde'): dx = [f - (1 + w^2)/2 g^2 s] dt + w g dW; 0: the probability-flow
+  # ODE, 1: the reverse SDE. Its solver ('euler' | 'heun') is `sampling.solver`.
+  sampling.w = 1.0
   sampling.order = 2
   sampling.rho = 7.0
   sampling.s_churn = 0.0

@@ -1330,19 +1330,10 @@ def sde_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | N
   Raises:
     ValueError: w negative or not finite, an unknown solver, bad steps / eps / x_T / shape.
   """
-  _check_name("solver", solver, SDE_SOLVERS)
-  try:
-    w = float(w)
-  except (TypeError, ValueError):
-    raise ValueError(f"w must be a finite number >= 0 (0: probability-flow ODE, 1: reverse "
-                     f"SDE), got {w!r}") from None
-  if not (math.isfinite(w) and w >= 0.0):
-    raise ValueError(f"w must be a finite number >= 0 (0: probability-flow ODE, 1: reverse "
-                     f"SDE), got {w}")
+  check_options(sde, "sde", dict(steps=steps, w=w, solver=solver, eps=eps, denoise=denoise))
+  w = float(w)
   steps = _check_steps(steps, sde)
   eps = _check_eps(eps, sde)
-  if not eps < sde.t_max:
-    raise ValueError(f"eps must lie in (0, t_max = {sde.t_max}), got {eps}")
   key, prior_key = jax.random.split(key)
   x = _initial_x(prior_key, sde, shape, x_T)
   ts = jnp.asarray(np.linspace(sde.t_max, eps, steps + 1), x.dtype)
@@ -1590,6 +1581,12 @@ def check_options(sde: SDE, method: str, options: dict) -> None:
     if get("probability_flow") and predictor == "ancestral_sampling":
       raise ValueError("The ancestral_sampling predictor has no probability-flow version; "
                        "use euler_maruyama or reverse_diffusion")
+  if method == "sde":
+    _check_name("sde solver", get("solver"), SDE_SOLVERS)
+    w = get("w")
+    if not (_is_number(w) and math.isfinite(w) and w >= 0):
+      raise ValueError(f"w must be a finite number >= 0 (0: probability-flow ODE, 1: reverse "
+                       f"SDE), got {w!r}")
   if method == "ode":
     solvers.check_solver(get("solver"))
     steps = get("steps")

@@ -6,6 +6,7 @@ evaluations (NFE), all from the same starting noise x_T (`score_sde.run.compare`
     python scripts/compare_samplers.py --grid=log_snr      # one time grid for every sampler
     python scripts/compare_samplers.py --score=mlp --mlp_width=1024 --num_samples=512 \\
         --samplers=ddim,dpm_solver2 --nfe=50                           # per-NFE overhead
+    python scripts/compare_samplers.py --sde=rectified_flow --samplers=sde,ddim --w=0,0.5,1,2
     python scripts/compare_samplers.py --workdir=runs/cifar10_vp --num_samples=64
                                                                        # a trained run
 
@@ -38,6 +39,8 @@ flags.DEFINE_integer("mlp_width", 512, "Hidden units of --score=mlp.", lower_bou
 flags.DEFINE_integer("mlp_depth", 3, "Hidden layers of --score=mlp.", lower_bound=1)
 flags.DEFINE_float("mlp_scale", 0.01, "Factor of the MLP's output.")
 flags.DEFINE_string("workdir", None, "A trained run's directory (config.json, checkpoints).")
+flags.DEFINE_string("model", None, "A registered pretrained model by name "
+                    "(score_sde.run.pretrained.MODELS; SHA-256 checked at load).")
 flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: newest).",
                      lower_bound=0)
 flags.DEFINE_multi_string("override", [], "Config override of the run, "
@@ -48,6 +51,9 @@ flags.DEFINE_list("nfe", ["10", "20", "50", "100", "200"],
                   "NFE budgets of the fixed-step samplers.")
 flags.DEFINE_enum("grid", None, list(sampling.GRIDS),
                   "Time grid of every fixed-step sampler (default: each method's own grid).")
+flags.DEFINE_list("w", ["0", "0.5", "1", "2"],
+                  "Stochasticities of the dial samplers (sde, sde_heun): 0 is the "
+                  "probability-flow ODE, 1 the reverse SDE.")
 flags.DEFINE_list("ode_tols", ["1e-2", "1e-3", "1e-4", "1e-5"],
                   "rtol = atol values of the adaptive 'ode' sampler.")
 flags.DEFINE_integer("num_samples", 2000, "Samples per sampler.", lower_bound=1)
@@ -76,13 +82,14 @@ def _numbers(name: str, kind):
 
 def options_from_flags() -> compare.CompareOptions:
   """The flags as `CompareOptions` (raises ValueError naming a bad value)."""
-  problem = FLAGS.problem or ("checkpoint" if FLAGS.workdir else "mixture")
+  problem = FLAGS.problem or ("checkpoint" if FLAGS.workdir or FLAGS.model else "mixture")
   return compare.CompareOptions(
       problem=problem, mixture=FLAGS.mixture, image_shape=_numbers("image_shape", int),
       sde=FLAGS.sde, score=FLAGS.score, mlp_width=FLAGS.mlp_width, mlp_depth=FLAGS.mlp_depth,
-      mlp_scale=FLAGS.mlp_scale, workdir=FLAGS.workdir, step=FLAGS.step,
+      mlp_scale=FLAGS.mlp_scale, workdir=FLAGS.workdir, model=FLAGS.model, step=FLAGS.step,
       overrides=tuple(FLAGS.override), samplers=tuple(FLAGS.samplers),
-      nfe=_numbers("nfe", int), grid=FLAGS.grid, ode_tols=_numbers("ode_tols", float),
+      nfe=_numbers("nfe", int), grid=FLAGS.grid, w=_numbers("w", float),
+      ode_tols=_numbers("ode_tols", float),
       num_samples=FLAGS.num_samples, eps=FLAGS.eps, reference_solver=FLAGS.reference_solver,
       reference_tol=FLAGS.reference_tol, reference_dtype=FLAGS.reference_dtype,
       projections=FLAGS.projections, repeats=FLAGS.repeats, seed=FLAGS.seed,

@@ -120,8 +120,8 @@ def test_grid_goes_to_every_fixed_step_sampler():
     assert [(n, {k: v for k, v in o.items() if k != "grid"}) for n, _, o in jobs] == [
         (n, o) for n, _, o in own]
     for name, spec, o in jobs:
-      if spec.method == "ode":  # adaptive: no grid
-        assert "grid" not in o, name
+      if spec.method in ("ode", "sde"):  # adaptive; the dial's own uniform-t grid
+        assert "grid" not in o and "grid" not in sampling.sampler_options(spec.method), name
       else:
         assert o["grid"] == grid and "grid" in sampling.sampler_options(spec.method), name
         sampling.check_options(sde_lib.VPSDE(), spec.method, o)  # a valid combination
@@ -159,3 +159,87 @@ def test_one_grid_for_all_samplers_on_the_mixture():
       by["ddim"]["sliced_w1"], metrics.sliced_wasserstein1(k_proj, x["log_snr"], truth,
                                                            projections), rtol=1e-4)
   assert compare.rmse(x["log_snr"], x["time_uniform"]) > 1e-2
+
+
+def test_tiny_grid_writes_table_and_plot(tmp_path):
+  out = tmp_path / "cmp"
+  options = compare.CompareOptions(
+      samplers=("ddim", "ddpm", "ode"), nfe=(5, 20), ode_tols=(1e-3,), num_samples=200,
+      reference_solver="tsit5", reference_tol=1e-7, repeats=1, projections=64)
+  rows, summary = compare.run_comparison(options, progress=False)
+  paths = compare.write_results(rows, summary, str(out))
+  assert paths == {ext: str(out / f"results.{ext}") for ext in ("csv", "md", "png")}
+
+  with open(out / "results.csv") as f:
+    table = list(csv.DictReader(f))
+  assert tuple(table[0].keys()) == compare.COLUMNS
+  assert [r["sampler"] for r in table] == ["reference", "ddim", "ddim", "ddpm", "ddpm", "ode"]
+  md = (out / "results.md").read_text()
+  assert "| " + " | ".join(compare.COLUMNS) + " |" in md
+  assert md.count("\n| ddim |") == 2
+  with open(out / "results.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert "ddim (NFE 20)" in compare.timing_line(rows, summary)
+
+  by = {(r["sampler"], r["nfe"]): r for r in rows}
+  ddim5, ddim20 = by[("ddim", 5)], by[("ddim", 20)]
+  # Deterministic error shrinks with NFE; stochastic samplers get no pathwise error.
+  assert 0 < ddim20["rmse_vs_reference"] < 0.5 * ddim5["rmse_vs_reference"]
+  assert by[("ddpm", 20)]["rmse_vs_reference"] is None
+  assert next(r for r in table if r["sampler"] == "ddpm")["rmse_vs_reference"] == "n/a"
+  ode = next(r for r in rows if r["sampler"] == "ode")
+  assert ode["nfe"] > 20 and ode["rmse_vs_reference"] < ddim20["rmse_vs_reference"]
+  for r in rows[1:]:
+    assert r["ms_per_sample"] > 0 and r["ms_per_nfe"] > 0 and r["ratio_to_bare_score"] > 0
+    assert 0 < r["sliced_w1"] < 5 and 0 <= r["mode_tv"] <= 1
+  # The exact reference solve samples the mixture: its distance is near the finite-sample
+  # floor (200 points, 2-D), far below that of 5-step DDIM.
+  assert rows[0]["sliced_w1"] < 0.2 and rows[0]["mode_tv"] < 0.15
+  assert rows[0]["sliced_w1"] < ddim5["sliced_w1"]
+  assert 0 < summary["sliced_w1_floor"] < 0.3 and 0 <= summary["mode_tv_floor"] < 0.15
+
+
+def test_dial_runs_once_per_w_on_the_rectified_flow_mixture():
+  """`sde` expands into one line per w; w = 0 is the PF-ODE (pathwise error against the
+  reference, shrinking with NFE), w > 0 stochastic; every w samples the mixture."""
+  options = compare.CompareOptions(
+      sde="rectified_flow", samplers=("sde",), w=(0.0, 0.5, 2.0), nfe=(11, 41),
+      num_samples=400, reference_solver="tsit5", reference_tol=1e-7, repeats=1,
+      projections=64, quality=False)
+  jobs = compare.sampler_jobs(options)
+  assert [(n, o["w"], o["steps"]) for n, _, o in jobs] == [
+      ("sde_w0", 0.0, 10), ("sde_w0", 0.0, 40), ("sde_w0.5", 0.5, 10), ("sde_w0.5", 0.5, 40),
+      ("sde_w2", 2.0, 10), ("sde_w2", 2.0, 40)]
+  rows, summary = compare.run_comparison(options, progress=False)
+  by = {(r["sampler"], r["nfe"]): r for r in rows}
+  assert set(by) == {("reference", rows[0]["nfe"])} | {
+      (f"sde_w{w}", n) for w in ("0", "0.5", "2") for n in (11, 41)}
+  assert 0 < by["sde_w0", 41]["rmse_vs_reference"] < 0.5 * by["sde_w0", 11]["rmse_vs_reference"]
+  assert by["sde_w0.5", 41]["rmse_vs_reference"] is None
+  assert by["sde_w2", 41]["options"] == "solver=euler, w=2.0, steps=40"
+  # The PF-ODE line at 40 steps samples the mixture (measured sliced W1 0.049, floor 0.061);
+  # the stochastic lines get closer with NFE (w = 0.5: 1.48 -> 0.42; w = 2: 3.2 -> 0.13):
+  # on rectified flow's uniform-t grid, g^2 = 2t / (1 - t) ~ 2000 at t_max makes the first
+  # Euler-Maruyama steps overshoot for w > 0 (measured 0.18 / 0.096 at NFE 161).
+  assert by["sde_w0", 41]["sliced_w1"] < 2 * summary["sliced_w1_floor"]
+  for w in ("0.5", "2"):
+    assert by[f"sde_w{w}", 41]["sliced_w1"] < 0.5 * by[f"sde_w{w}", 11]["sliced_w1"]
+
+
+@pytest.mark.parametrize("w", [(-1.0,), (float("nan"),), (float("inf"),)])
+def test_bad_w_list_raises_naming_it(w):
+  with pytest.raises(ValueError, match=r"w must be finite numbers >= 0.*got \["):
+    compare.CompareOptions(samplers=("sde",), w=w)
+  with pytest.raises(ValueError, match="w is empty"):
+    compare.CompareOptions(samplers=("sde", "ddim"), w=())
+
+
+def test_bad_w_flag_is_one_error_line_and_status_2():
+  env = dict(os.environ, PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  out = subprocess.run([sys.executable, os.path.join(_ROOT, "scripts", "compare_samplers.py"),
+                        "--samplers=sde", "--w=0,-0.5"], capture_output=True, text=True,
+                       env=env, cwd=_ROOT, timeout=120)
+  assert out.returncode == 2, out.stderr
+  assert out.stderr.strip().splitlines() == [
+      "error: w must be finite numbers >= 0 (0: probability-flow ODE, 1: reverse SDE), got "
+      "[0.0, -0.5]"]

@@ -9,6 +9,7 @@ import pathlib
 import pytest
 
 from configs import default
+from score_sde.run import experiment
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 EXPERIMENTS = sorted(p.stem for p in CONFIG_DIR.glob("*.py")
@@ -67,6 +68,11 @@ EXPECTED_DIFFS["cifar10_vp_deep"] = {**EXPECTED_DIFFS["cifar10_vp"],
                                      "training.n_iters": 950_001, "model.num_res_blocks": 8}
 EXPECTED_DIFFS["cifar10_ve_deep"] = {**EXPECTED_DIFFS["cifar10_ve"],
                                      "training.n_iters": 950_001, "model.num_res_blocks": 8}
+FLOW_DIFFS = {"training.sde": "rectified_flow", "model.parameterization": "velocity",
+              "training.weighting": "flow_matching", "training.time_sampling": "logit_normal",
+              "training.p_mean": 0.0, "training.p_std": 1.0}
+EXPECTED_DIFFS["cifar10_rf"] = {**EXPECTED_DIFFS["cifar10_vp"], **FLOW_DIFFS,
+                                "sampling.method": "ode"}
 EXPECTED_DIFFS["cifar10_vp_cond"] = {**EXPECTED_DIFFS["cifar10_vp"], "model.num_classes": 10,
                                      "training.label_dropout": 0.1, "sampling.guidance": "cfg",
                                      "sampling.guidance_scale": 1.0}
@@ -108,3 +114,52 @@ def test_tiny_variant_keeps_architecture_options(name):
 def test_unknown_variant_raises():
   with pytest.raises(ValueError, match="tiny"):
     load("cifar10_vp", "huge")
+
+
+def test_fashion_mnist_rf_is_the_vp_demo_with_flow_matching():
+  vp, rf = flatten(load("fashion_mnist_vp")), flatten(load("fashion_mnist_rf"))
+  assert {k: v for k, v in rf.items() if v != vp[k]} == FLOW_DIFFS
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist_rf", "cifar10_rf"])
+def test_flow_configs_pass_the_config_edge(name):
+  for mode in ("train", "sample"):
+    experiment.check_config(load(name, "tiny"), mode=mode)
+  config = load(name, "tiny")
+  config.sampling.update(method="sde", solver="heun", w=0.5, steps=4)
+  experiment.check_config(config, mode="sample")
+
+
+# (field, bad value, what the error must list among the valid ones)
+FLOW_BAD_INPUT = [
+    ("training.sde", "rectified", "'rectified_flow', 'subvpsde', 'trigflow'"),
+    ("model.parameterization", "flow", "'score', 'v', 'velocity'"),
+    ("training.weighting", "fm", "'flow_matching'"),
+    ("training.time_sampling", "logitnormal", "'log_normal', 'logit_normal', 'uniform'"),
+]
+
+
+@pytest.mark.parametrize("path,value,listed", FLOW_BAD_INPUT,
+                         ids=[p for p, _, _ in FLOW_BAD_INPUT])
+def test_unknown_flow_names_list_the_valid_ones(path, value, listed):
+  config = load("fashion_mnist_rf", "tiny")
+  section, field = path.split(".")
+  config[section][field] = value
+  with pytest.raises(ValueError) as info:
+    experiment.check_config(config, mode="train")
+  message = str(info.value)
+  assert f"Unknown config.{path} {value!r}; valid: [" in message, message
+  assert listed in message, message
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(w=-1.0), r"config.sampling \(method='sde'\): w must be a finite number >= 0.*-1.0"),
+    (dict(w=float("nan")), r"w must be a finite number >= 0.*nan"),
+    (dict(solver="dopri5"), r"Unknown sde solver 'dopri5'; valid: \['euler', 'heun'\]"),
+])
+def test_bad_dial_options_at_the_config_edge(options, match):
+  config = load("fashion_mnist_rf", "tiny")
+  config.sampling.update(method="sde", solver="euler", w=1.0)
+  config.sampling.update(**options)
+  with pytest.raises(ValueError, match=match):
+    experiment.check_config(config, mode="sample")

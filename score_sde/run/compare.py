@@ -54,7 +54,7 @@ from score_sde import metrics, mixtures, sampling
 from score_sde.checks import check_choice
 from score_sde import sde as sde_lib
 from score_sde.io import files
-from score_sde.run import experiment, programs, quality, timing
+from score_sde.run import experiment, pretrained, programs, quality, timing
 
 COLUMNS = ("sampler", "method", "options", "nfe", "ms_per_sample", "ms_per_nfe",
            "ratio_to_bare_score", "rmse_vs_reference", "sliced_w1", "mode_tv", "fd", "kid")
@@ -95,7 +95,14 @@ SAMPLER_GRID: dict[str, SamplerSpec] = {
         "pc", (("predictor", "reverse_diffusion"), ("corrector", "langevin"), ("snr", 0.16),
                ("n_steps", 1)), lambda n: n // 2, False),
     "ode": SamplerSpec("ode", (("solver", "tsit5"),), None, True),
+    # The dial dx = [f - (1 + w^2)/2 g^2 s] dt + w g dW, once per value of `CompareOptions.w`
+    # (rows `sde_w0`, `sde_w0.5`, ...; pathwise error only at w = 0, where it is the ODE).
+    "sde": SamplerSpec("sde", (("solver", "euler"),), lambda n: n - 1, False),
+    "sde_heun": SamplerSpec("sde", (("solver", "heun"),), lambda n: (n - 1) // 2, False),
 }
+
+# The samplers of `SAMPLER_GRID` run once per value of `CompareOptions.w`.
+DIAL_SAMPLERS = ("sde", "sde_heun")
 
 PROBLEMS = ("mixture", "checkpoint")
 OWN_GRIDS = "each method's default"  # the summary's grid without CompareOptions.grid
@@ -127,11 +134,15 @@ class CompareOptions:
     score: 'exact' (the mixture's score) or 'mlp' (exact + `mlp_scale` x a random tanh MLP
       of `mlp_depth` x `mlp_width`, a score whose cost is the MLP's, for timing).
     workdir, step, overrides: the trained run (problem 'checkpoint'), as `programs.load_run`.
+    model: instead of a workdir, a registered pretrained model (`pretrained.MODELS`), loaded
+      by name with its SHA-256 checked.
     samplers: names of `SAMPLER_GRID`.
     nfe: NFE budgets of the fixed-step samplers.
     grid: a name of `score_sde.sampling.GRIDS` given to every sampler that takes a `grid`
       (all the fixed-step ones: ddim, heun, dpm_solver, unipc, deis, ddpm, pc), so that all
       of them step on the same times; None (default): each method's own default grid.
+    w: the stochasticities of the dial samplers `DIAL_SAMPLERS` (each finite, >= 0; 0 is the
+      probability-flow ODE, 1 the reverse SDE).
     ode_tols: rtol = atol values of the adaptive 'ode' sampler.
     num_samples: samples per sampler (one shared x_T).
     eps: data-end time (None: `sampling.default_eps(sde)`).
@@ -152,11 +163,13 @@ class CompareOptions:
   mlp_depth: int = 3
   mlp_scale: float = 0.01
   workdir: str | None = None
+  model: str | None = None
   step: int | None = None
   overrides: tuple[str, ...] = ()
   samplers: tuple[str, ...] = tuple(SAMPLER_GRID)
   nfe: tuple[int, ...] = (10, 20, 50, 100, 200)
   grid: str | None = None
+  w: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
   ode_tols: tuple[float, ...] = (1e-2, 1e-3, 1e-4, 1e-5)
   num_samples: int = 2000
   eps: float | None = None
@@ -172,8 +185,14 @@ class CompareOptions:
   def __post_init__(self):
     """Raises ValueError naming a bad value (and the valid ones)."""
     check_choice("problem", self.problem, PROBLEMS)
-    if self.problem == "checkpoint" and not self.workdir:
-      raise ValueError("problem 'checkpoint' needs a workdir (a trained run)")
+    if self.problem == "checkpoint" and not (self.workdir or self.model):
+      raise ValueError("problem 'checkpoint' needs a workdir (a trained run) or a model "
+                       f"(one of {sorted(pretrained.MODELS)})")
+    if self.model is not None:
+      if self.workdir:
+        raise ValueError(f"give a workdir or a model, not both (got {self.workdir!r} and "
+                         f"{self.model!r})")
+      check_choice("pretrained model", self.model, pretrained.MODELS)
     check_choice("mixture", self.mixture, MIXTURES)
     check_choice("SDE", self.sde, sde_lib.SDES)
     check_choice("score", self.score, SCORES)
@@ -190,6 +209,14 @@ class CompareOptions:
       check_choice("grid", self.grid, sampling.GRIDS)
     if any(n < 1 for n in self.nfe):
       raise ValueError(f"NFE budgets must be >= 1, got {list(self.nfe)}")
+    bad_w = [w for w in self.w if not (isinstance(w, (int, float)) and not isinstance(w, bool)
+                                       and math.isfinite(w) and w >= 0)]
+    if bad_w:
+      raise ValueError(f"w must be finite numbers >= 0 (0: probability-flow ODE, 1: reverse "
+                       f"SDE), got {list(self.w)}")
+    if not self.w and set(self.samplers) & set(DIAL_SAMPLERS):
+      raise ValueError(f"w is empty but the samplers include {sorted(DIAL_SAMPLERS)}: give at "
+                       "least one w")
     if any(not tol > 0 for tol in (*self.ode_tols, self.reference_tol)):
       raise ValueError(f"tolerances must be > 0, got ode_tols {list(self.ode_tols)}, "
                        f"reference_tol {self.reference_tol}")
@@ -252,6 +279,10 @@ def build_problem(options: CompareOptions) -> Problem:
   Raises:
     FileNotFoundError: problem 'checkpoint' and no run (config.json, checkpoint) in workdir.
   """
+  if options.problem == "checkpoint" and options.model is not None:
+    run = pretrained.load_pretrained(options.model)
+    return Problem(run.score_fn(), run.spec.sde, tuple(run.spec.image_shape), None,
+                   f"pretrained model {options.model} (step {run.step})", run)
   if options.problem == "checkpoint":
     run = programs.load_run(options.workdir, step=options.step, overrides=options.overrides)
     return Problem(run.score_fn(), run.spec.sde, tuple(run.spec.image_shape), None,
@@ -330,13 +361,22 @@ def _fmt(v, digits=4) -> str:
 def sampler_jobs(options: CompareOptions) -> list[tuple[str, SamplerSpec, dict]]:
   """`(name, spec, sampler options)` of every run of the grid, in order: per sampler, its NFE
   budgets (or ODE tolerances); budgets a sampler cannot meet (steps < 1, Heun < 2) left out.
-  With `options.grid`, every method that takes a `grid` gets it."""
+  With `options.grid`, every method that takes a `grid` gets it. The dial samplers run per
+  w of `options.w`, named `sde_w{w:g}` / `sde_heun_w{w:g}`."""
   jobs = []
   for name in options.samplers:
     spec = SAMPLER_GRID[name]
     if options.grid is not None and "grid" in sampling.sampler_options(spec.method):
       spec = dataclasses.replace(spec, options=spec.options + (("grid", options.grid),))
-    if spec.steps_for_nfe is None:
+    if name in DIAL_SAMPLERS:
+      for w in options.w:
+        dial = dataclasses.replace(spec, deterministic=float(w) == 0.0)
+        for n in options.nfe:
+          steps = spec.steps_for_nfe(n)
+          if steps >= 1:
+            jobs.append((f"{name}_w{float(w):g}", dial, dict(spec.options, w=float(w),
+                                                             steps=steps)))
+    elif spec.steps_for_nfe is None:
       for tol in options.ode_tols:
         jobs.append((name, spec, dict(spec.options, rtol=tol, atol=tol)))
     else:
