@@ -54,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   sampling.method = "pc"  # 'pc' | 'ode' | 'ddpm' | 'ddim' | 'heun' | 'dpm_solver' | 'sde' | ...
   sampling.predictor = "euler_maruyama"
   sampling.corrector = "none"
+  sampling.unipc_corrector = True  # unipc's UniC corrector (method 'unipc')
   sampling.snr = 0.16
   sampling.n_steps_each = 1
   sampling.noise_removal = True

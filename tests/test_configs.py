@@ -163,3 +163,22 @@ def test_bad_dial_options_at_the_config_edge(options, match):
   config.sampling.update(**options)
   with pytest.raises(ValueError, match=match):
     experiment.check_config(config, mode="sample")
+
+
+def test_unipc_reads_its_own_corrector_field_not_pcs():
+  """`sampling.corrector` is pc's corrector name ('none' by default); unipc's UniC switch is
+  `sampling.unipc_corrector`, so `method=unipc` passes the config edge with the defaults."""
+  from configs import default as default_config
+  from score_sde import sampling
+  from score_sde.run import experiment
+  config = default_config.get_config("tiny")
+  config.sampling.method = "unipc"
+  experiment.check_config(config, mode="sample")
+  method, options = experiment.sampler_settings(config)
+  assert options["corrector"] is True
+  config.sampling.unipc_corrector = False
+  assert experiment.sampler_settings(config)[1]["corrector"] is False
+  config.sampling.method = "pc"
+  method, options = experiment.sampler_settings(config)
+  assert options["corrector"] == "none"
+  sampling.check_options(experiment.make_sde(config), method, options)

@@ -136,6 +136,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 # Config field -> sampler option, where the reference's name differs from ours.
 SAMPLING_RENAMES = {"n_steps_each": "n_steps", "noise_removal": "denoise"}
+# Per method: config field -> sampler option, where the option's plain field means something
+# else (`sampling.corrector` is pc's corrector name; unipc's UniC switch is a bool).
+METHOD_FIELDS = {"unipc": {"unipc_corrector": "corrector"}}
 
 
 def sampler_settings(config: ml_collections.ConfigDict) -> tuple[str, dict]:
@@ -148,8 +151,14 @@ def sampler_settings(config: ml_collections.ConfigDict) -> tuple[str, dict]:
                      f"valid: {sorted(sampling.SAMPLERS)}")
   valid = set(sampling.sampler_options(method)) - {"x_T"}
   options = {}
+  own = METHOD_FIELDS.get(method, {})
   for field, value in s.items():
-    name = SAMPLING_RENAMES.get(field, field)
+    if field in own:
+      name = own[field]
+    elif field in own.values() or any(field in f for f in METHOD_FIELDS.values()):
+      continue  # the plain field is another method's; this one reads its own
+    else:
+      name = SAMPLING_RENAMES.get(field, field)
     if name in valid and value is not None:
       options[name] = tuple(value) if isinstance(value, list) else value
   if "data_range" in valid:  # clipping / thresholding range: the scaled data's
