@@ -24,3 +24,10 @@ os.environ.setdefault("SCORE_SDE_CACHE_DIR", os.path.join(tempfile.gettempdir(),
 from score_sde.io import compilation_cache  # noqa: E402  (after the environment above)
 
 compilation_cache.enable()
+
+
+def pytest_collection_modifyitems(config, items):
+  """The `slow` tests first (each group in collection order). With `pytest -n 2` the workers
+  then start on the long end-to-end tests and finish on the many short ones, which even
+  them out, instead of one worker starting a minute-long test when the other is nearly done."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
