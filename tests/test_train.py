@@ -66,18 +66,18 @@ def params_of(workdir, step=None):
   return jax.device_get(run.state.params), run.step
 
 
-def shared_dir(tmp_path_factory, worker_id: str, name: str) -> str:
+def shared_dir(tmp_path_factory, name: str) -> str:
   """A directory every pytest process of this test run sees: under the xdist workers' common
   base temporary directory (`.../pytest-N/`), or this process's own one without xdist."""
   base = tmp_path_factory.getbasetemp()
-  return str((base.parent if worker_id != "master" else base) / name)
+  return str((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name)
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory, worker_id):
+def trained(tmp_path_factory):
   """`(workdir, params)` of the tiny run: the parameters `train.train` returned (saved next to
   the run, so a process that did not train compares the checkpoint with them too)."""
-  root = shared_dir(tmp_path_factory, worker_id, "tiny_run")
+  root = shared_dir(tmp_path_factory, "tiny_run")
   os.makedirs(root, exist_ok=True)
   workdir, saved = os.path.join(root, "run"), os.path.join(root, "params.npz")
   with open(os.path.join(root, "lock"), "w") as lock:
