@@ -24,10 +24,15 @@ from score_sde import main as main_lib
 from score_sde.io import workdir as workdir_lib
 from test_train import REPO, tiny_config
 
+# Programs obtained: backend compilations, and loads from the persistent compilation cache
+# (tests/conftest.py turns it on; a hit is a program built, without a backend compilation).
 _COMPILES = []
 jax.monitoring.register_event_duration_secs_listener(
     lambda event, duration, **kwargs: _COMPILES.append(event)
     if event == "/jax/core/compile/backend_compile_duration" else None)
+jax.monitoring.register_event_listener(
+    lambda event, **kwargs: _COMPILES.append(event)
+    if event == "/jax/compilation_cache/cache_hits" else None)
 
 
 @pytest.fixture(scope="module")

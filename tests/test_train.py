@@ -1,10 +1,13 @@
 """Training, checkpoints, evaluation and the command line, on a tiny network and synthetic data.
 
-One module-scoped run (`trained`) is shared: it is the uninterrupted reference of the resume
-test and the checkpoint that eval / sample read.
+One run (`trained`) is shared: it is the uninterrupted reference of the resume tests and the
+checkpoint that eval / sample read. It is trained once per test run, by whichever pytest
+process (xdist worker) asks first; the others wait on a file lock and read it. Its directory is
+read-only by convention: a test that writes into a run copies it first.
 """
 
 import dataclasses
+import fcntl
 import glob
 import json
 import os
@@ -63,11 +66,31 @@ def params_of(workdir, step=None):
   return jax.device_get(run.state.params), run.step
 
 
-@pytest.fixture(scope="module")
+def shared_dir(tmp_path_factory, name: str) -> str:
+  """A directory every pytest process of this test run sees: under the xdist workers' common
+  base temporary directory (`.../pytest-N/`), or this process's own one without xdist."""
+  base = tmp_path_factory.getbasetemp()
+  return str((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name)
+
+
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("run"))
-  state = train.train(tiny_config(), workdir, progress=False)
-  return workdir, jax.device_get(state.params)
+  """`(workdir, params)` of the tiny run: the parameters `train.train` returned (saved next to
+  the run, so a process that did not train compares the checkpoint with them too)."""
+  root = shared_dir(tmp_path_factory, "tiny_run")
+  os.makedirs(root, exist_ok=True)
+  workdir, saved = os.path.join(root, "run"), os.path.join(root, "params.npz")
+  with open(os.path.join(root, "lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not os.path.exists(saved):
+      state = train.train(tiny_config(), workdir, progress=False)
+      leaves = jax.tree_util.tree_leaves(jax.device_get(state.params))
+      np.savez(saved + ".tmp.npz", *leaves)
+      os.replace(saved + ".tmp.npz", saved)
+  structure = jax.tree_util.tree_structure(params_of(workdir)[0])
+  with np.load(saved) as f:
+    params = jax.tree_util.tree_unflatten(structure, [f[f"arr_{i}"] for i in range(len(f.files))])
+  return workdir, params
 
 
 # ----------------------------------------------------------------------------------------
@@ -178,6 +201,7 @@ def test_train_step_ema_follows_its_formula(ema_warmup):
 # Data parallelism.
 
 
+@pytest.mark.slow
 def test_two_devices_match_one_device():
   """The same global batch on a 1-device and a 2-device mesh: same losses and parameters."""
   config = tiny_config()
@@ -327,8 +351,9 @@ def test_train_step_flag_resumes_an_older_checkpoint(trained, tmp_path):
       "6.after_resume_from_4"]
 
 
-def test_eval_and_sample_modes(trained):
-  workdir, _ = trained
+def test_eval_and_sample_modes(trained, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained[0], workdir)
   config = tiny_config(**{"eval.enable_bpd": True, "eval.bpd_num_examples": 6,
                           "eval.bpd_rtol": 1e-3, "eval.bpd_atol": 1e-3,
                           "eval.enable_sampling": True, "eval.num_samples": 3})
