@@ -17,11 +17,6 @@ from configs import cifar10_vp, default
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = cifar10_vp.get_config()
-  config.training.sde = "rectified_flow"
-  config.model.parameterization = "velocity"
-  config.training.weighting = "flow_matching"
-  config.training.time_sampling = "logit_normal"
-  config.training.p_mean = 0.0
-  config.training.p_std = 1.0
+  default.use_rectified_flow(config)
   config.sampling.method = "ode"
   return default.apply_variant(config, arg)

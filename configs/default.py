@@ -310,3 +310,16 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None
                               snapshot_freq=2, disc_nf=8)
     config.data.latent_stats_examples = 16
   return config
+
+
+def use_rectified_flow(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` turned into a flow-matching run: the rectified-flow process (alpha = 1 - t,
+  sigma = t), a velocity-predicting network, the conditional flow-matching loss and
+  logit-normal training times (SD3's, m = 0, s = 1)."""
+  config.training.sde = "rectified_flow"
+  config.model.parameterization = "velocity"
+  config.training.weighting = "flow_matching"
+  config.training.time_sampling = "logit_normal"
+  config.training.p_mean = 0.0
+  config.training.p_std = 1.0
+  return config

@@ -18,10 +18,5 @@ from configs import default, fashion_mnist_vp
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = fashion_mnist_vp.get_config()
-  config.training.sde = "rectified_flow"
-  config.model.parameterization = "velocity"
-  config.training.weighting = "flow_matching"
-  config.training.time_sampling = "logit_normal"
-  config.training.p_mean = 0.0
-  config.training.p_std = 1.0
+  default.use_rectified_flow(config)
   return default.apply_variant(config, arg)

@@ -210,7 +210,7 @@ def test_second_process_loads_every_program_of_train_eval_and_sample(tmp_path):
   assert first["not_stored"] == [] and first["hit"] == []
   # The ODE sampler and the likelihood, the train and eval steps among them.
   compiled = set(first["miss"])
-  assert {"jit_step_fn", "jit_eval_fn", "jit_bpd_fn", "jit_sample_fn"} <= compiled, compiled
+  assert {"jit_step_fn", "jit_eval_fn", "jit_pixel_bpd_fn", "jit_sample_fn"} <= compiled, compiled
   second = runs(tmp_path / "second")  # a fresh workdir: the same programs again
   assert second["miss"] == [] and second["not_stored"] == []
   assert set(second["hit"]) == compiled

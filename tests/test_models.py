@@ -24,6 +24,7 @@ REFERENCE_PARAM_COUNTS = {
     "cifar10_vp": 61_804_419,  # DDPM++ cont.
     "cifar10_vp_deep": 106_632_579,  # DDPM++ deep cont.
     "cifar10_subvp": 61_804_419,  # DDPM++ cont. (sub-VP)
+    "cifar10_rf": 61_804_419,  # DDPM++ cont. (the network of cifar10_vp, on rectified flow)
     "cifar10_ddpm": 35_218_947,  # DDPM
 }
 

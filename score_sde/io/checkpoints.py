@@ -15,6 +15,7 @@ codebase's split between `checkpoints-meta` and `checkpoints`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pathlib
@@ -66,7 +67,31 @@ def get_manager(workdir: str | os.PathLike, *, keep: int = 2, keep_period: int |
   options = ocp.CheckpointManagerOptions(
       preservation_policy=cm.AnyPreservationPolicy(policies), create=not read_only,
       read_only=read_only, cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+  directory = checkpoint_dir(workdir)
+  try:
+    return ocp.CheckpointManager(directory, options=options)
+  except (ValueError, TypeError, KeyError) as e:
+    # orbax reads every step's _CHECKPOINT_METADATA when it opens the directory; a file that
+    # is valid JSON but not an object (a corrupted one) stops it before any restore is tried.
+    bad = [name for name in sorted(os.listdir(directory)) if name.isdigit()
+           and not _metadata_is_object(os.path.join(directory, name))]
+    if not bad:
+      raise
+    raise FileNotFoundError(
+        f"No intact checkpoint in {directory} can be opened: the metadata of step(s) "
+        f"{[int(b) for b in bad]} is corrupt ({_short(e)}); move those step folders out of "
+        f"{directory} (the others are then tried in order)") from None
+
+
+def _metadata_is_object(step_dir: str) -> bool:
+  """Whether `step_dir/_CHECKPOINT_METADATA` is missing, unparsable (orbax skips both) or a
+  JSON object (what orbax reads); False for valid JSON of another type."""
+  try:
+    with open(os.path.join(step_dir, "_CHECKPOINT_METADATA"), "rb") as f:
+      value = json.loads(f.read())
+  except (OSError, ValueError):
+    return True
+  return isinstance(value, dict)
 
 
 class CheckpointSaveError(OSError):

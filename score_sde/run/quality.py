@@ -196,11 +196,15 @@ def check_settings(config: ml_collections.ConfigDict) -> features_lib.FeatureNet
       raise ValueError(f"config.eval.{field} must be an integer >= 1, got {value!r}")
   given = e.get("fid_stats")
   if given:  # readable before the feature network is even built
-    if not os.path.isfile(given):
-      raise FileNotFoundError(f"config.eval.fid_stats={given}: no such file; compute it with "
-                              f"`python scripts/reference_stats.py --out={given} ...`, or set "
+    parent = os.path.dirname(os.path.abspath(given))
+    if os.path.isfile(given):
+      _check_stats_file(given)
+    elif os.path.exists(given) or not os.path.isdir(parent):
+      # A missing file in an existing folder is computed there (as the cache is).
+      raise FileNotFoundError(f"config.eval.fid_stats={given}: no such file, and its folder "
+                              f"{parent} does not exist; compute it with `python "
+                              f"scripts/reference_stats.py --out={given} ...`, or set "
                               f"fid_stats=None to use (and fill) the cache")
-    _check_stats_file(given)
   net = get_feature_net(config)
   path = given or default_stats_path(config, net, split)
   if os.path.isfile(path):
