@@ -348,6 +348,37 @@ def test_failed_background_save_stops_training_with_status_4(tmp_path, monkeypat
   assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK_FILE))
 
 
+def test_failed_save_stops_autoencoder_training_with_status_4(tmp_path, monkeypatch, capsys):
+  """train_autoencoder shares the score model's save checks (`programs.train_loop`): the last
+  save (step 2) fails with ENOSPC in the background -> exit 4 and one line; step 1 is intact.
+  The update is a stand-in that only counts steps, so nothing but the init compiles."""
+  from orbax.checkpoint._src.path import async_path
+  from score_sde.run import autoencoder_training
+  from test_latent import tiny_config as ae_config
+  real = async_path.rename
+
+  async def rename(source, target, *args, **kwargs):
+    if str(target).endswith("/2"):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+    return await real(source, target, *args, **kwargs)
+
+  monkeypatch.setattr(async_path, "rename", rename)
+  monkeypatch.setattr(autoencoder_training, "make_train_step", lambda spec, mesh=None: (
+      lambda state, key, images: (state.replace(step=state.step + 1),
+                                  {"loss": jnp.zeros(())})))
+  monkeypatch.setattr(autoencoder_training, "test_psnr",
+                      lambda *args: (30.0, np.zeros((1, 16, 16, 1)), np.zeros((1, 16, 16, 1))))
+  workdir = str(tmp_path / "run")
+  config = ae_config(n_iters=2, snapshot_freq=1, log_freq=1, eval_freq=100)
+  assert main_lib.execute(config, workdir, "train_autoencoder") == 4
+  line = capsys.readouterr().err.strip().splitlines()[-1]
+  directory = os.path.join(workdir, "autoencoder")
+  assert line.startswith(f"error: Saving a checkpoint into {directory}/checkpoints failed: "
+                         f"[Errno 28] No space left on device"), line
+  assert "Last intact checkpoint: step 1 (untouched)" in line, line
+  assert _steps(directory) == [1]
+
+
 # ----------------------------------------------------------------------------------------
 # Files read, checked before work.
 

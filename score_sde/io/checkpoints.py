@@ -141,6 +141,24 @@ def check_saves(manager: ocp.CheckpointManager, *, wait: bool = False) -> None:
     raise _save_error(manager, e) from e
 
 
+def finish_saves(manager: ocp.CheckpointManager, finished: bool) -> None:
+  """Waits for the pending background save, then closes `manager`.
+
+  `finished`: the loop ran to its end, so its last save must be complete (CheckpointSaveError
+  otherwise); else an error is already being raised, which wins, and a failed save is only
+  logged."""
+  try:
+    if finished:
+      check_saves(manager, wait=True)
+    else:
+      try:
+        manager.wait_until_finished()
+      except Exception as e:  # noqa: BLE001
+        logging.warning("A background checkpoint save failed too: %s", _short(e))
+  finally:
+    manager.close()
+
+
 class CheckpointMismatchError(ValueError):
   """A checkpoint does not fit the network it is loaded into: an orbax checkpoint holds other
   arrays than the state it is restored into (the config's network or optimizer differs from

@@ -406,6 +406,37 @@ def param_shapes(ae: AutoencoderKL) -> Params:
   return jax.eval_shape(lambda k, v: ae.init(k, v), jax.random.key(0), x)["params"]
 
 
+def check_shapes(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
+                 where: str, described: str, noun: str = "key",
+                 error: type[Exception] = ValueError) -> None:
+  """Raises `error` naming the first (sorted) entry of `found` or `expected` that is missing,
+  unexpected or of another shape, with both shapes.
+
+  Args:
+    found: `{name: shape}` of the weights read (a state dict, a restored params tree).
+    expected: `{name: shape}` the module needs.
+    where: the weights' origin, first in the message (their file or checkpoint).
+    described: what needs `expected`, e.g. "a diffusers AutoencoderKL(...)".
+    noun: what an entry is called in the message ("key", "parameter").
+    error: the exception class (a subclass of ValueError).
+  """
+  for key in sorted(set(found) | set(expected)):
+    if key not in found:
+      raise error(f"{where}: missing {noun} {key!r} (expected shape {expected[key]}) of "
+                  f"{described}")
+    if key not in expected:
+      raise error(f"{where}: unexpected {noun} {key!r} (shape {found[key]}) for {described}")
+    if tuple(found[key]) != tuple(expected[key]):
+      raise error(f"{where}: {noun} {key!r} has shape {found[key]}, {described} needs "
+                  f"{expected[key]}")
+
+
+def flat_shapes(params: Params) -> dict[str, tuple[int, ...]]:
+  """`{"a/b/kernel": shape}` of a params tree (arrays or `jax.ShapeDtypeStruct`s)."""
+  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(leaf))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
 # --- weight layouts ---------------------------------------------------------------------------
 #
 # Each Flax parameter path is named in a PyTorch layout by a function of the path; the same walk
@@ -514,16 +545,7 @@ def _convert(state_dict: StateDict, ae: AutoencoderKL, ldm: bool, where: str) ->
   if any(other in k for k in found):
     described += (f"; these keys look like the {'diffusers' if ldm else 'LDM'} layout: use "
                   f"params_from_{'diffusers' if ldm else 'ldm'}")
-  for key in sorted(set(layout) | set(found)):
-    if key not in found:
-      raise ValueError(f"{where}: missing key {key!r} (expected shape {layout[key][2]}) of "
-                       f"{described}")
-    if key not in layout:
-      raise ValueError(f"{where}: unexpected key {key!r} (shape {found[key]}) for "
-                       f"{described}")
-    if found[key] != layout[key][2]:
-      raise ValueError(f"{where}: key {key!r} has shape {found[key]}, {described} needs "
-                       f"{layout[key][2]}")
+  check_shapes(found, {k: v[2] for k, v in layout.items()}, where, described)
   params: Params = {}
   for key, (flax_path, flax_shape, _) in layout.items():
     node = params

@@ -153,20 +153,9 @@ def read_record(directory: str) -> dict:
 def _check_params(params: Any, module: ae_lib.AutoencoderKL, where: str) -> None:
   """CheckpointMismatchError naming the first parameter that is missing, unexpected or of
   another shape than `module` needs, with both shapes."""
-  def flat(tree):
-    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(leaf))
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-  found, expected = flat(params), flat(ae_lib.param_shapes(module))
-  for key in sorted(set(found) | set(expected)):
-    if key not in found:
-      raise CheckpointMismatchError(f"{where}: missing parameter {key!r} (expected shape "
-                                    f"{expected[key]})")
-    if key not in expected:
-      raise CheckpointMismatchError(f"{where}: unexpected parameter {key!r} (shape "
-                                    f"{found[key]}) for the autoencoder of its record")
-    if found[key] != expected[key]:
-      raise CheckpointMismatchError(f"{where}: parameter {key!r} has shape {found[key]}, the "
-                                    f"autoencoder of its record needs {expected[key]}")
+  ae_lib.check_shapes(ae_lib.flat_shapes(params), ae_lib.flat_shapes(ae_lib.param_shapes(module)),
+                      where, "the autoencoder of its record", noun="parameter",
+                      error=CheckpointMismatchError)
 
 
 def _load_workdir(directory: str, step: int | None, ema: bool) -> Autoencoder:

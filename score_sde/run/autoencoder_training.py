@@ -41,6 +41,7 @@ from score_sde.io.logs import MetricsWriter
 from score_sde.models import autoencoder as ae_lib
 from score_sde.run import autoencoder as autoencoder_run
 from score_sde.run import experiment
+from score_sde.run import programs
 from score_sde.run.programs import NonFiniteLossError
 
 Array = jax.Array
@@ -338,41 +339,38 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, *,
   step_fn = make_train_step(spec, mesh=mesh)
   reconstruct = make_reconstruct_fn(spec.module, mesh)
   base_key = jax.device_put(base_key, replicated)
-  step, n_iters = int(state.step), int(a.n_iters)
+  step = int(state.step)
   batches = data.iterate(start_step=step)
   writer = MetricsWriter(directory, enabled=jax.process_index() == 0)
-  last = (time.perf_counter(), step)
-  try:
-    while step < n_iters:
-      state, metrics = step_fn(state, base_key, parallel.shard_batch(next(batches)["image"],
-                                                                     mesh))
-      step += 1
-      if step % int(a.log_freq) == 0 or step == n_iters:
-        metrics = {k: float(v) for k, v in parallel.to_host(metrics).items()}
-        if not all(np.isfinite(v) for v in metrics.values()):
-          raise NonFiniteLossError(
-              f"Non-finite autoencoder loss at step {step} ({metrics}); stopped without "
-              f"saving. Last good checkpoint: {manager.latest_step()} in "
-              f"{checkpoints.checkpoint_dir(directory)}")
-        now = time.perf_counter()
-        metrics["images_per_s"] = (step - last[1]) * int(a.batch_size) / max(now - last[0], 1e-9)
-        last = (now, step)
-        logging.info("autoencoder step %d: %s", step,
-                     ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        writer.scalars(step, "train", metrics)
-      if step % int(a.eval_freq) == 0 or step == n_iters:
-        psnr, x, x_hat = test_psnr(reconstruct, state.ema_params, test,
-                                   int(a.eval_num_examples), mesh)
-        logging.info("autoencoder step %d: test PSNR %.2f dB (EMA, posterior mean)", step, psnr)
-        writer.scalars(step, "eval", dict(psnr=psnr))
-        if writer.enabled:
-          n = min(len(x), 8)  # a row of test images over a row of their reconstructions
-          images.save_grid(np.concatenate([x[:n], x_hat[:n]]),
-                           os.path.join(directory, f"reconstructions_{step}.png"), nrow=n)
-      if step % int(a.snapshot_freq) == 0 or step == n_iters:
-        checkpoints.save(manager, step, state)
-  finally:
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
-  return state
+  last = [time.perf_counter(), step]
+
+  def log(step: int, metrics: dict) -> dict:
+    if not all(np.isfinite(v) for v in metrics.values()):
+      raise NonFiniteLossError(
+          f"Non-finite autoencoder loss at step {step} ({metrics}); stopped without "
+          f"saving. Last good checkpoint: {manager.latest_step()} in "
+          f"{checkpoints.checkpoint_dir(directory)}")
+    now = time.perf_counter()
+    metrics["images_per_s"] = (step - last[1]) * int(a.batch_size) / max(now - last[0], 1e-9)
+    last[:] = [now, step]
+    logging.info("autoencoder step %d: %s", step,
+                 ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+  def evaluate(step: int, state: AETrainState) -> None:
+    if step % int(a.eval_freq) and step != int(a.n_iters):
+      return
+    psnr, x, x_hat = test_psnr(reconstruct, state.ema_params, test,
+                               int(a.eval_num_examples), mesh)
+    logging.info("autoencoder step %d: test PSNR %.2f dB (EMA, posterior mean)", step, psnr)
+    writer.scalars(step, "eval", dict(psnr=psnr))
+    if writer.enabled:
+      n = min(len(x), 8)  # a row of test images over a row of their reconstructions
+      images.save_grid(np.concatenate([x[:n], x_hat[:n]]),
+                       os.path.join(directory, f"reconstructions_{step}.png"), nrow=n)
+
+  return programs.train_loop(
+      state, int(a.n_iters),
+      lambda s: step_fn(s, base_key, parallel.shard_batch(next(batches)["image"], mesh)),
+      manager=manager, writer=writer, log_freq=int(a.log_freq),
+      snapshot_freq=int(a.snapshot_freq), log=log, after_step=evaluate)

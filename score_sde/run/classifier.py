@@ -37,6 +37,7 @@ from score_sde.models.classifier import NoiseConditionalClassifier
 from score_sde.io import checkpoints, datasets, files, parallel
 from score_sde.io.logs import MetricsWriter
 from score_sde.run import experiment, keys
+from score_sde.run import programs
 from score_sde.run.programs import NonFiniteLossError
 
 Array = jax.Array
@@ -235,28 +236,22 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str, *,
   step_fn = make_train_step(sde, model, optimizer, eps=float(c.eps),
                             scaler=datasets.get_data_scaler(config.data.centered), mesh=mesh)
   base_key = jax.device_put(base_key, replicated)
-  step, n_iters = int(state.step), int(c.n_iters)
-  batches = data.iterate(start_step=step)
+  batches = data.iterate(start_step=int(state.step))
   start = time.perf_counter()
   writer = MetricsWriter(out_dir, enabled=jax.process_index() == 0)
-  try:
-    while step < n_iters:
-      batch = next(batches)
-      state, metrics = step_fn(state, base_key,
-                               parallel.shard_batch({"image": batch["image"],
-                                                      "label": batch["label"]}, mesh))
-      step += 1
-      if step % int(c.log_freq) == 0 or step == n_iters:
-        metrics = {k: float(v) for k, v in parallel.to_host(metrics).items()}
-        if not np.isfinite(metrics["loss"]):
-          raise NonFiniteLossError(f"Non-finite classifier loss at step {step}")
-        logging.info("classifier step %d: loss %.4f, accuracy %.3f", step, metrics["loss"],
-                     metrics["accuracy"])
-        writer.scalars(step, "train", dict(**metrics, seconds=time.perf_counter() - start))
-      if step % int(c.snapshot_freq) == 0 or step == n_iters:
-        checkpoints.save(manager, step, state)
-  finally:
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
-  return state
+
+  def take_step(state: ClassifierState):
+    batch = next(batches)
+    return step_fn(state, base_key, parallel.shard_batch({"image": batch["image"],
+                                                           "label": batch["label"]}, mesh))
+
+  def log(step: int, metrics: dict) -> dict:
+    if not np.isfinite(metrics["loss"]):
+      raise NonFiniteLossError(f"Non-finite classifier loss at step {step}")
+    logging.info("classifier step %d: loss %.4f, accuracy %.3f", step, metrics["loss"],
+                 metrics["accuracy"])
+    return dict(**metrics, seconds=time.perf_counter() - start)
+
+  return programs.train_loop(state, int(c.n_iters), take_step, manager=manager,
+                             writer=writer, log_freq=int(c.log_freq),
+                             snapshot_freq=int(c.snapshot_freq), log=log)

@@ -271,6 +271,52 @@ class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN or infinite loss; the run stopped without saving."""
 
 
+def train_loop(state: Any, n_iters: int, take_step: Callable[[Any], tuple[Any, Any]], *,
+               manager, writer, log_freq: int, snapshot_freq: int,
+               log: Callable[[int, dict], dict], after_step: Callable[[int, Any], None] | None
+               = None) -> Any:
+  """The loop of the auxiliary trainings (autoencoder, classifier) from `state.step` to
+  `n_iters`: one call of `take_step` per step, metrics fetched and logged every `log_freq`
+  steps and at the end, a checkpoint every `snapshot_freq` steps and at the end.
+
+  Args:
+    state: the state to start from (its `step` field: the steps done).
+    take_step: `state -> (state, device metrics {name: scalar})`, one update.
+    manager: the orbax manager to save into; waited for and closed on the way out.
+    writer: the `MetricsWriter` of the run; closed on the way out.
+    log: `(step, {name: float}) -> {name: float}` to write under "train"; raises (e.g.
+      NonFiniteLossError) to stop without saving.
+    after_step: `(step, state) -> None` after each step's log, before its save (an eval).
+
+  Returns:
+    The state after `n_iters` steps.
+
+  Raises:
+    checkpoints.CheckpointSaveError: a background save failed (checked every step, and for
+      the last save at the end), as in the score-model training.
+  """
+  step, finished = int(state.step), False
+  try:
+    while step < n_iters:
+      state, metrics = take_step(state)
+      step += 1
+      checkpoints.check_saves(manager)  # a failed background save stops training now
+      if step % log_freq == 0 or step == n_iters:
+        metrics = {k: float(v) for k, v in parallel.to_host(metrics).items()}
+        writer.scalars(step, "train", log(step, metrics))
+      if after_step is not None:
+        after_step(step, state)
+      if step % snapshot_freq == 0 or step == n_iters:
+        checkpoints.save(manager, step, state)
+    finished = True
+  finally:
+    try:
+      checkpoints.finish_saves(manager, finished)
+    finally:
+      writer.close()
+  return state
+
+
 # ----------------------------------------------------------------------------------------
 # A run, loaded from its directory.
 

@@ -258,14 +258,7 @@ def _train_locked(config, workdir: str, step: int | None, mesh: Mesh, progress: 
   finally:
     bar.close()
     try:
-      if finished:  # the last save must be complete (CheckpointSaveError otherwise)
-        checkpoints.check_saves(manager, wait=True)
-      else:  # the error being raised wins; a failed save is only logged
-        try:
-          manager.wait_until_finished()
-        except Exception as e:  # noqa: BLE001
-          logging.warning("A background checkpoint save failed too: %s", checkpoints._short(e))
+      checkpoints.finish_saves(manager, finished)
     finally:
-      manager.close()
       writer.close()
   return state
