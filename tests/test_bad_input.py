@@ -9,9 +9,11 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -305,6 +307,45 @@ def test_metrics_jsonl_stays_json_with_non_finite_values(tmp_path):
            for line in open(tmp_path / "metrics.jsonl")]
   assert lines == [{"step": 3, "loss": None, "lr": None, "grad_norm": 1.5},
                    {"step": 3, "eval_loss": 0.5}]
+
+
+def test_metrics_jsonl_lines_are_whole_even_when_killed(tmp_path, monkeypatch, caplog):
+  """Each line is one os.write on an O_APPEND descriptor; a process appending lines and
+  killed at a random moment leaves only whole lines; a torn last line (an older writer cut
+  short) is ended by the next writer and skipped by `read_metrics` with a warning."""
+  writes, real_write = [], os.write
+  monkeypatch.setattr(logs.os, "write", lambda fd, data: writes.append(data) or
+                      real_write(fd, data))
+  path = str(tmp_path / "metrics.jsonl")
+  logs.append_line(path, json.dumps({"step": 1, "loss": 0.5}))
+  assert writes == [b'{"step": 1, "loss": 0.5}\n']
+  monkeypatch.undo()
+
+  killed = str(tmp_path / "killed.jsonl")
+  child = subprocess.Popen([sys.executable, "-c", (
+      "import importlib.util, json, sys\n"
+      f"spec = importlib.util.spec_from_file_location('logs', {logs.__file__!r})\n"
+      "logs = importlib.util.module_from_spec(spec); spec.loader.exec_module(logs)\n"
+      "print('ready', flush=True)\n"
+      "for i in range(10**7):\n"
+      f"  logs.append_line({killed!r}, json.dumps({{'step': i, 'pad': 'x' * (i % 5000)}}))\n")],
+      stdout=subprocess.PIPE)
+  assert child.stdout.readline().strip() == b"ready"
+  time.sleep(random.uniform(0.05, 0.3))
+  child.kill()
+  child.wait()
+  lines = open(killed, "rb").read().split(b"\n")
+  assert lines[-1] == b"" and len(lines) > 2
+  assert [json.loads(line)["step"] for line in lines[:-1]] == list(range(len(lines) - 1))
+
+  with open(path, "ab") as f:
+    f.write(b'{"step": 2, "lo')  # torn
+  writer = train.MetricsWriter(str(tmp_path))
+  writer.scalars(3, "train", {"loss": 0.25})
+  writer.close()
+  with caplog.at_level(logging.WARNING):
+    assert logs.read_metrics(path) == [{"step": 1, "loss": 0.5}, {"step": 3, "loss": 0.25}]
+  assert f"{path}: line 2 is not a complete JSON record" in caplog.text
 
 
 def test_quiet_logs_drop_tpu_probe_and_orbax_read_only():

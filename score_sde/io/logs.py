@@ -1,8 +1,10 @@
 """Logs: quiet, readable log lines for the command-line tools (INFO through absl's handler
 without the noise of every run, lines that do not tear the tqdm progress bars), and a run's
-scalar log (`MetricsWriter`: TensorBoard events and `metrics.jsonl`).
+scalar log (`MetricsWriter`: TensorBoard events and `metrics.jsonl`, each line appended whole
+so that a kill never leaves half a line; `read_metrics` skips a torn line with a warning).
 
     logs.setup_logging()   # once, after flag parsing
+    records = logs.read_metrics("WORKDIR/metrics.jsonl")
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class MetricsWriter:
     if enabled:
       from tensorboardX import SummaryWriter
       self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      _end_torn_line(self.jsonl_path)
 
   def scalars(self, step: int, section: str, record: dict[str, float]) -> None:
     """Logs `record`'s values at `step`; non-finite ones become `null` in the JSON line."""
@@ -84,8 +87,7 @@ class MetricsWriter:
       self._tensorboard.add_scalar(f"{section}/{name}", value, step)
     prefix = "" if section == "train" else f"{section}_"
     line = {"step": step, **{prefix + name: _json_number(value) for name, value in record.items()}}
-    with open(self.jsonl_path, "a") as f:
-      f.write(json.dumps(line, allow_nan=False) + "\n")
+    append_line(self.jsonl_path, json.dumps(line, allow_nan=False))
 
   def image(self, step: int, name: str, grid: np.ndarray) -> None:
     if self.enabled:
@@ -100,3 +102,59 @@ def _json_number(value: float) -> float | None:
   """`value` as a float, or None (JSON `null`) if it is NaN or infinite."""
   value = float(value)
   return value if np.isfinite(value) else None
+
+
+def append_line(path: str, text: str) -> None:
+  """Appends `text` and a newline to `path` (created if missing) in one `os.write` on an
+  `O_APPEND` descriptor: the line lands whole at the end of the file, even beside another
+  writer, and a kill leaves it either absent or complete (short writes, which a regular file
+  only gives on a full disk, are finished by further writes)."""
+  data = (text.rstrip("\n") + "\n").encode()
+  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+  try:
+    while data:
+      data = data[os.write(fd, data):]
+  finally:
+    os.close(fd)
+
+
+def _end_torn_line(path: str) -> None:
+  """Ends a last line left without its newline (a file written by an older version, cut by a
+  full disk), so that the next appended line is not glued onto it."""
+  try:
+    with open(path, "rb") as f:
+      f.seek(0, os.SEEK_END)
+      if f.tell() == 0:
+        return
+      f.seek(-1, os.SEEK_END)
+      torn = f.read(1) != b"\n"
+  except FileNotFoundError:
+    return
+  if torn:
+    append_line(path, "")
+
+
+def read_metrics(path: str) -> list[dict]:
+  """The records of a `metrics.jsonl` file, in order.
+
+  A line that is not a JSON object (a line torn by a kill or a full disk) is skipped, with a
+  warning naming the file and the line number; every other line is returned.
+
+  Raises:
+    FileNotFoundError: no such file.
+  """
+  records = []
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, start=1):
+      if not raw.strip():
+        continue
+      try:
+        record = json.loads(raw)
+      except (json.JSONDecodeError, UnicodeDecodeError):
+        record = None
+      if not isinstance(record, dict):
+        logging.warning("%s: line %d is not a complete JSON record (torn by an interrupt?); "
+                        "skipped: %r", path, number, raw[:80])
+        continue
+      records.append(record)
+  return records
