@@ -65,6 +65,7 @@ flags.DEFINE_enum("reference_dtype", "float64", list(compare.REFERENCE_DTYPES),
 flags.DEFINE_integer("projections", 256, "Directions of sliced W1.", lower_bound=1)
 flags.DEFINE_integer("repeats", 3, "Timed runs per sampler (best kept).", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed.")
+cli.check_flag("seed", cli.seed)
 flags.DEFINE_bool("quality", True, "Trained runs: FD / KID (--noquality skips them).")
 flags.DEFINE_string("inception_weights", None,
                     "pt_inception-2015-12-05-*.pth (feature net 'inception').")

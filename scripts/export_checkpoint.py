@@ -27,6 +27,7 @@ flags.DEFINE_string("workdir", None, "The run directory to read the checkpoint f
 flags.DEFINE_string("output", None, "The .pth file to write.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", lower_bound=0)
 flags.DEFINE_bool("overwrite", False, "Replace --output if it exists (atomically).")
+cli.check_flag("output", cli.new_file_in_existing_dir)
 flags.mark_flags_as_required(["config", "workdir", "output"])
 
 

@@ -57,6 +57,8 @@ flags.DEFINE_string("workdir", None, "The run directory to write the checkpoint 
 flags.DEFINE_bool("overwrite", False, "Import into a workdir that has checkpoints or another "
                   "config.json (the old ones are set aside, never deleted).")
 flags.mark_flags_as_required(["checkpoint", "workdir"])
+cli.check_flag("format", cli.choice(reference.FORMATS))
+cli.check_flag("checkpoint", cli.existing_file)
 
 
 def main(argv) -> None:

@@ -20,6 +20,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from score_sde import guidance
 from score_sde.run import cli, guided
 
 FLAGS = flags.FLAGS
@@ -32,6 +33,9 @@ flags.DEFINE_integer("num_images", 16, "Test images to complete.", lower_bound=1
 flags.DEFINE_string("scheme", None, "'reimpose' (pc only) or 'score' (default: by method).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).", lower_bound=0)
 flags.mark_flags_as_required(["config", "workdir"])
+cli.check_flag("scheme", cli.choice(guidance.INPAINT_SCHEMES))
+cli.check_flag("mask", lambda what, value: (cli.existing_file(what, value) if value.endswith(
+    ".npy") else cli.choice(guided.MASKS)(what, value)))
 
 
 def main(argv) -> None:

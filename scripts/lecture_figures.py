@@ -29,11 +29,11 @@ flags.DEFINE_multi_string("override", [], "Config override of the run, "
                           "'section.field=value' (repeatable).")
 flags.DEFINE_string("out_dir", "docs", "Where the PNGs go.")
 flags.DEFINE_integer("seed", 0, "Seed of the starting noise.")
+cli.check_flag("seed", cli.seed)
 flags.DEFINE_integer("ddim_steps", 100, "Steps of the progressive-generation trajectory.",
                      lower_bound=1)
 flags.DEFINE_list("samplers", list(figures.DEMO_SAMPLERS), "Rows of lecture_samplers.png.")
-flags.register_validator("samplers", lambda v: bool(v) and set(v) <= set(figures.DEMO_SAMPLERS),
-                         f"each must be one of {list(figures.DEMO_SAMPLERS)}")
+cli.check_flag("samplers", cli.choice(figures.DEMO_SAMPLERS))
 flags.mark_flags_as_required(["workdir"])
 
 

@@ -32,11 +32,11 @@ flags.DEFINE_multi_string("override", [], "Config override of the run, "
 flags.DEFINE_string("out", None, "PNG to write (and <out>.json).")
 flags.DEFINE_list("methods", ["pc", "ode", "ddim", "dpm_solver", "heun"],
                   f"Samplers to run, of {list(figures.DEMO_SAMPLERS)}.")
-flags.register_validator("methods", lambda v: bool(v) and set(v) <= set(figures.DEMO_SAMPLERS),
-                         f"each must be one of {list(figures.DEMO_SAMPLERS)}")
+cli.check_flag("methods", cli.choice(figures.DEMO_SAMPLERS))
 flags.DEFINE_integer("num_samples", 36, "Samples per sampler (divisible by the devices).",
                      lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed of the shared starting noise.")
+cli.check_flag("seed", cli.seed)
 flags.DEFINE_enum("threshold", "none", list(sampling.THRESHOLDS),
                   "Clipping of the denoised estimate for ddpm / ddim / heun / dpm_solver.")
 flags.DEFINE_bool("quality", False, "Also score each sampler's samples (clipped to [0, 1]) "

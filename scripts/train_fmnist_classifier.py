@@ -27,6 +27,7 @@ flags.DEFINE_integer("batch_size", 128, "Batch size.", lower_bound=1)
 flags.DEFINE_float("lr", 2e-3, "Peak learning rate.", lower_bound=0)
 flags.DEFINE_integer("shift", 0, "Random shifts of up to SHIFT pixels.", lower_bound=0)
 flags.DEFINE_integer("seed", 0, "Seed.")
+cli.check_flag("seed", cli.seed)
 
 
 def main(argv) -> None:

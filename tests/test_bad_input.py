@@ -209,6 +209,68 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(
   assert snapshot(workdir) == before
 
 
+# Script flags, checked while parsing (`cli.check_flag` with the shared checks): (id, script,
+# flags, the expected line). "EXISTING" is replaced by a file that exists.
+SCRIPT_ROWS = [
+    ("import_format", "import_checkpoint.py", ["--checkpoint=EXISTING", "--workdir=W",
+                                               "--format=bogus"],
+     "error: flag --format=bogus: Unknown --format 'bogus'; valid: ['diffusers_vae', 'dit', "),
+    ("import_missing_checkpoint", "import_checkpoint.py",
+     ["--checkpoint=/nonexistent/ckpt.pth", "--workdir=W"],
+     "error: flag --checkpoint=/nonexistent/ckpt.pth: no such file or directory"),
+    ("inpaint_scheme", "inpaint.py", ["--config=configs/fashion_mnist_vp.py", "--workdir=W",
+                                      "--scheme=bogus"],
+     "error: flag --scheme=bogus: Unknown --scheme 'bogus'; valid: "),
+    ("inpaint_mask_name", "inpaint.py", ["--config=configs/fashion_mnist_vp.py", "--workdir=W",
+                                         "--mask=lefthalf"],
+     "error: flag --mask=lefthalf: Unknown --mask 'lefthalf'; valid: ['bottom_half', "),
+    ("inpaint_mask_file", "inpaint.py", ["--config=configs/fashion_mnist_vp.py", "--workdir=W",
+                                         "--mask=/nonexistent/m.npy"],
+     "error: flag --mask=/nonexistent/m.npy: no such file or directory"),
+    ("inpaint_num_images", "inpaint.py", ["--config=configs/fashion_mnist_vp.py",
+                                          "--workdir=W", "--num_images=0"],
+     "error: flag --num_images=0: "),
+    ("export_output_dir", "export_checkpoint.py", ["--config=configs/fashion_mnist_vp.py",
+                                                   "--workdir=W", "--output=/nonexistent/x.pth"],
+     "error: flag --output=/nonexistent/x.pth: its directory /nonexistent does not exist"),
+    ("panel_seed", "sampler_panel.py", ["--workdir=W", "--out=x.png", f"--seed={2 ** 64}"],
+     f"error: flag --seed={2 ** 64}: --seed must be a 64-bit integer, in [-2**63, 2**63)"),
+    ("compare_seed", "compare_samplers.py", ["--problem=mixture", f"--seed={-2 ** 63 - 1}"],
+     f"error: flag --seed={-2 ** 63 - 1}: --seed must be a 64-bit integer"),
+    ("panel_method", "sampler_panel.py", ["--workdir=W", "--out=x.png", "--methods=pc,odee"],
+     "error: flag --methods=['pc', 'odee']: Unknown --methods 'odee'; valid: ['ddim', "),
+    ("figures_no_sampler", "lecture_figures.py", ["--workdir=W", "--samplers="],
+     "error: flag --samplers=[]: --samplers needs at least one value, of ['ddim', "),
+]
+
+
+@pytest.fixture(scope="module")
+def parsed_script_flags(tmp_path_factory):
+  """Every SCRIPT_ROWS command line parsed in one child process (tests/data/parse_script_flags.py):
+  {id: (exit status, stderr)}."""
+  existing = str(tmp_path_factory.mktemp("flags") / "existing.pth")
+  open(existing, "wb").write(b"x")
+  cases = [[os.path.join("scripts", script), *(a.replace("EXISTING", existing) for a in argv)]
+           for _, script, argv, _ in SCRIPT_ROWS]
+  out = subprocess.run([sys.executable, os.path.join(REPO, "tests", "data",
+                                                     "parse_script_flags.py"), json.dumps(cases)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+  results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+  assert len(results) == len(SCRIPT_ROWS), out.stderr[-2000:]
+  return {row[0]: (r["status"], r["err"]) for row, r in zip(SCRIPT_ROWS, results)}
+
+
+@pytest.mark.parametrize("name, script, argv, message", SCRIPT_ROWS,
+                         ids=[r[0] for r in SCRIPT_ROWS])
+def test_script_flags_are_checked_while_parsing(parsed_script_flags, name, script, argv,
+                                                message):
+  status, err = parsed_script_flags[name]
+  assert status == 2, err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(message), err
+
+
 def test_unreadable_checkpoints_all_tried(run_dir, tmp_path, capsys):
   workdir = str(tmp_path / "broken")
   shutil.copytree(run_dir, workdir)

@@ -15,7 +15,10 @@ ValueError or FileNotFoundError) reported the same way.
       app.run(main, flags_parser=cli.parse_flags)
 
 Flag values are checked while parsing (absl's `lower_bound` / `upper_bound`, `DEFINE_enum`,
-`flags.register_validator`), before anything compiles.
+`flags.register_validator`, and `check_flag` with the checks below: `choice`, `existing_file`,
+`new_file_in_existing_dir`, `seed`), before anything compiles.
+
+    cli.check_flag("format", cli.choice(reference.FORMATS))
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any, Callable, Sequence
 from absl import flags
 import ml_collections
 
+from score_sde.checks import check_choice
 from score_sde.io import logs
 
 EXIT_BAD_INPUT, EXIT_WRITE_FAILED = 2, 4
@@ -48,6 +52,55 @@ def _config_file(argv: Sequence[str]) -> str | None:
     if arg in ("--config", "-config") and i + 1 < len(argv):
       return argv[i + 1]
   return None
+
+
+def check_flag(name: str, check: Callable[[str, Any], None]) -> None:
+  """Checks flag `--name` while parsing: `check("--name", value)` raises ValueError (or
+  FileNotFoundError) for a bad value; `parse_flags` reports it as one line, `error: flag
+  --name=VALUE: <the message>`, exit 2. A flag left at None (not given, no default) is not
+  checked."""
+  def validator(value):
+    if value is None:
+      return True
+    try:
+      check(f"--{name}", value)
+    except BAD_INPUT as e:
+      raise flags.ValidationError(one_line(e)) from None
+    return True
+  flags.register_validator(name, validator)
+
+
+def choice(valid) -> Callable[[str, Any], None]:
+  """A check for `check_flag`: the value (each value of a list flag, at least one) is one
+  of `valid`."""
+  def check(what, value):
+    if isinstance(value, list) and not value:
+      raise ValueError(f"{what} needs at least one value, of {sorted(valid)}")
+    for v in (value if isinstance(value, list) else [value]):
+      check_choice(what, v, valid)
+  return check
+
+
+def existing_file(what: str, value: str) -> None:
+  """A check for `check_flag`: the value names an existing file (or directory)."""
+  del what  # absl's message names the flag and its value
+  if not os.path.exists(value):
+    raise FileNotFoundError(f"no such file or directory ({os.path.abspath(value)})")
+
+
+def new_file_in_existing_dir(what: str, value: str) -> None:
+  """A check for `check_flag`: the value is a file name whose directory exists."""
+  parent = os.path.dirname(os.path.abspath(value))
+  if os.path.isdir(value):
+    raise ValueError(f"is a directory; name the file {what} writes")
+  if not os.path.isdir(parent):
+    raise FileNotFoundError(f"its directory {parent} does not exist")
+
+
+def seed(what: str, value: int) -> None:
+  """A check for `check_flag`: a seed `jax.random.PRNGKey` takes (64 bits, signed)."""
+  if not -2 ** 63 <= int(value) < 2 ** 63:
+    raise ValueError(f"{what} must be a 64-bit integer, in [-2**63, 2**63), got {value}")
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
