@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_sde.io import checkpoints, logs
+from score_sde.io import checkpoints, datasets, logs
 from score_sde.run import experiment, programs, train
 from score_sde import main as main_lib
 from score_sde.io import workdir as workdir_lib
@@ -269,6 +269,121 @@ def test_script_flags_are_checked_while_parsing(parsed_script_flags, name, scrip
   assert status == 2, err
   lines = err.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(message), err
+
+
+# Files read, checked (issue 27): a CIFAR tarball, an inpainting mask, a safetensors file.
+# (id, what to write at PATH, the reader, the expected ValueError / FileNotFoundError text).
+
+
+def _cifar_tarball(path, members):
+  import io
+  import tarfile
+  with tarfile.open(path, "w:gz") as tar:
+    for name, raw in members.items():
+      info = tarfile.TarInfo(name)
+      info.size = len(raw)
+      tar.addfile(info, io.BytesIO(raw))
+
+
+def _tiny_autoencoder():
+  from score_sde.models import autoencoder as ae_lib
+  ae = ae_lib.AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8,),
+                            latent_channels=2, norm_num_groups=4)
+  return ae, {k: np.zeros(v[2], np.float32) for k, v in ae_lib.torch_layout(ae).items()}
+
+
+def _write_safetensors(path, change):
+  import safetensors.numpy
+  ae, state = _tiny_autoencoder()
+  key = "encoder.conv_in.weight"
+  if change == "dtype":
+    state[key] = state[key].astype(np.int32)
+  elif change == "shape":
+    state[key] = np.zeros((3, 1, 3, 3), np.float32)
+  safetensors.numpy.save_file(state, path)
+  if change == "truncated":
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[:len(raw) // 2])
+  elif change == "header":
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[:8] + b"{not json" + raw[17:])
+
+
+def _read_safetensors(path):
+  from score_sde.io import autoencoder_files
+  from score_sde.models import autoencoder as ae_lib
+  ae, _ = _tiny_autoencoder()
+  ae_lib.params_from_diffusers(autoencoder_files.read_safetensors(path), ae, where=path)
+
+
+def _read_mask(path):
+  from score_sde.run import guided
+  guided.load_mask(path, (8, 8, 1))
+
+
+def _read_cifar(path):
+  datasets.load_cifar10_tarball(path, "test")
+
+
+def _write(path, kind):
+  if kind == "cifar_truncated":
+    _cifar_tarball(path, {"cifar-10-batches-py/test_batch": b"x" * 5000})
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[:len(raw) // 2])
+  elif kind == "cifar_members":
+    _cifar_tarball(path, {"mnist/train-images-idx3-ubyte": b"x"})
+  elif kind == "cifar_not_gzip":
+    open(path, "wb").write(b"PK\x03\x04 a zip, not a tarball")
+  elif kind == "mask_shape":
+    np.save(path, np.ones((5, 5, 1), np.float32))
+  elif kind == "mask_not_npy":
+    open(path, "wb").write(b"\x89PNG\r\n\x1a\n not an array")
+  elif kind == "mask_values":
+    np.save(path, np.full((8, 8, 1), 0.5, np.float32))
+  elif kind == "mask_strings":
+    np.save(path, np.array([["a"]]))
+  else:
+    _write_safetensors(path, kind.removeprefix("safetensors_"))
+
+
+FILE_ROWS = [
+    ("cifar_truncated", "cifar-10-python.tar.gz", _read_cifar,
+     "cifar-10-python.tar.gz: not a readable gzipped tarball, cut short or corrupt"),
+    ("cifar_not_gzip", "cifar-10-python.tar.gz", _read_cifar,
+     "cifar-10-python.tar.gz: not a readable gzipped tarball"),
+    ("cifar_members", "cifar-10-python.tar.gz", _read_cifar,
+     "cifar-10-python.tar.gz: no file cifar-10-batches-py/test_batch in the tarball (it holds "
+     "['mnist/train-images-idx3-ubyte'])"),
+    ("mask_shape", "m.npy", _read_mask, "mask of shape (5, 5, 1) in PATH does not match the "
+     "images of shape (8, 8, 1)"),
+    ("mask_not_npy", "m.npy", _read_mask, "mask file PATH is not a readable .npy array"),
+    ("mask_values", "m.npy", _read_mask, "mask in PATH must hold only 0 (unknown) and 1 (known)"),
+    ("mask_strings", "m.npy", _read_mask, "mask in PATH must be a numeric array of 0 and 1, got "
+     "dtype <U1"),
+    ("safetensors_truncated", "w.safetensors", _read_safetensors,
+     "PATH is not a readable safetensors file"),
+    ("safetensors_header", "w.safetensors", _read_safetensors,
+     "PATH is not a readable safetensors file"),
+    ("safetensors_dtype", "w.safetensors", _read_safetensors,
+     "PATH: key 'encoder.conv_in.weight' has dtype int32; the weights of a diffusers "
+     "AutoencoderKL"),
+    ("safetensors_shape", "w.safetensors", _read_safetensors,
+     "PATH: key 'encoder.conv_in.weight' has shape (3, 1, 3, 3), a diffusers AutoencoderKL"),
+]
+
+
+@pytest.mark.parametrize("name, filename, read, message", FILE_ROWS,
+                         ids=[r[0] for r in FILE_ROWS])
+def test_bad_files_are_one_line_naming_the_file(tmp_path, name, filename, read, message):
+  path = str(tmp_path / filename)
+  _write(path, name)
+  before = snapshot(str(tmp_path))
+  with pytest.raises((ValueError, FileNotFoundError)) as raised:
+    read(path)
+  text = main_lib._one_line(raised.value)
+  assert message.replace("PATH", path) in text, text
+  assert path in text, text
+  assert snapshot(str(tmp_path)) == before
 
 
 def test_unreadable_checkpoints_all_tried(run_dir, tmp_path, capsys):

@@ -295,18 +295,28 @@ def load_cifar10_tarball(path: str, split: str) -> tuple[np.ndarray, np.ndarray]
         "dataset='cifar10' with a prepared TFDS copy).")
   names = ([f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"])
   images, labels = [], []
-  with tarfile.open(tar_path, "r:gz") as tar:
-    for name in names:
-      member = f"cifar-10-batches-py/{name}"
-      try:
-        f = tar.extractfile(member)
-      except KeyError:
-        f = None
-      if f is None:
-        raise FileNotFoundError(f"{tar_path}: no file {member} in the tarball")
-      x, y = _load_cifar_batch(f.read(), f"{tar_path}:{member}")
-      images.append(x)
-      labels.append(y)
+  try:
+    with tarfile.open(tar_path, "r:gz") as tar:
+      for name in names:
+        member = f"cifar-10-batches-py/{name}"
+        try:
+          f = tar.extractfile(member)
+        except KeyError:
+          f = None
+        if f is None:
+          found = sorted(tar.getnames())
+          raise FileNotFoundError(
+              f"{tar_path}: no file {member} in the tarball (it holds {found[:8]}"
+              f"{' ...' if len(found) > 8 else ''}); is it {CIFAR10_TARBALL} from "
+              f"{CIFAR10_URL}?")
+        x, y = _load_cifar_batch(f.read(), f"{tar_path}:{member}")
+        images.append(x)
+        labels.append(y)
+  except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+    # A download cut short, or another file under the name.
+    raise ValueError(f"{tar_path}: not a readable gzipped tarball, cut short or corrupt "
+                     f"({type(e).__name__}: {' '.join(str(e).split())}); download it again "
+                     f"from {CIFAR10_URL}") from None
   return np.concatenate(images), np.concatenate(labels)
 
 

@@ -546,6 +546,11 @@ def _convert(state_dict: StateDict, ae: AutoencoderKL, ldm: bool, where: str) ->
     described += (f"; these keys look like the {'diffusers' if ldm else 'LDM'} layout: use "
                   f"params_from_{'diffusers' if ldm else 'ldm'}")
   check_shapes(found, {k: v[2] for k, v in layout.items()}, where, described)
+  for key in layout:
+    dtype = np.asarray(state_dict[key]).dtype
+    if dtype.kind != "f" and dtype.name != "bfloat16":
+      raise ValueError(f"{where}: key {key!r} has dtype {dtype}; the weights of {described} "
+                       f"are floating point")
   params: Params = {}
   for key, (flax_path, flax_shape, _) in layout.items():
     node = params

@@ -138,7 +138,15 @@ def load_mask(spec: str, image_shape: tuple[int, int, int]) -> np.ndarray:
     return make_mask(spec, image_shape)
   if not os.path.exists(spec):
     raise FileNotFoundError(f"No mask file {spec}")
-  mask = np.load(spec).astype(np.float32)
+  try:
+    mask = np.load(spec, allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:  # not a .npy file, cut short, or pickled
+    raise ValueError(f"mask file {spec} is not a readable .npy array ({type(e).__name__}: "
+                     f"{' '.join(str(e).split())[:120]}); save one with numpy.save") from None
+  if not isinstance(mask, np.ndarray) or mask.dtype.kind not in "biuf":
+    raise ValueError(f"mask in {spec} must be a numeric array of 0 and 1, got dtype "
+                     f"{getattr(mask, 'dtype', type(mask).__name__)}")
+  mask = mask.astype(np.float32)
   try:
     np.broadcast_shapes(mask.shape, tuple(image_shape))
   except ValueError:
