@@ -29,7 +29,7 @@ from score_sde.io import workdir as workdir_lib
 from score_sde.run import experiment, programs
 from score_sde.run import reference as rc
 from test_bad_input import execute, snapshot
-from test_train import REPO, tiny_config
+from test_train import REPO, tiny_config, trained  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -314,6 +314,67 @@ def test_import_and_export_killed_at_random_moments(run_dir, tmp_path):
   steps = _steps(workdir)
   assert steps in ([2, 4], [9]), steps
   assert programs.restore_run(tiny_config(), workdir).step == steps[-1]
+
+
+def _complete(path):
+  """Whether an output file is whole: an .npz whose arrays load, a PNG PIL decodes, a JSON
+  object."""
+  if path.endswith(".npz"):
+    with np.load(path) as f:
+      return all(f[k].size >= 0 for k in f.files) and bool(f.files)
+  if path.endswith(".png"):
+    from PIL import Image
+    with Image.open(path) as image:
+      image.load()
+    return True
+  if path.endswith(".json"):
+    return isinstance(json.load(open(path)), dict)
+  return False
+
+
+def test_eval_and_sample_killed_at_random_moments(trained, tmp_path):
+  """`--mode=eval` and `--mode=sample` on a copy of the trained tiny run, started together
+  and each sent SIGKILL, SIGINT or SIGTERM at a random moment once it holds its lock: every
+  file that was there is byte-identical, every new output is complete (temporary files are
+  hidden `.<name>.tmp-*`), and the next run takes the locks over."""
+  rng = random.Random(2705)
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained[0], workdir,
+                  ignore=shutil.ignore_patterns("lock*.json", "samples", "eval"))
+  before = snapshot(workdir)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+  base = [sys.executable, "-m", "score_sde.main",
+          "--config=" + os.path.join(REPO, "configs", "fashion_mnist_vp.py") + ":tiny",
+          f"--workdir={workdir}"]
+  jobs = {"sample": [*base, "--mode=sample", "--num_samples=4",
+                     "--config.sampling.method=ddim", "--config.sampling.steps=4"],
+          "eval": [*base, "--mode=eval"]}
+  procs = {mode: subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL) for mode, cmd in jobs.items()}
+  deadline = time.time() + 120
+  for mode, proc in procs.items():  # the moments are drawn once each holds its lock
+    lock = os.path.join(workdir, workdir_lib.lock_file(mode))
+    while time.time() < deadline and proc.poll() is None and not os.path.exists(lock):
+      time.sleep(0.01)
+  signals = {}
+  for mode in rng.sample(sorted(procs), 2):
+    time.sleep(rng.uniform(0.0, 2.0))
+    signals[mode] = rng.choice([signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
+    procs[mode].send_signal(signals[mode])
+  for proc in procs.values():
+    proc.wait(timeout=120)
+  after = snapshot(workdir)
+  assert {k: after.get(k) for k in before} == before, signals
+  new = [k for k in after if k not in before]
+  outputs = [k for k in new if not os.path.basename(k).startswith(".")]
+  assert all(".tmp-" in os.path.basename(k) for k in new if k not in outputs), new
+  assert all(k.startswith(("samples/", "eval/", "lock")) for k in outputs), outputs
+  for k in outputs:
+    if not k.startswith("lock"):
+      assert _complete(os.path.join(workdir, k)), k
+  for mode in procs:
+    with workdir_lib.locked(workdir, mode):
+      pass
 
 
 # ----------------------------------------------------------------------------------------
