@@ -410,6 +410,17 @@ def _choice(section: str, config: ml_collections.ConfigDict, field: str, valid,
 
 def _check_training(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> None:
   training = config.training
+  # The noise range of the VE SDE and of EDM-style sigmas (whatever the SDE: a typo is a typo).
+  _number("model", config, "sigma_min", minimum=0, min_open=True, optional=True)
+  _number("model", config, "sigma_max", minimum=0, min_open=True, optional=True)
+  m = config.model
+  if m.get("sigma_min") is not None and m.get("sigma_max") is not None and not (
+      float(m.sigma_min) < float(m.sigma_max)):
+    raise ValueError(f"config.model.sigma_min={m.sigma_min} must be below "
+                     f"config.model.sigma_max={m.sigma_max}")
+  # The log-normal time sampling's N(p_mean, p_std^2) of log sigma.
+  _number("training", config, "p_mean", optional=True)
+  _number("training", config, "p_std", minimum=0, min_open=True, optional=True)
   _check_parameterization(config)  # before the SDE is built: it takes these fields
   sde = make_sde(config)
   try:
@@ -466,6 +477,8 @@ def _check_model(config: ml_collections.ConfigDict, mesh: Mesh, mode: str) -> No
     _check_dit_label_dropout(config)
     return
   _number("model", config, "nf", minimum=1, integer=True)
+  _number("model", config, "fourier_scale", minimum=0, min_open=True, optional=True)
+  _number("model", config, "init_scale", minimum=0, optional=True)
   _number("model", config, "num_res_blocks", minimum=1, integer=True)
   _number("model", config, "dropout", minimum=0, maximum=1, max_open=True)
   _number("model", config, "num_classes", minimum=0, integer=True, optional=True)
