@@ -30,7 +30,6 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from score_sde.io import autoencoder_files, checkpoints, files
 from score_sde.io import workdir as workdir_lib
