@@ -16,6 +16,7 @@ parameterization is a name in `score_sde.parameterization`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -49,6 +50,18 @@ def mean_output(output: jax.Array, x: jax.Array) -> jax.Array:
     return output[..., :channels]
   raise ValueError(f"network output has {output.shape[-1]} channels for inputs of {channels}; "
                    f"expected {channels} (or {2 * channels} with learned variance)")
+
+
+@functools.partial(jax.jit, static_argnames=("network", "train"))
+def _apply_network(network: nn.Module, variables, x, labels, *, train: bool, class_labels,
+                   rngs):
+  """`network.apply` as one jitted function, for `ScoreModel.apply` while tracing: a program
+  that calls the network several times at the same shapes (a diffrax solve traces its vector
+  field four times) traces it once and reuses the jaxpr. Tracing is most of what a warm
+  start still spends on a program (the persistent compilation cache stores compiled
+  programs, not traces); XLA inlines the call, so the compiled program computes the same."""
+  return network.apply(variables, x, labels, train=train, class_labels=class_labels,
+                       rngs=rngs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,8 +205,12 @@ class ScoreModel:
     """
     t = _batch_t(t, x)
     rngs = {"dropout": rng} if rng is not None else None
-    return self.network.apply(variables, self.network_input(x, t), self.noise_labels(t),
-                              train=train, class_labels=class_labels, rngs=rngs)
+    x_in, labels = self.network_input(x, t), self.noise_labels(t)
+    if not isinstance(x_in, jax.core.Tracer):  # eager: op by op, as it always was
+      return self.network.apply(variables, x_in, labels, train=train,
+                                class_labels=class_labels, rngs=rngs)
+    return _apply_network(self.network, variables, x_in, labels, train=train,
+                          class_labels=class_labels, rngs=rngs)
 
   def score_fn(self, variables: Variables, *, class_labels: jax.Array | None = None,
                train: bool = False, rng: jax.Array | None = None) -> ScoreFn:
