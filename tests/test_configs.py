@@ -182,3 +182,19 @@ def test_unipc_reads_its_own_corrector_field_not_pcs():
   method, options = experiment.sampler_settings(config)
   assert options["corrector"] == "none"
   sampling.check_options(experiment.make_sde(config), method, options)
+
+
+def test_fashion_mnist_latent_is_the_vp_demo_on_7x7x4_latents():
+  from score_sde.run import autoencoder as autoencoder_run
+  from score_sde.run import autoencoder_training
+  vp, lat = flatten(load("fashion_mnist_vp")), flatten(load("fashion_mnist_latent"))
+  diffs = {k: v for k, v in lat.items() if v != vp[k]}
+  assert {k for k in diffs if not k.startswith("autoencoder.")} == {
+      "model.nf", "model.ch_mult", "model.num_res_blocks"}
+  assert diffs["model.ch_mult"] == (1,) and lat["model.attn_resolutions"] == (7,)
+  config = load("fashion_mnist_latent")
+  module = autoencoder_training.module_of(config)  # builds nothing: shapes only
+  assert autoencoder_run.latent_shape(module, (28, 28, 1)) == (7, 7, 4)
+  assert lat["data.latent"] is None  # phase 2 names phase 1's workdir on the command line
+  tiny = autoencoder_training.module_of(load("fashion_mnist_latent", "tiny"))
+  assert tiny.downsample_factor == 2  # the tiny variant's (8, 16): two levels

@@ -69,7 +69,9 @@ def _test_images(run: programs.Run, n: int) -> np.ndarray:
     config.data.uniform_dequantization = False
   n = min(n, experiment.make_dataset(config, "test", batch_size=1).num_examples)
   test = experiment.make_dataset(config, "test", batch_size=n)
-  return np.asarray(next(test.iterate_once())["image"]).reshape(-1, *run.spec.image_shape)[:n]
+  # A latent run's network sees latents; its test images stay pixels.
+  shape = run.spec.image_shape if run.spec.latent is None else run.spec.latent.image_shape
+  return np.asarray(next(test.iterate_once())["image"]).reshape(-1, *shape)[:n]
 
 
 def sampler_panel(run: programs.Run, methods: Sequence[str], num_samples: int, seed: int = 0,
@@ -112,7 +114,10 @@ def sampler_panel(run: programs.Run, methods: Sequence[str], num_samples: int, s
     start = time.perf_counter()
     x, nfe = jax.block_until_ready(fn(jax.random.fold_in(key, _STREAM_PANEL_SAMPLERS), x_T))
     seconds = time.perf_counter() - start
-    samples[method] = np.asarray(run.spec.inverse_scaler(x))
+    if run.spec.latent is not None:  # a latent run: its samples decoded to pixels ([0, 1])
+      samples[method] = np.asarray(run.spec.latent.make_decode_fn(mesh)(x))
+    else:
+      samples[method] = np.asarray(run.spec.inverse_scaler(x))
     stats[method] = dict(pixel_stats(samples[method]), nfe=int(nfe), seconds=seconds,
                          options={k: v for k, v in options.items() if k != "data_range"})
     print(f"{method:11s} NFE {int(nfe):4d}  {seconds:6.1f} s  saturated "
