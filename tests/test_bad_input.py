@@ -406,7 +406,9 @@ def test_unreadable_checkpoints_all_tried(run_dir, tmp_path, capsys):
   for root, _, names in os.walk(os.path.join(workdir, "checkpoints")):
     for name in names:
       path = os.path.join(root, name)
-      open(path, "wb").write(rng.bytes(max(os.path.getsize(path), 1)))
+      # A leading 0xff keeps every file invalid UTF-8 / JSON: a metadata file that happens to
+      # be valid JSON of another type gives the other error (io/checkpoints.py).
+      open(path, "wb").write(b"\xff" + rng.bytes(os.path.getsize(path)))
   before = snapshot(workdir)
   for mode in ("sample", "train"):
     status, line, compiles = execute(capsys, tiny_config(), workdir, mode)
@@ -513,9 +515,8 @@ def test_metrics_jsonl_lines_are_whole_even_when_killed(tmp_path, monkeypatch, c
 
   killed = str(tmp_path / "killed.jsonl")
   child = subprocess.Popen([sys.executable, "-c", (
-      "import importlib.util, json, sys\n"
-      f"spec = importlib.util.spec_from_file_location('logs', {logs.__file__!r})\n"
-      "logs = importlib.util.module_from_spec(spec); spec.loader.exec_module(logs)\n"
+      "import json\n"
+      "from score_sde.io import logs\n"
       "print('ready', flush=True)\n"
       "for i in range(10**7):\n"
       f"  logs.append_line({killed!r}, json.dumps({{'step': i, 'pad': 'x' * (i % 5000)}}))\n")],
