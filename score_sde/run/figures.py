@@ -104,6 +104,9 @@ def sampler_panel(run: programs.Run, methods: Sequence[str], num_samples: int, s
   x_T = jax.device_put(sde.prior_sampling(jax.random.fold_in(key, _STREAM_PANEL_NOISE), shape),
                        NamedSharding(mesh, P("batch")))
   data_range = experiment.data_range(run.config)
+  # A latent run's samples are decoded to pixels in [0, 1] (one compiled decoder for all).
+  to_pixels = (run.spec.inverse_scaler if run.spec.latent is None
+               else run.spec.latent.make_decode_fn(mesh))
   samples, stats = {}, {}
   for method in methods:
     options = dict(DEMO_SAMPLERS[method])
@@ -114,10 +117,7 @@ def sampler_panel(run: programs.Run, methods: Sequence[str], num_samples: int, s
     start = time.perf_counter()
     x, nfe = jax.block_until_ready(fn(jax.random.fold_in(key, _STREAM_PANEL_SAMPLERS), x_T))
     seconds = time.perf_counter() - start
-    if run.spec.latent is not None:  # a latent run: its samples decoded to pixels ([0, 1])
-      samples[method] = np.asarray(run.spec.latent.make_decode_fn(mesh)(x))
-    else:
-      samples[method] = np.asarray(run.spec.inverse_scaler(x))
+    samples[method] = np.asarray(to_pixels(x))
     stats[method] = dict(pixel_stats(samples[method]), nfe=int(nfe), seconds=seconds,
                          options={k: v for k, v in options.items() if k != "data_range"})
     print(f"{method:11s} NFE {int(nfe):4d}  {seconds:6.1f} s  saturated "
