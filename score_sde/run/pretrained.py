@@ -9,8 +9,9 @@ whole config as JSON (entry `CONFIG_ENTRY`), so one digest covers both the weigh
 config they belong to. `MODELS` is the explicit registry name -> `Pretrained(file, sha256,
 config, ...)`; `save_pretrained` writes such a file from a run and returns its digest.
 
-The registry is empty for now: the models the issue asks for (>= 60 minutes of training each
-on 2 cores) have not been trained; a 600-step demo-budget model is not shipped as one.
+Two models are registered: the Fashion-MNIST demo's VP DDPM++ (`fashion_mnist_vp`) and its
+rectified-flow twin (`fashion_mnist_rf`), each trained 12,750 steps of batch 64 (148 minutes
+wall, both at once, one simulated device each, niced beside other work on the 2-core machine).
 """
 
 from __future__ import annotations
@@ -54,7 +55,22 @@ class Pretrained:
 
 
 # name -> entry. Add a model with `save_pretrained` (it prints the digest).
-MODELS: dict[str, Pretrained] = {}
+MODELS: dict[str, Pretrained] = {
+    "fashion_mnist_vp": Pretrained(
+        file="fashion_mnist_vp.npz",
+        sha256="3439b651ff5326c6291c37849f02fa04f17d9f15834c2310456167e966eed330",
+        config="configs/fashion_mnist_vp.py", step=12750,
+        description="VP SDE, v-prediction DDPM++ (317k parameters), 12,750 steps of batch 64, "
+                    "EMA 0.999; 148 min wall on one simulated CPU device, niced, beside the "
+                    "RF run and other work on 2 cores"),
+    "fashion_mnist_rf": Pretrained(
+        file="fashion_mnist_rf.npz",
+        sha256="9263b5150926f3cb0fb99ff6010376d9ad54b30d5cdabf44c09df52a48938018",
+        config="configs/fashion_mnist_rf.py", step=12750,
+        description="rectified flow, velocity DDPM++ (317k parameters), flow-matching loss at "
+                    "logit-normal times, 12,750 steps of batch 64, EMA 0.999; 148 min wall on "
+                    "one simulated CPU device, niced, beside the VP run and other work"),
+}
 
 
 def sha256_of_file(path: str) -> str:
