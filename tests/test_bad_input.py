@@ -126,13 +126,14 @@ ROWS = [
      "Unknown config.optim.optimizer 'SGD'"),
     ("batch_indivisible", "train", {"training.batch_size": 3}, {}, "new",
      "config.training.batch_size=3 is not divisible by the number of devices (2)"),
-    ("image_size", "train", {"data.image_size": 9}, {}, "new", "config.data.image_size=9"),
+    ("image_size", "train", {"data.image_size": 9, "model.ch_mult": (1, 2)}, {}, "new",
+     "config.data.image_size=9"),
     ("attn", "train", {"model.attn_resolutions": (16,)}, {}, "new",
      "config.model.attn_resolutions [16]"),
     ("jitted_steps", "train", {"training.n_jitted_steps": 4}, {}, "new",
      "config.training.snapshot_freq=6 must be a multiple of"),
     ("missing_data", "train", {"data.dataset": "cifar10", "data.image_size": 32,
-                               "data.num_channels": 3, "model.attn_resolutions": (16,)},
+                               "data.num_channels": 3},
      {}, "new", "cifar10"),
     ("sample_step_missing", "sample", {}, {"step": 5}, "run", "available steps: [2, 4]"),
     ("mode", "bogus", {}, {}, "new", "Unknown --mode 'bogus'"),
@@ -468,7 +469,7 @@ def test_eval_config_is_the_runs_with_overrides_on_top(run_dir):
   given = tiny_config(**{"model.nf": 16, "training.n_iters": 99, "sampling.method": "ddim"})
   config = experiment.config_for_run(given, run_dir, overrides=["sampling.method"])
   assert config.model.nf == 8 and config.training.n_iters == 6  # the run's
-  assert config.sampling.method == "ddim" and tuple(config.model.ch_mult) == (1, 2)
+  assert config.sampling.method == "ddim" and tuple(config.model.ch_mult) == (1,)
   with pytest.raises(ValueError, match=r"model\.nf \(run: 8, given: 16\)"):
     experiment.config_for_run(given, run_dir, overrides=["sampling.method", "model.nf"])
   allowed = experiment.config_for_run(given, run_dir, overrides=["model.nf"], allow_change=True)

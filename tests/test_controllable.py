@@ -19,7 +19,10 @@ from score_sde import sde as sde_lib
 from score_sde.models.classifier import NoiseConditionalClassifier
 from tests.test_train import tiny_config
 
-CLASSIFIER_TINY = {"classifier.nf": 8, "classifier.ch_mult": (1, 2), "classifier.batch_size": 4,
+# A one-resolution classifier, as the score network of tiny_config (its training, guidance
+# and checkpoint plumbing do not depend on the depth; test_classifier_shapes_and_log_probs
+# builds a two-resolution one).
+CLASSIFIER_TINY = {"classifier.nf": 8, "classifier.ch_mult": (1,), "classifier.batch_size": 4,
                    "classifier.n_iters": 2, "classifier.snapshot_freq": 2}
 
 

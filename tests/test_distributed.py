@@ -2,10 +2,11 @@
 a tiny config with `--distributed` and must reach the parameters of one process with two
 devices over the same global batch.
 
-The one process with two devices is this test process (tests/conftest.py gives it two CPU
-devices): it trains in-process, through the function `--mode=train` calls, instead of in a
-third command-line run, and loads its programs from the compilation cache when the tiny run of
-tests/test_train.py compiled them first (same network, optimizer and batch)."""
+The one process with two devices is the shared tiny run of tests/test_train.py (`trained`:
+`train.train` in a pytest process, which tests/conftest.py gives two CPU devices, as
+`--mode=train` runs it), read at its step-4 checkpoint: the two processes train the same
+config for 4 steps (the learning rate, the data and the keys depend on the step, not on
+`training.n_iters`), so no third training is needed."""
 
 import os
 import socket
@@ -16,43 +17,26 @@ import jax
 import numpy as np
 import pytest
 
-from configs import fashion_mnist_vp
-from score_sde import main as main_lib
 from score_sde.run import programs
+from test_train import REPO, cli_flags, params_of, tiny_config, trained  # noqa: F401 (a fixture)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-OVERRIDES = {
-    "data.dataset": "synthetic", "data.image_size": 8, "model.ch_mult": "1,2",
-    "model.attn_resolutions": "4", "model.nf": 8, "training.batch_size": 4,
-    "eval.batch_size": 4, "sampling.batch_size": 2, "sampling.steps": 3,
-    "training.n_iters": 4, "training.snapshot_freq": 4,
-    "training.snapshot_freq_for_preemption": 4, "training.eval_freq": 2,
-    "training.log_freq": 2, "optim.warmup": 2, "training.snapshot_sampling": False,
-}
-
-
-def _config():
-  config = fashion_mnist_vp.get_config("tiny")
-  for path, value in OVERRIDES.items():
-    section, field = path.split(".")
-    if field in ("ch_mult", "attn_resolutions"):
-      value = tuple(int(v) for v in value.split(","))
-    config[section][field] = value
-  return config
+# The tiny run's config, stopped at step 4 (its checkpoints 2 and 4), without the snapshot
+# samples (snapshot_freq=6 is not reached).
+OVERRIDES = {"training.n_iters": 4, "training.snapshot_sampling": False}
 
 
 def _command(workdir: str) -> list[str]:
   return [sys.executable, "-m", "score_sde.main", "--config=configs/fashion_mnist_vp.py:tiny",
-          f"--workdir={workdir}", "--mode=train",
-          *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
+          f"--workdir={workdir}", "--mode=train", *cli_flags(**OVERRIDES)]
 
 
 def _env(devices: int) -> dict:
-  # XLA's optimization level as in this process (tests/conftest.py): it halves compile times.
+  # XLA's flags as in this process (tests/conftest.py), but for the device count: they halve
+  # compile times. No persistent cache: both processes compile their collectives at once.
   return dict(os.environ, JAX_PLATFORMS="cpu", SCORE_SDE_CACHE_DIR="",
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-                        "--xla_backend_optimization_level=0")
+                        "--xla_backend_optimization_level=0 "
+                        "--xla_cpu_use_fusion_emitters=false")
 
 
 def _free_port() -> int:
@@ -62,10 +46,10 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
-  single, multi = str(tmp_path / "one_process"), str(tmp_path / "two_processes")
+def test_two_processes_train_like_one_process_with_two_devices(trained, tmp_path):
+  multi = str(tmp_path / "two_processes")
   assert jax.process_count() == 1 and jax.device_count() == 2
-  assert main_lib.execute(_config(), single, "train") == 0
+  reference, step_1 = params_of(trained[0], step=4)  # one process, two devices
 
   port = _free_port()
   env = dict(_env(1), JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}")
@@ -82,12 +66,9 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
   for p, (_, err) in zip(procs, results):
     assert p.returncode == 0, err[-3000:]
 
-  config = _config()
-  first, second = programs.restore_run(config, single), programs.restore_run(config, multi)
-  reference, step_1 = first.state, first.step
-  distributed, step_2 = second.state, second.step
-  assert step_1 == step_2 == 4
-  ref, dist = jax.device_get((reference.params, distributed.params))
-  for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(dist),
+  second = programs.restore_run(tiny_config(**OVERRIDES), multi)
+  assert step_1 == second.step == 4
+  dist = jax.device_get(second.state.params)
+  for a, b in zip(jax.tree_util.tree_leaves(reference), jax.tree_util.tree_leaves(dist),
                   strict=True):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)

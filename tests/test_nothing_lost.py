@@ -474,7 +474,7 @@ def test_idx_files_of_another_size_or_cut_short(tmp_path, capsys):
     _idx(tmp_path / f"{prefix}-images-idx3-ubyte", np.zeros((4, 32, 32)))
     _idx(tmp_path / f"{prefix}-labels-idx1-ubyte", np.zeros((4,)))
   config = tiny_config(**{"data.dataset": "fashion_mnist", "data.data_dir": str(tmp_path),
-                          "data.image_size": 28, "model.attn_resolutions": (14,)})
+                          "data.image_size": 28})
   before = snapshot(str(tmp_path))
   status, line, compiles = execute(capsys, config, str(tmp_path / "run"), "train")
   assert status == 2 and compiles == 0, line
