@@ -5,6 +5,7 @@ The reference model is the fixture `shared/fixtures/autoencoder_kl/vae_tiny_1ch`
 folder with random weights and its float64 outputs; see its README).
 """
 
+import functools
 import json
 import os
 import pickle
@@ -175,15 +176,25 @@ def _leaves(tree):
   return jax.tree_util.tree_leaves(jax.tree_util.tree_map(np.asarray, tree))
 
 
+# The phase-1 settings of `trained_ae` and of the one-step check (a discriminator from step 2,
+# an EMA rate whose update shows in float32).
+AE_SETTINGS = dict(disc_weight=0.5, disc_start=2, ema_rate=0.9)
+
+
 def test_autoencoder_step_against_a_direct_computation():
   """One phase-1 step with the discriminator on: the logged terms equal a direct computation
   (per-example L1 sum and closed-form KL of the same posterior draw, the hinge terms, LDM's
   adaptive weight from the two last-layer gradients), and the EMA is rate * old + (1 - rate)
   * new."""
-  config = tiny_config(disc_weight=0.5, disc_start=0, ema_rate=0.9)
+  # The settings of `trained_ae`, so that both use one compiled step (`make_train_step`
+  # gives equal specs the same function); the step is taken at disc_start.
+  config = tiny_config(**AE_SETTINGS)
   spec = autoencoder_training.ae_spec(config)
-  state = autoencoder_training.init_state(jax.random.PRNGKey(0), spec)
-  x01 = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (4, 16, 16, 1)))
+  state = jax.jit(functools.partial(autoencoder_training.init_state, spec=spec))(
+      jax.random.PRNGKey(0))
+  start = AE_SETTINGS["disc_start"]
+  state = state.replace(step=jax.numpy.asarray(start, jax.numpy.int32))
+  x01 = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (8, 16, 16, 1)))
   base_key = jax.random.PRNGKey(2)
   before = jax.tree_util.tree_map(np.array, state)
   new, metrics = autoencoder_training.make_train_step(spec)(state, base_key, x01)
@@ -191,35 +202,44 @@ def test_autoencoder_step_against_a_direct_computation():
 
   module, disc = spec.module, spec.discriminator
   x = x01 * 2 - 1
-  k_post = jax.random.split(jax.random.fold_in(base_key, 0))[0]
-  mean, logvar = module.apply({"params": before.params}, x, method=module.encode)
+  k_post = jax.random.split(jax.random.fold_in(base_key, start))[0]
+  # The direct computation, compiled as two programs (the posterior; then the decoding, the
+  # discriminator's logits and the two last-layer gradients) instead of op by op.
+  encode = jax.jit(lambda p, x: module.apply({"params": p}, x, method=module.encode))
+  mean, logvar = encode(before.params, x)
   mean, logvar = np.asarray(mean, np.float64), np.asarray(logvar, np.float64)
   noise = np.asarray(jax.random.normal(k_post, mean.shape))
   z = mean + np.exp(0.5 * logvar) * noise
-  x_hat = np.asarray(module.apply({"params": before.params}, z.astype(np.float32),
-                                  method=module.decode), np.float64)
+
+  @jax.jit
+  def rest(params, disc_params, x, z):
+    x_hat = module.apply({"params": params}, z, method=module.decode)
+    logits = [disc.apply({"params": disc_params}, v) for v in (x, x_hat)]
+
+    def last_grad(term):
+      grads = jax.grad(lambda p: autoencoder_training.losses(
+          spec, p, disc_params, k_post, x, jax.numpy.int32(0))[term])(params)
+      return grads["decoder"]["conv_out"]["kernel"]
+    return x_hat, logits, last_grad("rec"), last_grad("g")
+
+  x_hat, (real, fake), grad_rec, grad_g = jax.tree_util.tree_map(
+      lambda a: np.asarray(a, np.float64),
+      rest(before.params, before.disc_params, x, z.astype(np.float32)))
   rec = np.mean(np.sum(np.abs(x - x_hat), axis=(1, 2, 3)))
   kl = np.mean(0.5 * np.sum(mean ** 2 + np.exp(logvar) - 1 - logvar, axis=(1, 2, 3)))
   np.testing.assert_allclose(m["rec"], rec, rtol=1e-5)
   np.testing.assert_allclose(m["kl"], kl, rtol=1e-4)
-  real = np.asarray(disc.apply({"params": before.disc_params}, x), np.float64)
-  fake = np.asarray(disc.apply({"params": before.disc_params}, x_hat.astype(np.float32)),
-                    np.float64)
   np.testing.assert_allclose(m["g"], -fake.mean(), rtol=1e-4, atol=1e-6)
   hinge = 0.5 * (np.maximum(1 - real, 0).mean() + np.maximum(1 + fake, 0).mean())
   np.testing.assert_allclose(m["disc_loss"], hinge, rtol=1e-4)
-
-  def last_grad(term):
-    grads = jax.grad(lambda p: autoencoder_training.losses(
-        spec, p, before.disc_params, k_post, x, jax.numpy.int32(0))[term])(before.params)
-    return np.asarray(grads["decoder"]["conv_out"]["kernel"], np.float64)
-  ratio = np.linalg.norm(last_grad("rec")) / (np.linalg.norm(last_grad("g")) + 1e-4)
+  ratio = np.linalg.norm(grad_rec) / (np.linalg.norm(grad_g) + 1e-4)
   np.testing.assert_allclose(m["d_weight"], 0.5 * min(ratio, 1e4), rtol=1e-4)
   np.testing.assert_allclose(m["loss"], rec + 1e-6 * kl + m["d_weight"] * m["g"], rtol=1e-5)
-  assert int(new.step) == 1
+  assert int(new.step) == start + 1
   for e0, p1, e1 in zip(_leaves(before.ema_params), _leaves(new.params),
                         _leaves(new.ema_params)):
-    np.testing.assert_allclose(e1, 0.9 * e0 + 0.1 * p1, rtol=1e-5, atol=1e-7)
+    rate = AE_SETTINGS["ema_rate"]
+    np.testing.assert_allclose(e1, rate * e0 + (1 - rate) * p1, rtol=1e-5, atol=1e-7)
   assert any(np.any(a != b) for a, b in zip(_leaves(before.disc_params),
                                             _leaves(new.disc_params)))
 
@@ -228,7 +248,7 @@ def test_autoencoder_step_against_a_direct_computation():
 def trained_ae(tmp_path_factory):
   """A tiny phase-1 run (4 steps, discriminator from step 2), through the CLI's `run`."""
   workdir = tmp_path_factory.mktemp("trained_ae")
-  config = tiny_config(disc_weight=0.5, disc_start=2)
+  config = tiny_config(**AE_SETTINGS)
   assert main.run(config, str(workdir), "train_autoencoder") == {"step": 4}
   return workdir, config
 
@@ -285,10 +305,12 @@ def test_train_autoencoder_bad_config(tmp_path):
 
 
 def latent_config(ae_workdir, **data):
-  """A tiny DDPM++ on the 8x8x4 latents of the 16x16x1 images."""
+  """A tiny DDPM++ on the 8x8x4 latents of the 16x16x1 images: one resolution, no attention
+  (what these runs check does not depend on the network; the U-Net's resolutions and its
+  attention have their own tests in test_models.py and test_train.py)."""
   config = tiny_config()
   config.data.update(latent=str(ae_workdir), **data)
-  config.model.update(ch_mult=(1, 2), attn_resolutions=(4,))
+  config.model.update(ch_mult=(1,), attn_resolutions=())
   config.training.update(n_iters=2, snapshot_freq=2, snapshot_freq_for_preemption=2,
                          eval_freq=2)
   config.sampling.update(method="ddim", steps=3)

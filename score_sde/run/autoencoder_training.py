@@ -22,6 +22,7 @@ losses and the reconstruction PSNR of the EMA weights on the test split.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -124,7 +125,7 @@ def check_autoencoder_config(config: ml_collections.ConfigDict, mesh: Mesh) -> N
 
 def ae_spec(config: ml_collections.ConfigDict) -> AESpec:
   a = config.autoencoder
-  adam = lambda lr: optax.adam(float(lr), b1=float(a.beta1), b2=float(a.beta2))  # noqa: E731
+  adam = lambda lr: _adam(float(lr), float(a.beta1), float(a.beta2))  # noqa: E731
   disc = None
   if float(a.disc_weight) > 0:
     disc = ae_lib.PatchDiscriminator(nf=int(a.disc_nf), n_layers=int(a.disc_layers),
@@ -136,6 +137,13 @@ def ae_spec(config: ml_collections.ConfigDict) -> AESpec:
                 reconstruction=str(a.reconstruction), kl_weight=float(a.kl_weight),
                 disc_weight=float(a.disc_weight), disc_start=int(a.disc_start),
                 ema_rate=float(a.ema_rate))
+
+
+@functools.lru_cache(maxsize=16)
+def _adam(lr: float, b1: float, b2: float) -> optax.GradientTransformation:
+  """One (stateless) Adam transformation per setting, so that the specs of equal configs are
+  equal and their compiled programs are shared (`make_train_step`)."""
+  return optax.adam(lr, b1=b1, b2=b2)
 
 
 def training_record(config: ml_collections.ConfigDict) -> dict:
@@ -210,8 +218,17 @@ def make_train_step(spec: AESpec, *, mesh: Mesh | None = None) -> Callable:
   """`step_fn(state, base_key, images [B, H, W, C] in [0, 1]) -> (state, metrics)`, compiled
   once with the batch sharded over the mesh's `"batch"` axis and the state replicated (XLA
   all-reduces the gradients), the input state donated. `metrics`: `loss`, `rec`, `kl`, `g`,
-  `d_weight`, `disc_loss`, `logits_real`, `logits_fake`."""
+  `d_weight`, `disc_loss`, `logits_real`, `logits_fake`. Equal specs on the same mesh get the
+  same function (traced and compiled once per process)."""
   mesh = parallel.make_mesh() if mesh is None else mesh
+  return _compiled_train_step(spec, mesh)
+
+
+# One compiled program per (spec, mesh) in a process: a run resumed in the same process (or a
+# second run of the same settings) reuses the traced and compiled step instead of tracing it
+# again. Specs of equal configs are equal (`ae_spec`), meshes of the same devices too.
+@functools.lru_cache(maxsize=4)
+def _compiled_train_step(spec: AESpec, mesh: Mesh) -> Callable:
   module, disc = spec.module, spec.discriminator
 
   def step_fn(state: AETrainState, base_key: Array, images01: Array):
@@ -265,9 +282,11 @@ def make_train_step(spec: AESpec, *, mesh: Mesh | None = None) -> Callable:
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
+@functools.lru_cache(maxsize=4)
 def make_reconstruct_fn(module: ae_lib.AutoencoderKL, mesh: Mesh) -> Callable:
   """`(params, images [B, H, W, C] in [0, 1]) -> (reconstructions in [0, 1] through the
-  posterior mean, per-image PSNR [B] in dB, data range 1)`, batch sharded."""
+  posterior mean, per-image PSNR [B] in dB, data range 1)`, batch sharded; one compiled
+  function per (module, mesh) in a process."""
   def fn(params, images01):
     x_hat = module.apply({"params": params}, images01 * 2.0 - 1.0)[0]
     x_hat = jnp.clip((x_hat + 1.0) / 2.0, 0.0, 1.0)
@@ -292,6 +311,11 @@ def test_psnr(reconstruct: Callable, params: Any, data, limit: int, mesh: Mesh
     if first is None:
       first = (np.asarray(batch["image"]), np.asarray(x_hat))
   return float(np.mean(np.concatenate(values))), first[0], first[1]
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_init(spec: AESpec, sharding: NamedSharding) -> Callable:
+  return jax.jit(functools.partial(init_state, spec=spec), out_shardings=sharding)
 
 
 def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, *,
@@ -332,7 +356,7 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, *,
     manager.close()
     raise
   if restored is None:
-    state = jax.jit(lambda k: init_state(k, spec), out_shardings=replicated)(init_key)
+    state = _compiled_init(spec, replicated)(init_key)
   else:
     state, _ = restored
     logging.info("Resuming the autoencoder from step %d in %s", int(state.step), directory)
