@@ -179,8 +179,9 @@ def _leaves(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
           for path, leaf in flat}
 
 
-def _saved_leaves(directory: str, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
-  """The arrays checkpoint `step` holds, from its metadata (raises if unreadable)."""
+def _saved_tree(directory: str, step: int) -> Any:
+  """The metadata tree of checkpoint `step` (`ocp.metadata.ArrayMetadata` leaves; raises if
+  unreadable)."""
   handler = ocp.StandardCheckpointHandler()
   try:
     metadata = handler.metadata(pathlib.Path(directory, str(step), "default"))
@@ -189,7 +190,12 @@ def _saved_leaves(directory: str, step: int) -> dict[str, tuple[tuple[int, ...],
   tree = getattr(metadata, "tree", metadata)
   if not tree:
     raise ValueError("its metadata cannot be read")
-  return _leaves(tree)
+  return tree
+
+
+def _saved_leaves(directory: str, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
+  """The arrays checkpoint `step` holds, from its metadata (raises if unreadable)."""
+  return _leaves(_saved_tree(directory, step))
 
 
 def _check_fits(saved: dict, expected: dict, step: int, directory: str) -> None:
@@ -299,10 +305,15 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
   return None if restored is None else restored[:2]
 
 
-def restore_as_saved(manager: ocp.CheckpointManager, step: int | None = None
-                     ) -> tuple[Any, int] | None:
+def restore_as_saved(manager: ocp.CheckpointManager, step: int | None = None, *,
+                     sharding: jax.sharding.Sharding | None = None) -> tuple[Any, int] | None:
   """Checkpoint `step` (None: the latest) as it was saved (nested dicts of arrays, no target
   structure needed), or None when there is none.
+
+  Every array is placed by `sharding` (default: the first local device), never by the
+  sharding it was saved with: that names the devices of the machine that wrote it, and orbax
+  refuses it ("Topology mismatch") where those devices are not, e.g. a checkpoint written on
+  2 devices restored on 1. (`restore` places arrays by its target's shardings.)
 
   Raises:
     FileNotFoundError: `step` is not there (the message lists those that are).
@@ -315,7 +326,13 @@ def restore_as_saved(manager: ocp.CheckpointManager, step: int | None = None
   elif step not in available:
     raise FileNotFoundError(f"No checkpoint for step {step} in {os.fspath(manager.directory)}; "
                             f"available steps: {available or 'none'}")
-  return manager.restore(int(step), args=ocp.args.StandardRestore()), int(step)
+  if sharding is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree_util.tree_map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+      if isinstance(leaf, ocp.metadata.ArrayMetadata) else leaf,
+      _saved_tree(os.fspath(manager.directory), int(step)))
+  return manager.restore(int(step), args=ocp.args.StandardRestore(target)), int(step)
 
 
 SET_ASIDE_DIR = "checkpoints_set_aside"

@@ -30,6 +30,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from score_sde.io import autoencoder_files, checkpoints, files
 from score_sde.io import workdir as workdir_lib
@@ -157,12 +158,21 @@ def _check_params(params: Any, module: ae_lib.AutoencoderKL, where: str) -> None
                       error=CheckpointMismatchError)
 
 
-def _load_workdir(directory: str, step: int | None, ema: bool) -> Autoencoder:
+def _placement(mesh: Mesh | None) -> jax.sharding.Sharding:
+  """Where an autoencoder's weights go: replicated over `mesh`, or the first local device."""
+  if mesh is None:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return NamedSharding(mesh, P())
+
+
+def _load_workdir(directory: str, step: int | None, ema: bool, mesh: Mesh | None
+                  ) -> Autoencoder:
   record = read_record(directory)
   where = os.path.join(directory, RECORD_FILE)
   module = ae_lib.autoencoder_from_config(record["config"], where=where)
   with checkpoints.get_manager(directory, read_only=True) as manager:
-    restored = checkpoints.restore_as_saved(manager, step)
+    # Placed here, not as saved: a phase-1 run trained on 2 devices restores on 1.
+    restored = checkpoints.restore_as_saved(manager, step, sharding=_placement(mesh))
   if restored is None:
     raise FileNotFoundError(f"No checkpoint in {checkpoints.checkpoint_dir(directory)}; train "
                             f"the autoencoder first (--mode=train_autoencoder) or import one "
@@ -193,8 +203,8 @@ def _is_diffusers_folder(path: str) -> bool:
   return False
 
 
-def load_autoencoder(path: str | os.PathLike, *, step: int | None = None, ema: bool = True
-                     ) -> Autoencoder:
+def load_autoencoder(path: str | os.PathLike, *, step: int | None = None, ema: bool = True,
+                     mesh: Mesh | None = None) -> Autoencoder:
   """The autoencoder of a workdir (phase 1 or imported) or of a diffusers folder.
 
   Args:
@@ -203,6 +213,8 @@ def load_autoencoder(path: str | os.PathLike, *, step: int | None = None, ema: b
       with `vae/`).
     step: the checkpoint step of a workdir (None: the newest).
     ema: the EMA weights of a phase-1 run (else the raw ones).
+    mesh: the weights are replicated over its devices (None: on the first local device),
+      whatever devices the checkpoint was written on.
 
   Raises:
     FileNotFoundError: no such directory, or no checkpoint in it.
@@ -214,16 +226,16 @@ def load_autoencoder(path: str | os.PathLike, *, step: int | None = None, ema: b
   if not os.path.isdir(path):
     raise FileNotFoundError(f"No autoencoder directory {path}")
   if os.path.isfile(os.path.join(path, AUTOENCODER_DIR, RECORD_FILE)):
-    return _load_workdir(os.path.join(path, AUTOENCODER_DIR), step, ema)
+    return _load_workdir(os.path.join(path, AUTOENCODER_DIR), step, ema, mesh)
   if os.path.isfile(os.path.join(path, RECORD_FILE)):
-    return _load_workdir(path, step, ema)
+    return _load_workdir(path, step, ema, mesh)
   if _is_diffusers_folder(path):
     config, state = autoencoder_files.read_diffusers_folder(path)
     where = path if os.path.isfile(os.path.join(path, "config.json")) else os.path.join(
         path, "vae")
     module = ae_lib.autoencoder_from_config(config, where=os.path.join(where, "config.json"))
     params = ae_lib.params_from_diffusers(state, module, where=where)
-    return Autoencoder(module, jax.tree_util.tree_map(jnp.asarray, params), source=path)
+    return Autoencoder(module, jax.device_put(params, _placement(mesh)), source=path)
   raise ValueError(
       f"{path} is not an autoencoder: expected {os.path.join(path, AUTOENCODER_DIR, RECORD_FILE)}"
       f" (a workdir of --mode=train_autoencoder or of scripts/import_checkpoint.py "

@@ -23,7 +23,7 @@ from score_sde import guidance
 from score_sde.checks import check_choice
 from score_sde.io import datasets, files, images, parallel
 from score_sde.io import workdir as workdir_lib
-from score_sde.run import classifier, experiment, keys, networks, programs
+from score_sde.run import classifier, experiment, keys, latent, networks, programs
 
 TASKS = ("inpaint", "colorize")
 MASKS = ("left_half", "right_half", "top_half", "bottom_half", "center", "checkerboard")
@@ -33,12 +33,24 @@ def check_guidance(config: ml_collections.ConfigDict, workdir: str) -> None:
   """`experiment.check_guidance_config`, and for classifier guidance that `workdir` holds a
   classifier trained for the config's data (before anything compiles).
 
+  Classifier-free guidance works on a latent run as on pixels (the conditional network's
+  latents, decoded); classifier guidance does not: its classifier is trained on noised pixels
+  (`--mode=train_classifier`), not on the run's latents.
+
   Raises:
-    ValueError: as `check_guidance_config`, or a classifier for other data.
+    ValueError: as `check_guidance_config`, a classifier for other data, or classifier
+      guidance on a latent run.
     FileNotFoundError: classifier guidance without a trained classifier in `workdir`.
   """
   experiment.check_guidance_config(config)
   if experiment.guidance_settings(config)[0] == "classifier":
+    path = latent.latent_path(config)
+    if path is not None:
+      raise ValueError(
+          f"config.sampling.guidance='classifier' needs a pixel-space run: the classifier "
+          f"(--mode=train_classifier) is trained on noised images, and this run's data are "
+          f"latents (autoencoder config.data.latent={path}); use guidance='cfg' with a "
+          f"class-conditional model (config.model.num_classes > 0)")
     classifier.check_checkpoint(config, workdir)
 
 
@@ -174,10 +186,17 @@ def complete_test_images(config: ml_collections.ConfigDict, workdir: str, task: 
 
   Raises:
     ValueError / FileNotFoundError: unknown task / mask, a mask of another shape, colorizing
-      one-channel images, a missing checkpoint (all before compiling).
+      one-channel images, a latent run, a missing checkpoint (all before compiling).
   """
   if task not in TASKS:
     raise ValueError(f"Unknown task {task!r}; valid: {TASKS}")
+  path = latent.latent_path(config)
+  if path is not None:
+    # The known pixels constrain the sampler's state in data space; a latent run samples
+    # latents, whose entries are not pixels (no mask of latent entries keeps them).
+    raise ValueError(f"{'inpainting' if task == 'inpaint' else 'colorization'} needs a "
+                     f"pixel-space run; this run's data are latent (autoencoder "
+                     f"config.data.latent={path})")
   shape = networks.image_shape(config)
   if task == "colorize" and shape[-1] != 3:
     raise ValueError(f"colorize needs RGB images, config.data.num_channels="

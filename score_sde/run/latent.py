@@ -271,7 +271,7 @@ def latent_space(config: ml_collections.ConfigDict, workdir: str | None, *,
     return None
   check_latent_config(config)
   d = config.data
-  ae = autoencoder_run.load_autoencoder(path)
+  ae = autoencoder_run.load_autoencoder(path, mesh=mesh)
   sample = d.get("latent_sample", "mean") == "sample"
   scaling = scaling_of(config)
   image_shape = pixel_shape(config)
