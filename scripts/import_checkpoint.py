@@ -30,9 +30,14 @@ folder's config.json or is inferred from the LDM state dict's shapes):
         --workdir=runs/sd_vae
     python scripts/import_checkpoint.py --format=ldm_vae \\
         --checkpoint=vae-ft-mse-840000-ema-pruned.ckpt --workdir=runs/sd_vae
+    python scripts/import_checkpoint.py --format=ldm_vae --checkpoint=v1-5-pruned-emaonly.ckpt \
+        --yaml=v1-inference.yaml --workdir=runs/sd_vae
 
 write `runs/sd_vae/autoencoder/`, which `score_sde.run.load_autoencoder` and
-`--config.data.latent=runs/sd_vae` read.
+`--config.data.latent=runs/sd_vae` read. `--yaml` (ldm_vae only) takes the SD / LDM YAML of
+the checkpoint (a full config, `model.params.first_stage_config`, or a first-stage config):
+the architecture is then its `ddconfig` / `embed_dim`, checked against the weights' shapes,
+and the latent scale its `model.params.scale_factor` (without it: SD's 0.18215).
 """
 
 from __future__ import annotations
@@ -54,11 +59,14 @@ flags.DEFINE_string("checkpoint", None, "The checkpoint: a score_sde_pytorch .pt
 flags.DEFINE_string("format", "score_sde", "What the checkpoint is: "
                     f"{' | '.join(reference.FORMATS)}.")
 flags.DEFINE_string("workdir", None, "The run directory to write the checkpoint into.")
+flags.DEFINE_string("yaml", None, "--format=ldm_vae: the checkpoint's Stable Diffusion / LDM "
+                    "YAML (architecture and scale_factor from it, checked against the weights).")
 flags.DEFINE_bool("overwrite", False, "Import into a workdir that has checkpoints or another "
                   "config.json (the old ones are set aside, never deleted).")
 flags.mark_flags_as_required(["checkpoint", "workdir"])
 cli.check_flag("format", cli.choice(reference.FORMATS))
 cli.check_flag("checkpoint", cli.existing_file)
+cli.check_flag("yaml", cli.existing_file)
 
 
 def main(argv) -> None:
@@ -67,7 +75,8 @@ def main(argv) -> None:
 
   def work():
     info = reference.import_any(FLAGS.format, FLAGS.checkpoint, FLAGS.workdir,
-                                config=FLAGS.config, overwrite=FLAGS.overwrite)
+                                config=FLAGS.config, overwrite=FLAGS.overwrite,
+                                yaml_path=FLAGS.yaml)
     if "autoencoder" in info:
       print(f"imported {FLAGS.format} into {info['autoencoder']} (scaling_factor "
             f"{info['scaling_factor']})")

@@ -993,7 +993,14 @@ def _check_finite(state_dict: dict, where: str, what: str) -> None:
 # --- every format of scripts/import_checkpoint.py ----------------------------------------------
 
 
-def _import_score_sde(checkpoint, workdir, *, config, overwrite: bool) -> dict:
+def _no_yaml(format: str, yaml_path) -> None:
+  if yaml_path is not None:
+    raise ValueError(f"--yaml is an LDM / Stable Diffusion YAML of --format=ldm_vae; "
+                     f"--format={format} takes none")
+
+
+def _import_score_sde(checkpoint, workdir, *, config, overwrite: bool, yaml_path) -> dict:
+  _no_yaml("score_sde", yaml_path)
   if config is None:
     raise ValueError("--format=score_sde needs --config (the experiment whose network the "
                      "checkpoint holds)")
@@ -1001,7 +1008,8 @@ def _import_score_sde(checkpoint, workdir, *, config, overwrite: bool) -> dict:
   return dict(format="score_sde", step=step)
 
 
-def _import_dit(checkpoint, workdir, *, config, overwrite: bool) -> dict:
+def _import_dit(checkpoint, workdir, *, config, overwrite: bool, yaml_path) -> dict:
+  _no_yaml("dit", yaml_path)
   if config is None:
     raise ValueError("--format=dit needs --config (a DiT config, e.g. "
                      "configs/imagenet256_dit.py:XL/2)")
@@ -1009,17 +1017,20 @@ def _import_dit(checkpoint, workdir, *, config, overwrite: bool) -> dict:
   return dict(format="dit", step=step)
 
 
-def _import_diffusers_vae(checkpoint, workdir, *, config, overwrite: bool) -> dict:
+def _import_diffusers_vae(checkpoint, workdir, *, config, overwrite: bool, yaml_path) -> dict:
   del config  # the architecture is the folder's config.json
+  _no_yaml("diffusers_vae", yaml_path)
   return autoencoder_run.import_diffusers_vae(checkpoint, workdir, overwrite=overwrite)
 
 
-def _import_ldm_vae(checkpoint, workdir, *, config, overwrite: bool) -> dict:
-  del config  # the architecture is inferred from the state dict
-  return autoencoder_run.import_ldm_vae(checkpoint, workdir, overwrite=overwrite)
+def _import_ldm_vae(checkpoint, workdir, *, config, overwrite: bool, yaml_path) -> dict:
+  del config  # the architecture is inferred from the state dict, or is the YAML's
+  return autoencoder_run.import_ldm_vae(checkpoint, workdir, overwrite=overwrite,
+                                        yaml_path=yaml_path)
 
 
-# --format -> importer(checkpoint, workdir, *, config, overwrite) -> dict describing the import.
+# --format -> importer(checkpoint, workdir, *, config, overwrite, yaml_path) -> dict describing
+# the import.
 FORMATS = {
     "score_sde": _import_score_sde,
     "dit": _import_dit,
@@ -1029,14 +1040,24 @@ FORMATS = {
 
 
 def import_any(format: str, checkpoint: str | os.PathLike, workdir: str | os.PathLike, *,
-               config: ml_collections.ConfigDict | None = None, overwrite: bool = False
-               ) -> dict:
+               config: ml_collections.ConfigDict | None = None, overwrite: bool = False,
+               yaml_path: str | os.PathLike | None = None) -> dict:
   """Imports `checkpoint` of `format` (a key of `FORMATS`) into `workdir`.
 
+  Args:
+    format: a key of `FORMATS`.
+    checkpoint: the published checkpoint (file or folder).
+    workdir: the run directory to write.
+    config: the experiment config (`score_sde`, `dit`).
+    overwrite: replace what the workdir holds (set aside, never deleted).
+    yaml_path: an LDM / Stable Diffusion YAML of the checkpoint (`ldm_vae` only).
+
   Raises:
-    ValueError: an unknown format, a missing config, or a checkpoint of another format or
-      size (naming the file, the first mismatching key and both shapes); before compiling.
+    ValueError: an unknown format, a missing config, a YAML for another format, or a
+      checkpoint of another format or size (naming the file, the first mismatching key and
+      both shapes); before compiling.
     FileNotFoundError, FileExistsError: as the format's importer.
   """
   check_choice("--format", format, FORMATS)
-  return FORMATS[format](checkpoint, workdir, config=config, overwrite=overwrite)
+  return FORMATS[format](checkpoint, workdir, config=config, overwrite=overwrite,
+                         yaml_path=yaml_path)
