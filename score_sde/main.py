@@ -108,6 +108,7 @@ def run(config, workdir: str, mode: str, *, step: int | None = None,
   chief = jax.process_index() == 0
   if mode == "train_classifier":  # the noise-conditional classifier of classifier guidance
     from score_sde.run import classifier as classifier_training
+    classifier_training.check_training_config(config)  # a latent config: refused first
     experiment.check_config(config, mode="train")
     with workdir_lib.locked(workdir, mode, enabled=chief):  # one writer per workdir
       state = classifier_training.train_classifier(config, workdir)

@@ -196,6 +196,13 @@ ROWS = [
     ("fid_stats_corrupt", "eval", {"eval.enable_fid": True, "eval.fid_feature_net": "fmnist",
                                    "eval.fid_stats": "CORRUPT"}, {}, "run",
      "is not a statistics file of scripts/reference_stats.py"),
+    # Issue 25: the classifier of classifier guidance is trained on pixels only; refused from
+    # the config alone (the autoencoder named is never looked at).
+    ("classifier_on_latents", "train_classifier", {"data.latent": "/nonexistent/ae"}, {},
+     "new", "--mode=train_classifier needs a pixel-space config: the noise-conditional "
+     "classifier is trained on noised images, for classifier guidance of a pixel-space run, "
+     "and classifier guidance on latents is not supported; this config's data are latents "
+     "(config.data.latent=/nonexistent/ae)"),
 ]
 
 
@@ -232,6 +239,9 @@ SCRIPT_ROWS = [
     ("import_missing_checkpoint", "import_checkpoint.py",
      ["--checkpoint=/nonexistent/ckpt.pth", "--workdir=W"],
      "error: flag --checkpoint=/nonexistent/ckpt.pth: no such file or directory"),
+    ("import_missing_yaml", "import_checkpoint.py",
+     ["--checkpoint=EXISTING", "--workdir=W", "--format=ldm_vae", "--yaml=/nonexistent/v1.yaml"],
+     "error: flag --yaml=/nonexistent/v1.yaml: no such file or directory"),
     ("inpaint_scheme", "inpaint.py", ["--config=configs/fashion_mnist_vp.py", "--workdir=W",
                                       "--scheme=bogus"],
      "error: flag --scheme=bogus: Unknown --scheme 'bogus'; valid: "),

@@ -37,6 +37,7 @@ from score_sde.models.classifier import NoiseConditionalClassifier
 from score_sde.io import checkpoints, datasets, files, parallel
 from score_sde.io.logs import MetricsWriter
 from score_sde.run import experiment, keys
+from score_sde.run import latent as latent_lib
 from score_sde.run import programs
 from score_sde.run.programs import NonFiniteLossError
 
@@ -195,17 +196,38 @@ def _abstract_state(config, model, optimizer, mesh):
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)
 
 
+def check_training_config(config: ml_collections.ConfigDict) -> None:
+  """What `--mode=train_classifier` checks first, from the config alone (no file read):
+  `experiment.check_classifier_config`, and that the run is in pixel space.
+
+  Raises:
+    ValueError: `config.data.latent` is set (classifier guidance on latents is not
+      supported), or a bad `config.classifier` section.
+  """
+  path = latent_lib.latent_path(config)
+  if path is not None:
+    raise ValueError(
+        f"--mode=train_classifier needs a pixel-space config: the noise-conditional "
+        f"classifier is trained on noised images, for classifier guidance of a pixel-space "
+        f"run, and classifier guidance on latents is not supported; this config's data are "
+        f"latents (config.data.latent={path}). Supported: train the classifier with "
+        f"config.data.latent unset and guide a pixel-space run, or on this latent run use "
+        f"config.sampling.guidance='cfg' with a class-conditional model "
+        f"(config.model.num_classes > 0, training.label_dropout > 0)")
+  experiment.check_classifier_config(config)
+
+
 def train_classifier(config: ml_collections.ConfigDict, workdir: str, *,
                      mesh: Mesh | None = None) -> ClassifierState:
   """Trains (or resumes) the noise-conditional classifier until `classifier.n_iters` steps.
 
   Raises:
-    ValueError / FileNotFoundError: bad config, missing data, a dataset without labels or
-      with another number of classes, or an existing classifier for other data (before
-      compiling).
+    ValueError / FileNotFoundError: bad config (`check_training_config`: a latent config is
+      refused), missing data, a dataset without labels or with another number of classes,
+      or an existing classifier for other data (before compiling).
   """
+  check_training_config(config)
   mesh = parallel.make_mesh() if mesh is None else mesh
-  experiment.check_classifier_config(config)
   c = config.classifier
   parallel.check_batch(int(c.batch_size), mesh, "config.classifier.batch_size")
   out_dir = classifier_dir(workdir)
