@@ -24,6 +24,7 @@ from score_sde.io import checkpoints, datasets, logs
 from score_sde.run import experiment, programs, train
 from score_sde import main as main_lib
 from score_sde.io import workdir as workdir_lib
+from test_autoencoder import CASE, fixture_path
 from test_train import REPO, tiny_config
 
 # Programs obtained: backend compilations, and loads from the persistent compilation cache
@@ -196,6 +197,14 @@ ROWS = [
     ("fid_stats_corrupt", "eval", {"eval.enable_fid": True, "eval.fid_feature_net": "fmnist",
                                    "eval.fid_stats": "CORRUPT"}, {}, "run",
      "is not a statistics file of scripts/reference_stats.py"),
+    # Issue 25, bad latent pointers: not an autoencoder ("NOT_AE": an empty directory), no
+    # such directory, and the fixture autoencoder (16x16x1 in) given 3-channel images.
+    ("latent_not_ae", "train", {"data.latent": "NOT_AE"}, {}, "new",
+     "not_ae is not an autoencoder: expected"),
+    ("latent_missing", "train", {"data.latent": "/nonexistent/ae"}, {}, "new",
+     "config.data.latent=/nonexistent/ae: no such autoencoder directory"),
+    ("latent_channels", "train", {"data.latent": "FIXTURE_AE", "data.num_channels": 3}, {},
+     "new", "does not fit the autoencoder config.data.latent="),
     # Issue 25: the classifier of classifier guidance is trained on pixels only; refused from
     # the config alone (the autoencoder named is never looked at).
     ("classifier_on_latents", "train_classifier", {"data.latent": "/nonexistent/ae"}, {},
@@ -217,6 +226,11 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(
   if overrides.get("eval.fid_stats") == "CORRUPT":
     overrides = {**overrides, "eval.fid_stats": str(tmp_path / "stats.npz")}
     open(overrides["eval.fid_stats"], "wb").write(b"PK\x03\x04 cut short")
+  if overrides.get("data.latent") == "NOT_AE":
+    os.makedirs(tmp_path / "not_ae")
+    overrides = {**overrides, "data.latent": str(tmp_path / "not_ae")}
+  if overrides.get("data.latent") == "FIXTURE_AE":
+    overrides = {**overrides, "data.latent": str(fixture_path(CASE))}
   seed = overrides.get("seed")
   overrides = {k: v for k, v in overrides.items() if k != "seed"}
   config = tiny_config(**{"data.tfds_data_dir": str(tmp_path / "tfds"), **overrides})
