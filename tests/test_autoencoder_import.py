@@ -6,6 +6,7 @@ block_out_channels (32, 64), one resnet per level, 16 GroupNorm groups) renamed 
 layout by the test's own renaming (`test_autoencoder._diffusers_to_ldm`).
 """
 
+import copy
 import json
 import os
 import re
@@ -234,3 +235,14 @@ def test_import_script_takes_a_yaml(ldm_checkpoint, tmp_path):
   assert bad.returncode == 2, bad.stderr
   lines = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
   assert len(lines) == 1 and "ddconfig.ch_mult is [1, 2, 4]" in lines[0], bad.stderr
+
+
+def test_yaml_target_of_a_first_stage_config(ldm_checkpoint, tmp_path):
+  """The `target` check names the key where it is in each layout of a first-stage config."""
+  stage = copy.deepcopy(full_config()["model"]["params"]["first_stage_config"])
+  stage["target"] = "ldm.models.autoencoder.VQModelInterface"
+  for data, key in (({"model": stage}, "model.target"), (stage, "target")):
+    path = write_yaml(tmp_path / "vq.yaml", data)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: {key} is 'ldm.models.autoencoder."
+                                                   f"VQModelInterface'; supported: (")):
+      ae_run.read_ldm_yaml(path)

@@ -383,28 +383,28 @@ def _first_stage(data: Any, path: str) -> tuple[Mapping, str, Mapping | None]:
   """`(first-stage params, their section, model.params of a full config or None)`."""
   def mapping(value):
     return value if isinstance(value, Mapping) else {}
-  model = mapping(mapping(data).get("model"))
+  top = mapping(data)
+  model = mapping(top.get("model"))
   model_params = mapping(model.get("params"))
-  candidates = []  # (node with target / params, section of its params, full model params)
+  # (the node with `target` and `params`, where its params are, a full config's model.params)
   if "first_stage_config" in model_params:
-    candidates.append((mapping(model_params["first_stage_config"]),
-                       "model.params.first_stage_config.params", model_params))
+    node, section, full = (mapping(model_params["first_stage_config"]),
+                           "model.params.first_stage_config.params", model_params)
   elif "ddconfig" in model_params:  # an LDM first-stage config (models/first_stage_models/)
-    candidates.append((model, "model.params", None))
-  elif "ddconfig" in mapping(mapping(data).get("params")):
-    candidates.append((mapping(data), "params", None))
-  elif "ddconfig" in mapping(data):
-    candidates.append(({"params": data}, "", None))
-  if not candidates:
+    node, section, full = model, "model.params", None
+  elif "ddconfig" in mapping(top.get("params")):
+    node, section, full = top, "params", None
+  elif "ddconfig" in top:
+    node, section, full = {"params": top}, "", None
+  else:
     raise ValueError(
         f"{path} holds no autoencoder config: expected model.params.first_stage_config.params "
         f"(a full Stable Diffusion / LDM config) or a first-stage config (ddconfig and "
         f"embed_dim, bare, under params: or under model.params:)")
-  node, section, full = candidates[0]
   target = node.get("target", LDM_AUTOENCODER_TARGETS[0])
   if target not in LDM_AUTOENCODER_TARGETS:
-    where = section.rsplit(".params", 1)[0] or "the config"
-    raise ValueError(f"{path}: {where}.target is {target!r}; supported: "
+    owner = section[:-len("params")].rstrip(".")  # the node whose `params` these are
+    raise ValueError(f"{path}: {owner + '.' if owner else ''}target is {target!r}; supported: "
                      f"{LDM_AUTOENCODER_TARGETS} (LDM's KL autoencoder)")
   params = node.get("params")
   if not isinstance(params, Mapping):
@@ -441,6 +441,7 @@ def read_ldm_yaml(path: str | os.PathLike) -> LdmYaml:
     raise ValueError(f"{path} is not valid YAML ({' '.join(str(e).split())})") from None
   params, section, full = _first_stage(data, path)
   spec = LdmYaml(path=path, section=section, ddconfig={}, embed_dim=0, scale_factor=None)
+  # (`spec` names fields in errors; its values are filled in once they are checked)
   ddconfig = params.get("ddconfig")
   if not isinstance(ddconfig, Mapping):
     raise ValueError(f"{spec.where('ddconfig')} is missing or not a mapping")
