@@ -255,19 +255,21 @@ def restore_intact(manager: ocp.CheckpointManager, abstract_state: Any, step: in
       lambda a: a if isinstance(a, jax.ShapeDtypeStruct)
       else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
       abstract_state)
-  expected, failures = _leaves(target), []
+  failures = []
   for candidate in candidates:
-    try:
-      saved = _saved_leaves(directory, candidate)
-    except Exception as e:  # noqa: BLE001 (any read error means: not intact)
-      failures.append((candidate, e))
-      logging.warning("Checkpoint %s is unreadable (%s); trying an older one",
-                      os.path.join(directory, str(candidate)), _short(e))
-      continue
-    _check_fits(saved, expected, candidate, directory)
+    # Restore first: orbax refuses a target of other names or shapes (a structure or shape
+    # mismatch is a ValueError), so the checkpoint's metadata, which takes as long to read as
+    # the arrays themselves, is read only to say why a restore failed: another network
+    # (CheckpointMismatchError) or an unreadable checkpoint (the next one is tried).
     try:
       state = manager.restore(candidate, args=ocp.args.StandardRestore(target))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 (any read error means: not intact)
+      try:
+        saved = _saved_leaves(directory, candidate)
+      except Exception:  # noqa: BLE001
+        saved = None
+      if saved is not None:
+        _check_fits(saved, _leaves(target), candidate, directory)
       failures.append((candidate, e))
       logging.warning("Checkpoint %s is unreadable (%s); trying an older one",
                       os.path.join(directory, str(candidate)), _short(e))
