@@ -1,0 +1,97 @@
+"""What a warm start skips: the network's shapes from the shape cache instead of a trace of
+its initializer (`io.shape_cache`, `programs.abstract_state`)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from configs import fashion_mnist_vp
+from score_sde.io import parallel, shape_cache
+from score_sde.run import experiment, programs
+
+
+def _spec(**model):
+  config = fashion_mnist_vp.get_config("tiny")
+  for field, value in model.items():
+    config.model[field] = value
+  return experiment.run_spec(config)
+
+
+def _described(tree):
+  """Structure, and per leaf shape, dtype and sharding, of an abstract tree."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  return treedef, [(a.shape, a.dtype, a.sharding) for a in leaves]
+
+
+def _traced(spec, mesh):
+  """The abstract state as it was made before the cache: eval_shape of the whole init."""
+  shapes = jax.eval_shape(lambda k: programs.init_state(k, spec),
+                          jax.ShapeDtypeStruct((2,), jnp.uint32))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+  where = str(tmp_path / "shapes")
+  monkeypatch.setattr(shape_cache, "directory", lambda: where)
+  return where
+
+
+def test_abstract_state_from_the_cache_is_the_traced_one(cache_dir, monkeypatch):
+  spec, mesh = _spec(), parallel.make_mesh()
+  expected = _described(_traced(spec, mesh))
+  assert _described(programs.abstract_state(spec, mesh)) == expected  # traced, then stored
+  assert len(os.listdir(cache_dir)) == 1
+
+  def no_trace(*args, **kwargs):
+    raise AssertionError("the initializer was traced although its shapes are stored")
+
+  monkeypatch.setattr(programs.models, "init_network", no_trace)
+  assert _described(programs.abstract_state(spec, mesh)) == expected  # from the cache
+
+
+def test_another_network_is_not_read_from_the_entry_of_the_first(cache_dir):
+  mesh = parallel.make_mesh()
+  programs.abstract_state(_spec(), mesh)
+  other = _spec(nf=2 * fashion_mnist_vp.get_config("tiny").model.nf)
+  assert _described(programs.abstract_state(other, mesh)) == _described(_traced(other, mesh))
+  assert len(os.listdir(cache_dir)) == 2
+
+
+def test_an_unreadable_entry_is_traced_again(cache_dir):
+  spec, mesh = _spec(), parallel.make_mesh()
+  programs.abstract_state(spec, mesh)
+  (entry,) = os.listdir(cache_dir)
+  with open(os.path.join(cache_dir, entry), "wb") as f:
+    f.write(b"\xff not json")
+  assert _described(programs.abstract_state(spec, mesh)) == _described(_traced(spec, mesh))
+
+
+def test_round_trip_keeps_shapes_and_dtypes(cache_dir):
+  tree = {"params": {"w": jax.ShapeDtypeStruct((3, 2), jnp.bfloat16),
+                     "b": jnp.zeros((2,), jnp.float32)},
+          "constants": {"W": jax.ShapeDtypeStruct((), jnp.int32)}}
+  assert shape_cache.load("k") is None
+  shape_cache.save("k", tree)
+  assert shape_cache.load("k") == {
+      "params": {"w": jax.ShapeDtypeStruct((3, 2), jnp.bfloat16),
+                 "b": jax.ShapeDtypeStruct((2,), jnp.float32)},
+      "constants": {"W": jax.ShapeDtypeStruct((), jnp.int32)}}
+  assert shape_cache.load("another key") is None
+
+
+def test_off_with_the_compilation_cache():
+  before = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", None)
+  try:
+    assert shape_cache.directory() is None
+    shape_cache.save("k", {"w": jax.ShapeDtypeStruct((1,), jnp.float32)})  # nothing, no error
+    assert shape_cache.load("k") is None
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
