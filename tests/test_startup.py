@@ -1,5 +1,6 @@
 """What a warm start skips: the network's shapes from the shape cache instead of a trace of
-its initializer (`io.shape_cache`, `programs.abstract_state`)."""
+its initializer (`io.shape_cache`, `programs.abstract_state`), and, for evaluation and
+sampling, the raw params and the optimizer state of the checkpoint (`ema_only`)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs import fashion_mnist_vp
-from score_sde.io import parallel, shape_cache
+from score_sde.io import checkpoints, parallel, shape_cache
 from score_sde.run import experiment, programs
 
 
@@ -95,3 +97,72 @@ def test_off_with_the_compilation_cache():
     assert shape_cache.load("k") is None
   finally:
     jax.config.update("jax_compilation_cache_dir", before)
+
+
+# ---------------------------------------------------------------------------------------
+# Restoring the EMA weights alone (evaluation and sampling).
+
+
+def _saved(tmp_path):
+  w = {"Conv_0": {"kernel": jnp.arange(6.0).reshape(2, 3), "bias": jnp.ones(3)},
+       "Dense_0": {"kernel": jnp.full((3, 2), 2.0)}}
+  state = {"step": jnp.asarray(7, jnp.int32), "params": w,
+           "opt_state": {"mu": jax.tree_util.tree_map(jnp.zeros_like, w)},
+           "ema_params": jax.tree_util.tree_map(lambda a: a + 1, w)}
+  with checkpoints.get_manager(tmp_path) as manager:
+    checkpoints.save(manager, 7, state)
+  return state
+
+
+def _abstract(tree):
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+
+def test_partial_restore_reads_the_ema_weights_as_saved(tmp_path):
+  state = _saved(tmp_path)
+  target = _abstract({"step": state["step"], "ema_params": state["ema_params"]})
+  with checkpoints.get_manager(tmp_path, read_only=True) as manager:
+    restored, step = checkpoints.restore(manager, target, partial=True)
+  assert step == 7 and sorted(restored) == ["ema_params", "step"]
+  assert jax.tree_util.tree_structure(restored["ema_params"]) == \
+      jax.tree_util.tree_structure(state["ema_params"])
+  for got, want in zip(jax.tree_util.tree_leaves(restored),
+                       jax.tree_util.tree_leaves({"ema_params": state["ema_params"],
+                                                  "step": state["step"]})):
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("change", ["shape", "fewer", "more"])
+def test_partial_restore_refuses_another_network(tmp_path, change):
+  state = _saved(tmp_path)
+  ema = jax.tree_util.tree_map(lambda a: a, state["ema_params"])
+  if change == "shape":
+    ema["Dense_0"]["kernel"] = jnp.zeros((4, 2))
+  elif change == "fewer":  # the checkpoint holds a layer the network lacks
+    del ema["Dense_0"]
+  else:  # the network has a layer the checkpoint lacks
+    ema["Dense_1"] = {"kernel": jnp.zeros((2, 2))}
+  target = _abstract({"step": state["step"], "ema_params": ema})
+  with checkpoints.get_manager(tmp_path, read_only=True) as manager:
+    with pytest.raises(checkpoints.CheckpointMismatchError, match="another network"):
+      checkpoints.restore(manager, target, partial=True)
+
+
+def test_ema_only_run_has_the_full_runs_ema_variables(tmp_path):
+  config = fashion_mnist_vp.get_config("tiny")
+  spec, mesh = experiment.run_spec(config), parallel.make_mesh()
+  state = programs.init_state(jax.random.PRNGKey(0), spec)
+  state = state.replace(ema_params=jax.tree_util.tree_map(lambda a: a + 1, state.params))
+  with checkpoints.get_manager(tmp_path) as manager:
+    checkpoints.save(manager, 3, state)
+  full = programs.restore_run(config, str(tmp_path), mesh=mesh)
+  ema = programs.restore_run(config, str(tmp_path), mesh=mesh, ema_only=True)
+  assert ema.step == full.step == 3 and ema.state.params is None
+  assert ema.state.opt_state is None
+  want, got = full.variables(ema=True), ema.variables(ema=True)
+  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    assert a.dtype == b.dtype and a.sharding == b.sharding
+    np.testing.assert_array_equal(a, b)

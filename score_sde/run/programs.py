@@ -303,10 +303,29 @@ def abstract_state(spec: RunSpec, mesh: Mesh) -> TrainState:
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)
 
 
-def restore_state(manager, spec: RunSpec, mesh: Mesh, step: int | None = None
-                  ) -> tuple[TrainState, int] | None:
-  """`(state, step)` from checkpoint `step` (None: the latest), or None if there is none."""
-  return checkpoints.restore(manager, abstract_state(spec, mesh), step)
+# The parts of a TrainState that evaluation and sampling use.
+EMA_FIELDS = ("step", "ema_params", "constants")
+
+
+def restore_state(manager, spec: RunSpec, mesh: Mesh, step: int | None = None, *,
+                  ema_only: bool = False) -> tuple[TrainState, int] | None:
+  """`(state, step)` from checkpoint `step` (None: the latest), or None if there is none.
+
+  `ema_only`: read only `EMA_FIELDS` (the checkpoint's network and its EMA weights, checked
+  by name and shape as a whole restore checks them); `state.params` and `state.opt_state`
+  are then None. A third of the arrays, for evaluation and sampling."""
+  abstract = abstract_state(spec, mesh)
+  if not ema_only:
+    return checkpoints.restore(manager, abstract, step)
+  target = {name: getattr(abstract, name) for name in EMA_FIELDS
+            if jax.tree_util.tree_leaves(getattr(abstract, name))}  # no empty entries
+  restored = checkpoints.restore(manager, target, step, partial=True)
+  if restored is None:
+    return None
+  tree, step = restored
+  return TrainState(step=tree["step"], params=None, opt_state=None,
+                    ema_params=tree["ema_params"],
+                    constants=tree.get("constants", abstract.constants)), step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -402,9 +421,10 @@ class Run:
 
 
 def restore_run(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
-                mesh: Mesh | None = None) -> Run:
+                mesh: Mesh | None = None, *, ema_only: bool = False) -> Run:
   """The `Run` of checkpoint `step` (None: the newest intact one) of `workdir`, built with
-  `config` as given (`load_run` reads the run's own config).
+  `config` as given (`load_run` reads the run's own config). `ema_only`: restore only the
+  EMA weights (`restore_state`); then `run.variables(ema=False)` has no params.
 
   Raises:
     FileNotFoundError: no checkpoint (or not that step) in `workdir/checkpoints`.
@@ -412,7 +432,7 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str, step: int | Non
   mesh = parallel.make_mesh() if mesh is None else mesh
   spec = experiment.run_spec(config, latent_lib.latent_space(config, workdir, mesh=mesh))
   with checkpoints.get_manager(workdir, read_only=True) as manager:
-    restored = restore_state(manager, spec, mesh, step)
+    restored = restore_state(manager, spec, mesh, step, ema_only=ema_only)
   if restored is None:
     raise FileNotFoundError(f"No checkpoint in {checkpoints.checkpoint_dir(workdir)}; train "
                             f"first (--mode=train with the same --workdir)")
