@@ -166,3 +166,17 @@ def test_ema_only_run_has_the_full_runs_ema_variables(tmp_path):
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
     assert a.dtype == b.dtype and a.sharding == b.sharding
     np.testing.assert_array_equal(a, b)
+
+
+def test_partial_restore_reads_names_the_slow_way_from_another_metadata_layout(
+    tmp_path, monkeypatch):
+  monkeypatch.setattr(checkpoints, "_saved_names", lambda directory, step: None)
+  state = _saved(tmp_path)
+  target = _abstract({"step": state["step"], "ema_params": state["ema_params"]})
+  with checkpoints.get_manager(tmp_path, read_only=True) as manager:
+    restored, _ = checkpoints.restore(manager, target, partial=True)
+    np.testing.assert_array_equal(restored["ema_params"]["Dense_0"]["kernel"],
+                                  state["ema_params"]["Dense_0"]["kernel"])
+    del target["ema_params"]["Dense_0"]
+    with pytest.raises(checkpoints.CheckpointMismatchError, match="another network"):
+      checkpoints.restore(manager, target, partial=True)

@@ -304,23 +304,35 @@ def restore_intact(manager: ocp.CheckpointManager, abstract_state: Any, step: in
     # the arrays themselves, is read only to say why a restore failed: another network
     # (CheckpointMismatchError) or an unreadable checkpoint (the next one is tried).
     # A partial restore reads only the arrays named, so the names it would not see (arrays
-    # of the checkpoint's that the target lacks) are compared here, from the metadata file.
-    names = _saved_names(directory, candidate) if partial else None
-    wanted = {k.split("/")[0] for k in _leaves(target)}
+    # of the checkpoint's that the target lacks) are compared first, from the metadata file.
+    expected = _leaves(target)
+    wanted = {k.split("/")[0] for k in expected}
+
+    def part(names):  # the checkpoint's arrays in the entries the target names
+      return {k: names[k] for k in names if k.split("/")[0] in wanted} if partial else names
+
     try:
-      if partial and (names is None or {k for k in names if k.split("/")[0] in wanted}
-                      != set(_leaves(target))):
-        raise ValueError(f"checkpoint {candidate} holds other arrays than the target")
+      if partial:
+        names = _saved_names(directory, candidate)
+        if names is None:  # a metadata file of another layout: read it the slow way
+          names = set(_saved_leaves(directory, candidate))
+        differing = sorted(set(part(dict.fromkeys(names))) ^ set(expected))
+        if differing:
+          _check_fits(part(_saved_leaves(directory, candidate)), expected, candidate,
+                      directory)
+          raise CheckpointMismatchError(
+              f"Checkpoint {candidate} in {directory} holds other arrays than the config "
+              f"describes ({len(differing)} differ, e.g. {differing[0]})")
       state = _restore_step(manager, candidate, target, partial)
+    except CheckpointMismatchError:
+      raise
     except Exception as e:  # noqa: BLE001 (any read error means: not intact)
       try:
         saved = _saved_leaves(directory, candidate)
       except Exception:  # noqa: BLE001
         saved = None
       if saved is not None:
-        if partial:  # only the part of the checkpoint the target names
-          saved = {k: v for k, v in saved.items() if k.split("/")[0] in wanted}
-        _check_fits(saved, _leaves(target), candidate, directory)
+        _check_fits(part(saved), expected, candidate, directory)
       failures.append((candidate, e))
       logging.warning("Checkpoint %s is unreadable (%s); trying an older one",
                       os.path.join(directory, str(candidate)), _short(e))
