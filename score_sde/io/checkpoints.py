@@ -15,6 +15,7 @@ codebase's split between `checkpoints-meta` and `checkpoints`.
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
@@ -201,8 +202,12 @@ def _saved_leaves(directory: str, step: int) -> dict[str, tuple[tuple[int, ...],
 def _check_fits(saved: dict, expected: dict, step: int, directory: str) -> None:
   """Raises CheckpointMismatchError if the network parameters (by name and shape) or the
   other arrays (by shape) of a checkpoint differ from those expected."""
+  # The network's parameters: "params/...", or "ema_params/..." in a restore of the EMA
+  # weights alone (`restore(..., partial=True)`).
+  prefix = "params/" if any(k.startswith("params/") for k in expected) else "ema_params/"
+
   def params(table):
-    return {k: v for k, v in table.items() if k.startswith("params/")}
+    return {k: v for k, v in table.items() if k.startswith(prefix)}
 
   saved_params, expected_params = params(saved), params(expected)
   differing = sorted(k for k in set(saved_params) | set(expected_params)
@@ -228,8 +233,45 @@ def _short(error: BaseException) -> str:
   return f"{type(error).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"
 
 
-def restore_intact(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None
-                   ) -> tuple[Any, int, list[int]] | None:
+def _saved_names(directory: str, step: int) -> set[str] | None:
+  """The array paths ('params/Conv_0/kernel') of checkpoint `step`, from the tree its
+  `_METADATA` file lists (JSON, no array opened), or None where that file does not read
+  as expected (then the caller reads the metadata the slow way)."""
+  try:
+    with open(os.path.join(directory, str(step), "default", "_METADATA"), "rb") as f:
+      tree = json.loads(f.read())["tree_metadata"]
+    return {"/".join(str(k) for k in ast.literal_eval(path)) for path in tree}
+  except Exception:  # noqa: BLE001 (any surprise: read it the slow way)
+    return None
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any, partial: bool
+                  ) -> Any:
+  """Checkpoint `step` restored into `target`; with `partial`, only the arrays `target`
+  names are read (orbax's partial restore, which leaves a name the checkpoint lacks as it
+  was: such a leaf is a mismatch, raised as a ValueError here)."""
+  if not partial:
+    return manager.restore(step, args=ocp.args.StandardRestore(target))
+  restore_args = jax.tree_util.tree_map(
+      lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype, global_shape=a.shape),
+      target)
+  path = os.path.join(os.fspath(manager.directory), str(step), "default")
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        target, restore_args=restore_args, partial_restore=True))
+  missing = [k for k, leaf in _flat(state).items() if isinstance(leaf, jax.ShapeDtypeStruct)]
+  if missing:
+    raise ValueError(f"checkpoint {step} has no array {missing[0]} ({len(missing)} missing)")
+  return state
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {"/".join(_path_name(k) for k in path): leaf for path, leaf in flat}
+
+
+def restore_intact(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None,
+                   *, partial: bool = False) -> tuple[Any, int, list[int]] | None:
   """Like `restore`, and also returns the newer steps that were skipped as unreadable.
 
   Returns:
@@ -255,19 +297,42 @@ def restore_intact(manager: ocp.CheckpointManager, abstract_state: Any, step: in
       lambda a: a if isinstance(a, jax.ShapeDtypeStruct)
       else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
       abstract_state)
-  expected, failures = _leaves(target), []
+  failures = []
   for candidate in candidates:
+    # Restore first: orbax refuses a target of other names or shapes (a structure or shape
+    # mismatch is a ValueError), so the checkpoint's metadata, which takes as long to read as
+    # the arrays themselves, is read only to say why a restore failed: another network
+    # (CheckpointMismatchError) or an unreadable checkpoint (the next one is tried).
+    # A partial restore reads only the arrays named, so the names it would not see (arrays
+    # of the checkpoint's that the target lacks) are compared first, from the metadata file.
+    expected = _leaves(target)
+    wanted = {k.split("/")[0] for k in expected}
+
+    def part(names):  # the checkpoint's arrays in the entries the target names
+      return {k: names[k] for k in names if k.split("/")[0] in wanted} if partial else names
+
     try:
-      saved = _saved_leaves(directory, candidate)
+      if partial:
+        names = _saved_names(directory, candidate)
+        if names is None:  # a metadata file of another layout: read it the slow way
+          names = set(_saved_leaves(directory, candidate))
+        differing = sorted(set(part(dict.fromkeys(names))) ^ set(expected))
+        if differing:
+          _check_fits(part(_saved_leaves(directory, candidate)), expected, candidate,
+                      directory)
+          raise CheckpointMismatchError(
+              f"Checkpoint {candidate} in {directory} holds other arrays than the config "
+              f"describes ({len(differing)} differ, e.g. {differing[0]})")
+      state = _restore_step(manager, candidate, target, partial)
+    except CheckpointMismatchError:
+      raise
     except Exception as e:  # noqa: BLE001 (any read error means: not intact)
-      failures.append((candidate, e))
-      logging.warning("Checkpoint %s is unreadable (%s); trying an older one",
-                      os.path.join(directory, str(candidate)), _short(e))
-      continue
-    _check_fits(saved, expected, candidate, directory)
-    try:
-      state = manager.restore(candidate, args=ocp.args.StandardRestore(target))
-    except Exception as e:  # noqa: BLE001
+      try:
+        saved = _saved_leaves(directory, candidate)
+      except Exception:  # noqa: BLE001
+        saved = None
+      if saved is not None:
+        _check_fits(part(saved), expected, candidate, directory)
       failures.append((candidate, e))
       logging.warning("Checkpoint %s is unreadable (%s); trying an older one",
                       os.path.join(directory, str(candidate)), _short(e))
@@ -282,8 +347,8 @@ def restore_intact(manager: ocp.CheckpointManager, abstract_state: Any, step: in
   raise FileNotFoundError(f"No intact checkpoint in {directory}; tried {tried}.{hint}")
 
 
-def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None
-            ) -> tuple[Any, int] | None:
+def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None,
+            *, partial: bool = False) -> tuple[Any, int] | None:
   """Restores a checkpoint into the structure, shapes and shardings of `abstract_state`.
 
   Args:
@@ -292,6 +357,10 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
       `sharding` set to place the restored arrays), e.g. from `jax.eval_shape`.
     step: the step to restore; None: the latest intact one (unreadable newer ones are
       skipped with a warning).
+    partial: `abstract_state` is a dict of some of the saved state's top-level entries
+      (e.g. `{"step", "ema_params", "constants"}` of a `TrainState`); only those are read
+      and checked (each entry whole: the same arrays by name and shape), the rest of the
+      checkpoint is not read. Returns that dict.
 
   Returns:
     `(state, step)`, or None when there is no checkpoint (and `step` is None).
@@ -301,7 +370,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
       are), or no checkpoint could be read (the message says what was tried).
     CheckpointMismatchError: the checkpoint's arrays differ from `abstract_state`'s.
   """
-  restored = restore_intact(manager, abstract_state, step)
+  restored = restore_intact(manager, abstract_state, step, partial=partial)
   return None if restored is None else restored[:2]
 
 

@@ -117,7 +117,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str, *, step: int | None 
   experiment.check_config(config, mesh, "sample")
   config = _capped_batch(config, n, mesh)
   guided.check_guidance(config, workdir)
-  run = programs.restore_run(config, workdir, step, mesh)
+  run = programs.restore_run(config, workdir, step, mesh, ema_only=True)
   state, step, spec = run.state, run.step, run.spec
   latents = None if spec.latent is None else []  # a latent run also saves its latents
   guided_fn = guided.make_guided_sample_fn(
@@ -252,7 +252,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
   net = quality.check_settings(config) if e.get("enable_fid", False) else None
   if e.enable_sampling or e.get("enable_fid", False):
     config = _capped_batch(config, int(e.num_samples), mesh)
-  run = programs.restore_run(config, workdir, step, mesh)
+  run = programs.restore_run(config, workdir, step, mesh, ema_only=True)
   state, step, spec = run.state, run.step, run.spec
   metrics: dict = dict(step=step)
   if e.enable_loss:

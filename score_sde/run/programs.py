@@ -33,7 +33,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from score_sde import guidance, models, sampling, solvers
-from score_sde.io import checkpoints, parallel
+from score_sde.io import checkpoints, parallel, shape_cache
 from score_sde.io import workdir as workdir_lib
 from score_sde.run import experiment, keys
 from score_sde.run import latent as latent_lib
@@ -197,6 +197,21 @@ def make_eval_loss_fn(spec: RunSpec, *, mesh: Mesh | None = None) -> Callable:
   return latent_eval_fn
 
 
+def _keep_mesh(score_fn: Callable, sharding: NamedSharding) -> Callable:
+  """`score_fn` whose input `x` is constrained to `sharding` when its traced type has lost
+  the mesh (e.g. the final state of a diffrax solve, which the denoising step feeds to the
+  network), and left alone otherwise. `ScoreModel.apply` traces the network once per input
+  type, so without this the same network is traced again (seconds of a start-up) for an
+  input that differs from the others only in that."""
+
+  def constrained(x, t):
+    if jax.typeof(x).sharding.mesh.empty:
+      x = jax.lax.with_sharding_constraint(x, sharding)
+    return score_fn(x, t)
+
+  return constrained
+
+
 def make_sample_fn(spec: RunSpec, shape: tuple[int, ...], method: str, options: dict, *,
                    mesh: Mesh | None = None, score_fn_of: Callable | None = None,
                    variance_fn_of: Callable | None = None, decode: bool = True) -> Callable:
@@ -229,7 +244,7 @@ def make_sample_fn(spec: RunSpec, shape: tuple[int, ...], method: str, options: 
     variance_fn_of = spec.score_model_for("sample").variance_fn
 
   def sample_fn(variables, key):
-    score_fn = score_fn_of(variables)
+    score_fn = _keep_mesh(score_fn_of(variables), batch_sharding)
     x_T = sde.prior_sampling(jax.random.fold_in(key, keys.PRIOR), shape)
     x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
     extra = {"var_interp_fn": variance_fn_of(variables)} if learned else {}
@@ -252,19 +267,65 @@ def make_sample_fn(spec: RunSpec, shape: tuple[int, ...], method: str, options: 
   return checked_sample_fn
 
 
-def abstract_state(spec: RunSpec, mesh: Mesh) -> TrainState:
-  """The `TrainState`'s shapes and dtypes, replicated over `mesh`, without memory."""
-  replicated = NamedSharding(mesh, P())
-  shapes = jax.eval_shape(lambda k: init_state(k, spec),
+def _variable_shapes(spec: RunSpec) -> dict:
+  """The shapes and dtypes of the network's variables (`models.init_network`'s), from the
+  shape cache (`io.shape_cache`, on with the compilation cache) when it holds them, else
+  by `jax.eval_shape` of the initializer (which traces the whole network), then stored. The
+  key: the network's repr (every attribute), the image shape, and this package's code and
+  library versions; a network whose repr is not plain data (a memory address in it) is
+  never cached."""
+  description = repr(spec.model)
+  key = None
+  if " at 0x" not in description and shape_cache.directory() is not None:
+    key = (f"init_network {description} image_shape={tuple(spec.image_shape)} "
+           f"code={shape_cache.source_digest()}")
+    cached = shape_cache.load(key)
+    if cached is not None:
+      return cached
+  shapes = jax.eval_shape(lambda k: models.init_network(k, spec.model, spec.image_shape),
                           jax.ShapeDtypeStruct((2,), jnp.uint32))  # a key, not made: no compile
+  if key is not None:
+    shape_cache.save(key, shapes)
+  return shapes
+
+
+def abstract_state(spec: RunSpec, mesh: Mesh) -> TrainState:
+  """The `TrainState`'s shapes and dtypes, replicated over `mesh`, without memory: those of
+  `init_state`, with the network's from `_variable_shapes` (cached) and the optimizer's by
+  `jax.eval_shape` of its init (cheap: no network)."""
+  replicated = NamedSharding(mesh, P())
+  variables = dict(_variable_shapes(spec))
+  params = variables.pop("params")
+  shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                      opt_state=jax.eval_shape(spec.optimizer.init, params),
+                      ema_params=params, constants=variables)
   return jax.tree_util.tree_map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)
 
 
-def restore_state(manager, spec: RunSpec, mesh: Mesh, step: int | None = None
-                  ) -> tuple[TrainState, int] | None:
-  """`(state, step)` from checkpoint `step` (None: the latest), or None if there is none."""
-  return checkpoints.restore(manager, abstract_state(spec, mesh), step)
+# The parts of a TrainState that evaluation and sampling use.
+EMA_FIELDS = ("step", "ema_params", "constants")
+
+
+def restore_state(manager, spec: RunSpec, mesh: Mesh, step: int | None = None, *,
+                  ema_only: bool = False) -> tuple[TrainState, int] | None:
+  """`(state, step)` from checkpoint `step` (None: the latest), or None if there is none.
+
+  `ema_only`: read only `EMA_FIELDS` (the checkpoint's network and its EMA weights, checked
+  by name and shape as a whole restore checks them); `state.params` and `state.opt_state`
+  are then None. A third of the arrays, for evaluation and sampling."""
+  abstract = abstract_state(spec, mesh)
+  if not ema_only:
+    return checkpoints.restore(manager, abstract, step)
+  target = {name: getattr(abstract, name) for name in EMA_FIELDS
+            if jax.tree_util.tree_leaves(getattr(abstract, name))}  # no empty entries
+  restored = checkpoints.restore(manager, target, step, partial=True)
+  if restored is None:
+    return None
+  tree, step = restored
+  return TrainState(step=tree["step"], params=None, opt_state=None,
+                    ema_params=tree["ema_params"],
+                    constants=tree.get("constants", abstract.constants)), step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -360,9 +421,10 @@ class Run:
 
 
 def restore_run(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
-                mesh: Mesh | None = None) -> Run:
+                mesh: Mesh | None = None, *, ema_only: bool = False) -> Run:
   """The `Run` of checkpoint `step` (None: the newest intact one) of `workdir`, built with
-  `config` as given (`load_run` reads the run's own config).
+  `config` as given (`load_run` reads the run's own config). `ema_only`: restore only the
+  EMA weights (`restore_state`); then `run.variables(ema=False)` has no params.
 
   Raises:
     FileNotFoundError: no checkpoint (or not that step) in `workdir/checkpoints`.
@@ -370,7 +432,7 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str, step: int | Non
   mesh = parallel.make_mesh() if mesh is None else mesh
   spec = experiment.run_spec(config, latent_lib.latent_space(config, workdir, mesh=mesh))
   with checkpoints.get_manager(workdir, read_only=True) as manager:
-    restored = restore_state(manager, spec, mesh, step)
+    restored = restore_state(manager, spec, mesh, step, ema_only=ema_only)
   if restored is None:
     raise FileNotFoundError(f"No checkpoint in {checkpoints.checkpoint_dir(workdir)}; train "
                             f"first (--mode=train with the same --workdir)")

@@ -1,0 +1,182 @@
+"""What a warm start skips: the network's shapes from the shape cache instead of a trace of
+its initializer (`io.shape_cache`, `programs.abstract_state`), and, for evaluation and
+sampling, the raw params and the optimizer state of the checkpoint (`ema_only`)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import fashion_mnist_vp
+from score_sde.io import checkpoints, parallel, shape_cache
+from score_sde.run import experiment, programs
+
+
+def _spec(**model):
+  config = fashion_mnist_vp.get_config("tiny")
+  for field, value in model.items():
+    config.model[field] = value
+  return experiment.run_spec(config)
+
+
+def _described(tree):
+  """Structure, and per leaf shape, dtype and sharding, of an abstract tree."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  return treedef, [(a.shape, a.dtype, a.sharding) for a in leaves]
+
+
+def _traced(spec, mesh):
+  """The abstract state as it was made before the cache: eval_shape of the whole init."""
+  shapes = jax.eval_shape(lambda k: programs.init_state(k, spec),
+                          jax.ShapeDtypeStruct((2,), jnp.uint32))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+  where = str(tmp_path / "shapes")
+  monkeypatch.setattr(shape_cache, "directory", lambda: where)
+  return where
+
+
+def test_abstract_state_from_the_cache_is_the_traced_one(cache_dir, monkeypatch):
+  spec, mesh = _spec(), parallel.make_mesh()
+  expected = _described(_traced(spec, mesh))
+  assert _described(programs.abstract_state(spec, mesh)) == expected  # traced, then stored
+  assert len(os.listdir(cache_dir)) == 1
+
+  def no_trace(*args, **kwargs):
+    raise AssertionError("the initializer was traced although its shapes are stored")
+
+  monkeypatch.setattr(programs.models, "init_network", no_trace)
+  assert _described(programs.abstract_state(spec, mesh)) == expected  # from the cache
+
+
+def test_another_network_is_not_read_from_the_entry_of_the_first(cache_dir):
+  mesh = parallel.make_mesh()
+  programs.abstract_state(_spec(), mesh)
+  other = _spec(nf=2 * fashion_mnist_vp.get_config("tiny").model.nf)
+  assert _described(programs.abstract_state(other, mesh)) == _described(_traced(other, mesh))
+  assert len(os.listdir(cache_dir)) == 2
+
+
+def test_an_unreadable_entry_is_traced_again(cache_dir):
+  spec, mesh = _spec(), parallel.make_mesh()
+  programs.abstract_state(spec, mesh)
+  (entry,) = os.listdir(cache_dir)
+  with open(os.path.join(cache_dir, entry), "wb") as f:
+    f.write(b"\xff not json")
+  assert _described(programs.abstract_state(spec, mesh)) == _described(_traced(spec, mesh))
+
+
+def test_round_trip_keeps_shapes_and_dtypes(cache_dir):
+  tree = {"params": {"w": jax.ShapeDtypeStruct((3, 2), jnp.bfloat16),
+                     "b": jnp.zeros((2,), jnp.float32)},
+          "constants": {"W": jax.ShapeDtypeStruct((), jnp.int32)}}
+  assert shape_cache.load("k") is None
+  shape_cache.save("k", tree)
+  assert shape_cache.load("k") == {
+      "params": {"w": jax.ShapeDtypeStruct((3, 2), jnp.bfloat16),
+                 "b": jax.ShapeDtypeStruct((2,), jnp.float32)},
+      "constants": {"W": jax.ShapeDtypeStruct((), jnp.int32)}}
+  assert shape_cache.load("another key") is None
+
+
+def test_off_with_the_compilation_cache():
+  before = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", None)
+  try:
+    assert shape_cache.directory() is None
+    shape_cache.save("k", {"w": jax.ShapeDtypeStruct((1,), jnp.float32)})  # nothing, no error
+    assert shape_cache.load("k") is None
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
+
+
+# ---------------------------------------------------------------------------------------
+# Restoring the EMA weights alone (evaluation and sampling).
+
+
+def _saved(tmp_path):
+  w = {"Conv_0": {"kernel": jnp.arange(6.0).reshape(2, 3), "bias": jnp.ones(3)},
+       "Dense_0": {"kernel": jnp.full((3, 2), 2.0)}}
+  state = {"step": jnp.asarray(7, jnp.int32), "params": w,
+           "opt_state": {"mu": jax.tree_util.tree_map(jnp.zeros_like, w)},
+           "ema_params": jax.tree_util.tree_map(lambda a: a + 1, w)}
+  with checkpoints.get_manager(tmp_path) as manager:
+    checkpoints.save(manager, 7, state)
+  return state
+
+
+def _abstract(tree):
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+
+def test_partial_restore_reads_the_ema_weights_as_saved(tmp_path):
+  state = _saved(tmp_path)
+  target = _abstract({"step": state["step"], "ema_params": state["ema_params"]})
+  with checkpoints.get_manager(tmp_path, read_only=True) as manager:
+    restored, step = checkpoints.restore(manager, target, partial=True)
+  assert step == 7 and sorted(restored) == ["ema_params", "step"]
+  assert jax.tree_util.tree_structure(restored["ema_params"]) == \
+      jax.tree_util.tree_structure(state["ema_params"])
+  for got, want in zip(jax.tree_util.tree_leaves(restored),
+                       jax.tree_util.tree_leaves({"ema_params": state["ema_params"],
+                                                  "step": state["step"]})):
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("change", ["shape", "fewer", "more"])
+def test_partial_restore_refuses_another_network(tmp_path, change):
+  state = _saved(tmp_path)
+  ema = jax.tree_util.tree_map(lambda a: a, state["ema_params"])
+  if change == "shape":
+    ema["Dense_0"]["kernel"] = jnp.zeros((4, 2))
+  elif change == "fewer":  # the checkpoint holds a layer the network lacks
+    del ema["Dense_0"]
+  else:  # the network has a layer the checkpoint lacks
+    ema["Dense_1"] = {"kernel": jnp.zeros((2, 2))}
+  target = _abstract({"step": state["step"], "ema_params": ema})
+  with checkpoints.get_manager(tmp_path, read_only=True) as manager:
+    with pytest.raises(checkpoints.CheckpointMismatchError, match="another network"):
+      checkpoints.restore(manager, target, partial=True)
+
+
+def test_ema_only_run_has_the_full_runs_ema_variables(tmp_path):
+  config = fashion_mnist_vp.get_config("tiny")
+  spec, mesh = experiment.run_spec(config), parallel.make_mesh()
+  state = programs.init_state(jax.random.PRNGKey(0), spec)
+  state = state.replace(ema_params=jax.tree_util.tree_map(lambda a: a + 1, state.params))
+  with checkpoints.get_manager(tmp_path) as manager:
+    checkpoints.save(manager, 3, state)
+  full = programs.restore_run(config, str(tmp_path), mesh=mesh)
+  ema = programs.restore_run(config, str(tmp_path), mesh=mesh, ema_only=True)
+  assert ema.step == full.step == 3 and ema.state.params is None
+  assert ema.state.opt_state is None
+  want, got = full.variables(ema=True), ema.variables(ema=True)
+  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    assert a.dtype == b.dtype and a.sharding == b.sharding
+    np.testing.assert_array_equal(a, b)
+
+
+def test_partial_restore_reads_names_the_slow_way_from_another_metadata_layout(
+    tmp_path, monkeypatch):
+  monkeypatch.setattr(checkpoints, "_saved_names", lambda directory, step: None)
+  state = _saved(tmp_path)
+  target = _abstract({"step": state["step"], "ema_params": state["ema_params"]})
+  with checkpoints.get_manager(tmp_path, read_only=True) as manager:
+    restored, _ = checkpoints.restore(manager, target, partial=True)
+    np.testing.assert_array_equal(restored["ema_params"]["Dense_0"]["kernel"],
+                                  state["ema_params"]["Dense_0"]["kernel"])
+    del target["ema_params"]["Dense_0"]
+    with pytest.raises(checkpoints.CheckpointMismatchError, match="another network"):
+      checkpoints.restore(manager, target, partial=True)
