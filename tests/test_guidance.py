@@ -186,13 +186,31 @@ METHODS = {
 N = 2000
 
 
-def _draw(score_fn, sde_name, case):
-  """N draws of the sampler `case` with `score_fn`, compiled as one program."""
+@functools.lru_cache(maxsize=None)
+def _guided_draws(sde_name, case, kind):
+  """`draw(key, y, weight) -> x [N, 2]`: N draws of the sampler `case` guided by CFG
+  (`kind` 'cfg', weight = w) or by the exact classifier ('classifier', weight = scale), the
+  label and the weight traced: one compiled program per sampler, SDE and kind serves every
+  label and weight (of both tests below)."""
   method, options = METHODS[case]
   sde = SDES[sde_name]
-  x, _ = jax.jit(lambda key: sampling.sample(key, score_fn, sde, (N, 2), method=method,
-                                             **options))(KEY)
-  return x
+
+  @jax.jit
+  def draw(key, y, weight):
+    if kind == "cfg":
+      score_fn = guidance.classifier_free(LABELLED.cond_score_fn(sde), y, w=weight,
+                                          null_label=NULL)
+    else:
+      score_fn = guidance.classifier_guided(LABELLED.marginal().score_fn(sde),
+                                            LABELLED.log_prob_fn(sde), y, scale=weight)
+    return sampling.sample(key, score_fn, sde, (N, 2), method=method, **options)[0]
+
+  return draw
+
+
+def _draw(sde_name, case, kind, y, weight):
+  return _guided_draws(sde_name, case, kind)(KEY, jnp.asarray(y, jnp.int32),
+                                             jnp.asarray(weight, jnp.float32))
 
 
 @pytest.mark.slow
@@ -200,29 +218,19 @@ def _draw(score_fn, sde_name, case):
                                            enumerate(METHODS)])
 def test_every_sampler_draws_the_exact_conditional_with_guidance(case, sde_name):
   """CFG w = 0 -> p(x | y); CFG w = -1 -> p(x); exact classifier at scale 1 -> p(x | y)."""
-  sde = SDES[sde_name]
-  cond = LABELLED.cond_score_fn(sde)
-  assert_reproduces(_draw(guidance.classifier_free(cond, 0, w=0.0, null_label=NULL),
-                          sde_name, case), LABELLED.classes[0])
-  assert_reproduces(_draw(guidance.classifier_free(cond, 2, w=-1.0, null_label=NULL),
-                          sde_name, case), LABELLED.marginal())
-  guided = guidance.classifier_guided(LABELLED.marginal().score_fn(sde),
-                                      LABELLED.log_prob_fn(sde), 2, scale=1.0)
-  assert_reproduces(_draw(guided, sde_name, case), LABELLED.classes[2])
+  assert_reproduces(_draw(sde_name, case, "cfg", 0, 0.0), LABELLED.classes[0])
+  assert_reproduces(_draw(sde_name, case, "cfg", 2, -1.0), LABELLED.marginal())
+  assert_reproduces(_draw(sde_name, case, "classifier", 2, 1.0), LABELLED.classes[2])
 
 
 @pytest.mark.slow
 def test_the_guided_check_can_fail():
   """Guidance that is not the exact conditional is caught: w = 1 sharpens class 0 (its mode
   weights move away from 0.6 / 0.4), and classifier guidance at scale 0 is unconditional."""
-  sde = SDES["vp"]
-  cfg = guidance.classifier_free(LABELLED.cond_score_fn(sde), 0, w=1.0, null_label=NULL)
   with pytest.raises(AssertionError):
-    assert_reproduces(_draw(cfg, "vp", "ddim"), LABELLED.classes[0])
-  unguided = guidance.classifier_guided(LABELLED.marginal().score_fn(sde),
-                                        LABELLED.log_prob_fn(sde), 2, scale=0.0)
+    assert_reproduces(_draw("vp", "ddim", "cfg", 0, 1.0), LABELLED.classes[0])
   with pytest.raises(AssertionError):
-    assert_reproduces(_draw(unguided, "vp", "ddim"), LABELLED.classes[2])
+    assert_reproduces(_draw("vp", "ddim", "classifier", 2, 0.0), LABELLED.classes[2])
 
 
 # --------------------------------------------------------------------------------------------
