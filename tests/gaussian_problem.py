@@ -8,6 +8,8 @@ import numpy as np
 import optax
 import pytest
 
+from tests.compiled import compiled
+
 MU = np.array([1.0, -0.5])
 S = 0.5  # data ~ N(MU, S^2 I) in 2 dimensions
 
@@ -18,11 +20,13 @@ def data(key, n):
 
 
 def fit(loss_fn, score_fn, steps: int = 800, batch: int = 1024):
-  """Adam on `loss_fn(key, score_fn, params, x0)` from m = 0, v = 1; one compiled scan."""
+  """Adam on `loss_fn(key, score_fn, params, x0)` from m = 0, v = 1; one compiled scan, at
+  XLA's optimization level 1: its 800 steps of 1024 draws run about three times faster there,
+  for a compile about twice as long (measured, CPU seconds: 0.6 + 1.2 at level 0, 1.2 + 0.4
+  at level 1)."""
   opt = optax.adam(optax.cosine_decay_schedule(0.05, steps, alpha=0.01))
   params = {"m": jnp.zeros(2), "log_v": jnp.asarray(0.0)}
 
-  @jax.jit
   def train(params, key):
     def step(carry, key):
       params, opt_state = carry
@@ -34,7 +38,8 @@ def fit(loss_fn, score_fn, steps: int = 800, batch: int = 1024):
                                   jax.random.split(key, steps))
     return params
 
-  return train(params, jax.random.key(1))
+  key = jax.random.key(1)
+  return compiled(train, params, key, level=1)(params, key)
 
 
 def assert_recovers_the_data(params):

@@ -61,15 +61,23 @@ def test_classifier_shapes_and_log_probs():
   sde = sde_lib.VPSDE()
   model = NoiseConditionalClassifier(num_classes=5, nf=8, ch_mult=(1, 2))
   x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
-  variables = model.init(jax.random.key(1), x, jnp.zeros(3))
-  log_prob_fn = classifier_training.get_log_prob_fn(sde, model, variables)
+  # Init and the checks' computations are one compiled program each (eager, a network's
+  # init and apply compile one program per operation).
+  variables = jax.jit(model.init)(jax.random.key(1), x, jnp.zeros(3))
   t = jnp.asarray([0.1, 0.5, 0.9])
-  all_classes = jnp.stack([log_prob_fn(x, t, jnp.full((3,), y)) for y in range(5)], -1)
+
+  @jax.jit
+  def log_probs_and_guided_score(variables, x, t):
+    log_prob_fn = classifier_training.get_log_prob_fn(sde, model, variables)
+    all_classes = jnp.stack([log_prob_fn(x, t, jnp.full((3,), y)) for y in range(5)], -1)
+    guided = guidance.classifier_guided(lambda x, t: -x, log_prob_fn, 2, scale=1.0)
+    return all_classes, guided(x, t)
+
+  all_classes, guided = log_probs_and_guided_score(variables, x, t)
   assert all_classes.shape == (3, 5)
-  np.testing.assert_allclose(jnp.exp(all_classes).sum(-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(np.exp(np.asarray(all_classes)).sum(-1), 1.0, rtol=1e-5)
   # Usable for classifier guidance: a finite gradient, shaped like x.
-  guided = guidance.classifier_guided(lambda x, t: -x, log_prob_fn, 2, scale=1.0)
-  assert guided(x, t).shape == x.shape and np.all(np.isfinite(guided(x, t)))
+  assert guided.shape == x.shape and np.all(np.isfinite(guided))
 
 
 @pytest.mark.slow
@@ -81,7 +89,8 @@ def test_classifier_train_step_learns_noisy_labels():
   sde = experiment.make_sde(config)
   model = classifier_training.get_classifier(config)
   optimizer = classifier_training.get_optimizer(config)
-  state = classifier_training.init_state(jax.random.key(0), config, model, optimizer)
+  state = jax.jit(lambda key: classifier_training.init_state(key, config, model, optimizer))(
+      jax.random.key(0))
   step_fn = classifier_training.make_train_step(sde, model, optimizer, eps=1e-3,
                                                 scaler=lambda x: 2 * x - 1)
   labels = jnp.arange(8) % 2
@@ -90,9 +99,12 @@ def test_classifier_train_step_learns_noisy_labels():
   x_t = sde.marginal_prob(2 * batch["image"] - 1, jnp.full((8,), 0.3))[0]
   x_t = x_t + sde.sigma(0.3) * jax.random.normal(jax.random.key(2), x_t.shape)
 
-  def mean_log_prob(params):
+  @jax.jit
+  def mean_log_prob_program(params):
     log_prob_fn = classifier_training.get_log_prob_fn(sde, model, {"params": params})
-    return float(jnp.mean(log_prob_fn(x_t, jnp.full((8,), 0.3), labels)))
+    return jnp.mean(log_prob_fn(x_t, jnp.full((8,), 0.3), labels))
+
+  mean_log_prob = lambda params: float(mean_log_prob_program(params))
 
   assert mean_log_prob(state.params) < np.log(0.6)
   for _ in range(40):

@@ -62,11 +62,14 @@ def test_w0_equals_the_fixed_step_ode(name, solver, denoise):
   with jax.enable_x64(True):
     score_fn = MIX.score_fn(sde)
     x_T = jax.random.normal(jax.random.key(1), (64, 2), jnp.float64)
-    kw = dict(steps=12, solver=solver, x_T=x_T, denoise=denoise)
-    x, nfe = sampling.sample(jax.random.key(0), score_fn, sde, (64, 2), method="sde", w=0.0,
-                             **kw)
-    ref, ref_nfe = sampling.sample(jax.random.key(0), score_fn, sde, (64, 2), method="ode",
-                                   **kw)
+
+    @jax.jit  # both samplers, one program
+    def both(key, x_T):
+      kw = dict(steps=12, solver=solver, x_T=x_T, denoise=denoise)
+      return (sampling.sample(key, score_fn, sde, (64, 2), method="sde", w=0.0, **kw),
+              sampling.sample(key, score_fn, sde, (64, 2), method="ode", **kw))
+
+    (x, nfe), (ref, ref_nfe) = both(jax.random.key(0), x_T)
     x, ref = np.asarray(x), np.asarray(ref)
   assert x.dtype == np.float64 and ref.dtype == np.float64
   assert int(nfe) == int(ref_nfe) == 12 * (1 if solver == "euler" else 2) + int(denoise)
@@ -86,16 +89,22 @@ def test_w0_euler_equals_a_hand_written_pf_ode(name):
   with jax.enable_x64(True):
     score_fn = MIX.score_fn(sde)
     x_T = jax.random.normal(jax.random.key(1), (64, 2), jnp.float64)
-    x, ts = x_T, np.linspace(sde.t_max, 1e-3, 13)
-    for t, s in zip(ts[:-1], ts[1:]):
-      tb = jnp.full((64,), t, jnp.float64)
-      f, g = sde.sde(x, tb)
-      x = x + (f - 0.5 * g[:, None] ** 2 * score_fn(x, tb)) * (s - t)
-    tb = jnp.full((64,), 1e-3, jnp.float64)
-    ref = np.asarray((x + sde.sigma(tb)[:, None] ** 2 * score_fn(x, tb)) / sde.alpha(tb)[:, None])
-    out, _ = sampling.sde_sample(jax.random.key(0), score_fn, sde, (64, 2), steps=12, w=0.0,
-                                 x_T=x_T, denoise=True)
-  assert np.abs(np.asarray(out) - ref).max() < 1e-12 * np.abs(ref).max()
+
+    @jax.jit  # the 12 hand-written steps (unrolled) and the sampler, one program
+    def both(key, x_T):
+      x, ts = x_T, np.linspace(sde.t_max, 1e-3, 13)
+      for t, s in zip(ts[:-1], ts[1:]):
+        tb = jnp.full((64,), t, jnp.float64)
+        f, g = sde.sde(x, tb)
+        x = x + (f - 0.5 * g[:, None] ** 2 * score_fn(x, tb)) * (s - t)
+      tb = jnp.full((64,), 1e-3, jnp.float64)
+      ref = (x + sde.sigma(tb)[:, None] ** 2 * score_fn(x, tb)) / sde.alpha(tb)[:, None]
+      out, _ = sampling.sde_sample(key, score_fn, sde, (64, 2), steps=12, w=0.0, x_T=x_T,
+                                   denoise=True)
+      return out, ref
+
+    out, ref = (np.asarray(v) for v in both(jax.random.key(0), x_T))
+  assert np.abs(out - ref).max() < 1e-12 * np.abs(ref).max()
 
 
 def test_w0_equals_the_ode_in_float32_at_round_off():
@@ -105,9 +114,14 @@ def test_w0_equals_the_ode_in_float32_at_round_off():
   for name in ("rectified_flow",):
     sde = sde_lib.get_sde(name)
     x_T = jax.random.normal(jax.random.key(1), (64, 2), jnp.float32)
-    kw = dict(steps=20, solver="euler", x_T=x_T, denoise=True)
-    x, _ = sampling.sde_sample(jax.random.key(0), MIX.score_fn(sde), sde, (64, 2), w=0.0, **kw)
-    ref, _ = sampling.ode_sample(jax.random.key(0), MIX.score_fn(sde), sde, (64, 2), **kw)
+
+    @jax.jit  # both samplers, one program
+    def both(key, x_T):
+      kw = dict(steps=20, solver="euler", x_T=x_T, denoise=True)
+      return (sampling.sde_sample(key, MIX.score_fn(sde), sde, (64, 2), w=0.0, **kw)[0],
+              sampling.ode_sample(key, MIX.score_fn(sde), sde, (64, 2), **kw)[0])
+
+    x, ref = both(jax.random.key(0), x_T)
     assert x.dtype == jnp.float32
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
     assert np.abs(x - ref).max() < 1e-5 * np.abs(ref).max()
@@ -122,20 +136,26 @@ def test_w_enters_as_w_squared_in_the_drift_and_w_in_the_noise():
     x_T = jax.random.normal(jax.random.key(3), (8, 2), jnp.float64)
     eps = 0.5
     h = eps - sde.t_max
-    t = jnp.full((8,), sde.t_max, jnp.float64)
-    f, g = sde.sde(x_T, t)
-    s = score_fn(x_T, t)
+    ws = (0.0, 1.0, 0.5, 2.0)
+
+    @jax.jit  # the coefficients and the one step at every w, one program
+    def coefficients_and_steps(key, x_T):
+      t = jnp.full((8,), sde.t_max, jnp.float64)
+      f, g = sde.sde(x_T, t)
+      steps = [sampling.sde_sample(key, score_fn, sde, (8, 2), steps=1, w=w, eps=eps, x_T=x_T,
+                                   denoise=False)[0] for w in ws]
+      return f, g, score_fn(x_T, t), steps
+
+    f, g, s, steps = coefficients_and_steps(jax.random.key(0), x_T)
+    x_T, f, s = np.asarray(x_T), np.asarray(f), np.asarray(s)
     g = np.asarray(g)[:, None]
-    run = lambda w: np.asarray(sampling.sde_sample(
-        jax.random.key(0), score_fn, sde, (8, 2), steps=1, w=w, eps=eps, x_T=x_T,
-        denoise=False)[0])
-    ode = np.asarray(x_T + (f - 0.5 * g**2 * s) * h)
+    run = lambda w: np.asarray(steps[ws.index(w)])
+    ode = x_T + (f - 0.5 * g**2 * s) * h
     np.testing.assert_allclose(run(0.0), ode, rtol=1e-12)
-    z = (run(1.0) - np.asarray(x_T + (f - g**2 * s) * h)) / (g * math.sqrt(-h))
+    z = (run(1.0) - (x_T + (f - g**2 * s) * h)) / (g * math.sqrt(-h))
     assert 0.3 < np.std(z) < 3
     for w in (0.5, 2.0):
-      expected = np.asarray(x_T + (f - 0.5 * (1 + w * w) * g**2 * s) * h) + w * g * math.sqrt(
-          -h) * z
+      expected = (x_T + (f - 0.5 * (1 + w * w) * g**2 * s) * h) + w * g * math.sqrt(-h) * z
       np.testing.assert_allclose(run(w), expected, rtol=1e-10, atol=1e-10)
 
 
@@ -202,7 +222,6 @@ def _reference(name):
   float64. Call under x64."""
   sde = sde_lib.get_sde(name)
   score_fn = SMOOTH.score_fn(sde)
-  x_T = jax.random.normal(jax.random.key(1), (32, 2), jnp.float64)
 
   def vector_field(t, x, args):
     del args
@@ -210,11 +229,17 @@ def _reference(name):
     drift, diffusion = sde.sde(x, tb)
     return drift - 0.5 * (diffusion**2)[:, None] * score_fn(x, tb)
 
-  solution = diffrax.diffeqsolve(
-      diffrax.ODETerm(vector_field), diffrax.Dopri8(), sde.t_max, sampling.default_eps(sde),
-      -1e-3, x_T, stepsize_controller=diffrax.PIDController(rtol=1e-12, atol=1e-12),
-      max_steps=100_000)
-  return x_T, np.asarray(solution.ys[0])
+  @jax.jit  # one program
+  def solve():
+    x_T = jax.random.normal(jax.random.key(1), (32, 2), jnp.float64)
+    solution = diffrax.diffeqsolve(
+        diffrax.ODETerm(vector_field), diffrax.Dopri8(), sde.t_max, sampling.default_eps(sde),
+        -1e-3, x_T, stepsize_controller=diffrax.PIDController(rtol=1e-12, atol=1e-12),
+        max_steps=100_000)
+    return x_T, solution.ys[0]
+
+  x_T, ref = solve()
+  return x_T, np.asarray(ref)
 
 
 # Measured slopes (log2 of the error ratio per doubling, 40 -> 80 -> 160 steps):
@@ -229,11 +254,15 @@ def test_order_at_w0(name, solver, order):
   steps_list = (40, 80, 160)
   with jax.enable_x64(True):
     x_T, ref = _reference(name)
-    errors = []
-    for steps in steps_list:
-      x, _ = sampling.sde_sample(jax.random.key(0), SMOOTH.score_fn(sde), sde, (32, 2),
-                                 steps=steps, w=0.0, solver=solver, x_T=x_T, denoise=False)
-      errors.append(np.sqrt(np.mean((np.asarray(x) - ref) ** 2)))
+
+    @jax.jit  # the three step counts, one program
+    def samples(key, x_T):
+      return [sampling.sde_sample(key, SMOOTH.score_fn(sde), sde, (32, 2), steps=steps,
+                                  w=0.0, solver=solver, x_T=x_T, denoise=False)[0]
+              for steps in steps_list]
+
+    errors = [np.sqrt(np.mean((np.asarray(x) - ref) ** 2))
+              for x in samples(jax.random.key(0), x_T)]
   slopes = -np.diff(np.log2(errors))
   assert np.all(np.abs(slopes - order) < 0.3), (errors, slopes)
 

@@ -252,11 +252,15 @@ def test_flow_matching_loss_at_the_exact_velocity_matches_closed_form(name):
   t = np.concatenate([np.asarray(a["t"]) for a in aux])
   assert t.min() >= np.float32(eps) and t.max() <= np.float32(sde.t_max)
 
+  # One compiled program, called by quad hundreds of times (eager, every call ran its
+  # operations one by one).
+  coefficients = jax.jit(lambda tt: (sde.alpha(tt), sde.sigma(tt), sde.d_alpha(tt),
+                                     sde.d_sigma(tt)))
+
   def integrand(u):
     with jax.enable_x64(True):
       tt = jnp.asarray([u])
-      a, s, da, ds = (float(v[0]) for v in (sde.alpha(tt), sde.sigma(tt), sde.d_alpha(tt),
-                                            sde.d_sigma(tt)))
+      a, s, da, ds = (float(v[0]) for v in coefficients(tt))
     return (a * ds - s * da) ** 2 * S**2 / (a**2 * S**2 + s**2)
   expected = integrate.quad(integrand, eps, sde.t_max, limit=200)[0] / (sde.t_max - eps)
   se = per_example.std() / math.sqrt(per_example.size)

@@ -11,6 +11,8 @@ bias.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,18 +55,25 @@ def test_the_labelled_mixture_is_consistent():
   """Its marginal is the prior-weighted union of the classes; the null label gives the
   marginal score; p_t(y | x) sums to one over y and is Bayes' rule."""
   sde = SDES["vp"]
-  x, t = _points(), jnp.full((64,), 0.3)
   marginal = LABELLED.marginal()
-  np.testing.assert_allclose(LABELLED.cond_score(x, t, NULL, sde), marginal.score(x, t, sde),
-                             rtol=1e-5, atol=1e-5)
-  log_probs = jnp.stack([LABELLED.class_log_prob(x, t, y, sde) for y in range(NULL)], -1)
-  np.testing.assert_allclose(jnp.exp(log_probs).sum(-1), 1.0, rtol=1e-5)
+
+  @jax.jit  # one program (eager, every operation compiles its own)
+  def quantities():
+    x, t = _points(), jnp.full((64,), 0.3)
+    log_probs = jnp.stack([LABELLED.class_log_prob(x, t, y, sde) for y in range(NULL)], -1)
+    bayes = [np.log(LABELLED.class_weights[y]) + LABELLED.classes[y].log_prob(x, t, sde)
+             - marginal.log_prob(x, t, sde) for y in range(NULL)]
+    cond_scores = [LABELLED.cond_score(x, t, y, sde) for y in range(NULL)]
+    class_scores = [LABELLED.classes[y].score(x, t, sde) for y in range(NULL)]
+    return (LABELLED.cond_score(x, t, NULL, sde), marginal.score(x, t, sde), log_probs,
+            jnp.exp(log_probs).sum(-1), bayes, cond_scores, class_scores)
+
+  null_score, marginal_score, log_probs, total, bayes, cond_scores, class_scores = quantities()
+  np.testing.assert_allclose(null_score, marginal_score, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(total, 1.0, rtol=1e-5)
   for y in range(NULL):
-    bayes = (np.log(LABELLED.class_weights[y]) + LABELLED.classes[y].log_prob(x, t, sde)
-             - marginal.log_prob(x, t, sde))
-    np.testing.assert_allclose(log_probs[:, y], bayes, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(LABELLED.cond_score(x, t, y, sde),
-                               LABELLED.classes[y].score(x, t, sde), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(log_probs[:, y], bayes[y], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(cond_scores[y], class_scores[y], rtol=1e-4, atol=1e-4)
 
 
 def _counting(cond_score_fn):
@@ -77,6 +86,21 @@ def _counting(cond_score_fn):
   return wrapped, calls
 
 
+@functools.lru_cache(maxsize=None)
+def _guided_combination(sde_name):
+  """`(x, t, labels, w) -> (CFG score, conditional, unconditional)` under that SDE, compiled
+  once with w traced, for every w."""
+  sde = SDES[sde_name]
+
+  @jax.jit
+  def scores(x, t, labels, w):
+    got = guidance.classifier_free(LABELLED.cond_score_fn(sde), labels, w=w,
+                                   null_label=NULL)(x, t)
+    return got, LABELLED.cond_score(x, t, labels, sde), LABELLED.marginal().score(x, t, sde)
+
+  return scores
+
+
 @pytest.mark.parametrize("sde_name", list(SDES))
 @pytest.mark.parametrize("w", [0.0, -1.0, 2.5])
 def test_classifier_free_is_the_guided_combination_in_one_call(sde_name, w):
@@ -84,10 +108,9 @@ def test_classifier_free_is_the_guided_combination_in_one_call(sde_name, w):
   x, t = _points(), jnp.linspace(0.05, 1.0, 64)
   labels = jnp.arange(64) % NULL
   counted, calls = _counting(LABELLED.cond_score_fn(sde))
-  got = guidance.classifier_free(counted, labels, w=w, null_label=NULL)(x, t)
+  jax.make_jaxpr(guidance.classifier_free(counted, labels, w=w, null_label=NULL))(x, t)
   assert calls == [128]  # one call, on the batch stacked with itself
-  cond = LABELLED.cond_score(x, t, labels, sde)
-  uncond = LABELLED.marginal().score(x, t, sde)
+  got, cond, uncond = _guided_combination(sde_name)(x, t, labels, w)
   np.testing.assert_allclose(got, (1 + w) * cond - w * uncond, rtol=1e-5, atol=1e-5)
   if w == 0:
     np.testing.assert_allclose(got, cond, rtol=1e-5, atol=1e-5)
@@ -99,17 +122,23 @@ def test_classifier_free_is_the_guided_combination_in_one_call(sde_name, w):
 def test_classifier_guidance_with_the_exact_classifier_is_the_conditional_score(sde_name):
   """grad log p_t(x) + grad log p_t(y | x) = grad log p_t(x | y) (Bayes), at every t."""
   sde = SDES[sde_name]
-  x, t = _points(), jnp.linspace(0.01, 1.0, 64)
-  for y in (0, 2, jnp.arange(64) % NULL):
-    guided = guidance.classifier_guided(LABELLED.marginal().score_fn(sde),
-                                        LABELLED.log_prob_fn(sde), y, scale=1.0,
-                                        num_classes=NULL)
-    np.testing.assert_allclose(guided(x, t), LABELLED.cond_score(x, t, y, sde), rtol=2e-4,
-                               atol=2e-4)
+  labels = (0, 2, np.arange(64) % NULL)
+
+  @jax.jit  # one program for all the labels (eager, every operation compiles its own)
+  def scores(x, t):
+    guided = [guidance.classifier_guided(LABELLED.marginal().score_fn(sde),
+                                         LABELLED.log_prob_fn(sde), y, scale=1.0,
+                                         num_classes=NULL)(x, t) for y in labels]
+    cond = [LABELLED.cond_score(x, t, y, sde) for y in labels]
+    unguided = guidance.classifier_guided(LABELLED.marginal().score_fn(sde),
+                                          LABELLED.log_prob_fn(sde), 1, scale=0.0)(x, t)
+    return guided, cond, unguided, LABELLED.marginal().score(x, t, sde)
+
+  guided, cond, unguided, uncond = scores(_points(), jnp.linspace(0.01, 1.0, 64))
+  for got, expected in zip(guided, cond):
+    np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4)
   # Scale 0 is the unconditional score; scale 2 adds the classifier gradient twice.
-  unguided = guidance.classifier_guided(LABELLED.marginal().score_fn(sde),
-                                        LABELLED.log_prob_fn(sde), 1, scale=0.0)
-  np.testing.assert_allclose(unguided(x, t), LABELLED.marginal().score(x, t, sde), atol=1e-6)
+  np.testing.assert_allclose(unguided, uncond, atol=1e-6)
 
 
 def test_guided_score_functions_are_jittable_with_traced_labels():
@@ -157,11 +186,31 @@ METHODS = {
 N = 2000
 
 
-def _draw(score_fn, sde_name, case):
+@functools.lru_cache(maxsize=None)
+def _guided_draws(sde_name, case, kind):
+  """`draw(key, y, weight) -> x [N, 2]`: N draws of the sampler `case` guided by CFG
+  (`kind` 'cfg', weight = w) or by the exact classifier ('classifier', weight = scale), the
+  label and the weight traced: one compiled program per sampler, SDE and kind serves every
+  label and weight (of both tests below)."""
   method, options = METHODS[case]
   sde = SDES[sde_name]
-  x, _ = sampling.sample(KEY, score_fn, sde, (N, 2), method=method, **options)
-  return x
+
+  @jax.jit
+  def draw(key, y, weight):
+    if kind == "cfg":
+      score_fn = guidance.classifier_free(LABELLED.cond_score_fn(sde), y, w=weight,
+                                          null_label=NULL)
+    else:
+      score_fn = guidance.classifier_guided(LABELLED.marginal().score_fn(sde),
+                                            LABELLED.log_prob_fn(sde), y, scale=weight)
+    return sampling.sample(key, score_fn, sde, (N, 2), method=method, **options)[0]
+
+  return draw
+
+
+def _draw(sde_name, case, kind, y, weight):
+  return _guided_draws(sde_name, case, kind)(KEY, jnp.asarray(y, jnp.int32),
+                                             jnp.asarray(weight, jnp.float32))
 
 
 @pytest.mark.slow
@@ -169,29 +218,19 @@ def _draw(score_fn, sde_name, case):
                                            enumerate(METHODS)])
 def test_every_sampler_draws_the_exact_conditional_with_guidance(case, sde_name):
   """CFG w = 0 -> p(x | y); CFG w = -1 -> p(x); exact classifier at scale 1 -> p(x | y)."""
-  sde = SDES[sde_name]
-  cond = LABELLED.cond_score_fn(sde)
-  assert_reproduces(_draw(guidance.classifier_free(cond, 0, w=0.0, null_label=NULL),
-                          sde_name, case), LABELLED.classes[0])
-  assert_reproduces(_draw(guidance.classifier_free(cond, 2, w=-1.0, null_label=NULL),
-                          sde_name, case), LABELLED.marginal())
-  guided = guidance.classifier_guided(LABELLED.marginal().score_fn(sde),
-                                      LABELLED.log_prob_fn(sde), 2, scale=1.0)
-  assert_reproduces(_draw(guided, sde_name, case), LABELLED.classes[2])
+  assert_reproduces(_draw(sde_name, case, "cfg", 0, 0.0), LABELLED.classes[0])
+  assert_reproduces(_draw(sde_name, case, "cfg", 2, -1.0), LABELLED.marginal())
+  assert_reproduces(_draw(sde_name, case, "classifier", 2, 1.0), LABELLED.classes[2])
 
 
 @pytest.mark.slow
 def test_the_guided_check_can_fail():
   """Guidance that is not the exact conditional is caught: w = 1 sharpens class 0 (its mode
   weights move away from 0.6 / 0.4), and classifier guidance at scale 0 is unconditional."""
-  sde = SDES["vp"]
-  cfg = guidance.classifier_free(LABELLED.cond_score_fn(sde), 0, w=1.0, null_label=NULL)
   with pytest.raises(AssertionError):
-    assert_reproduces(_draw(cfg, "vp", "ddim"), LABELLED.classes[0])
-  unguided = guidance.classifier_guided(LABELLED.marginal().score_fn(sde),
-                                        LABELLED.log_prob_fn(sde), 2, scale=0.0)
+    assert_reproduces(_draw("vp", "ddim", "cfg", 0, 1.0), LABELLED.classes[0])
   with pytest.raises(AssertionError):
-    assert_reproduces(_draw(unguided, "vp", "ddim"), LABELLED.classes[2])
+    assert_reproduces(_draw("vp", "ddim", "classifier", 2, 0.0), LABELLED.classes[2])
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,9 +254,11 @@ FAST_CASES = [
 @pytest.mark.parametrize("method,scheme,options", FAST_CASES, ids=lambda v: str(v)[:20])
 def test_inpainting_keeps_the_known_pixels_exactly(method, scheme, options):
   sde = SDES["vp"]
+
   known, _ = IMAGES.sample(jax.random.key(3), 6)
-  x, nfe = guidance.inpaint(KEY, IMAGES.score_fn(sde), sde, known, PIXEL_MASK, method=method,
-                            scheme=scheme, **options)
+  x, _ = jax.jit(lambda key, known: guidance.inpaint(
+      key, IMAGES.score_fn(sde), sde, known, PIXEL_MASK, method=method, scheme=scheme,
+      **options))(KEY, known)
   assert x.shape == known.shape and np.all(np.isfinite(x))
   np.testing.assert_array_equal(np.asarray(x)[:, :2], np.asarray(known)[:, :2])
   assert not np.allclose(np.asarray(x)[:, 2:], np.asarray(known)[:, 2:])  # filled in, not copied
@@ -229,13 +270,20 @@ def test_inpainting_keeps_the_known_pixels_exactly(method, scheme, options):
 def test_colorization_keeps_the_gray_level(method, scheme, options):
   sde = SDES["ve"]
   colour = mixtures.image_mixture((2, 2, 3), seed=1)
+
   images, _ = colour.sample(jax.random.key(4), 5)
   gray = jnp.mean(images, -1, keepdims=True)
-  x, _ = guidance.colorize(KEY, colour.score_fn(sde), sde, gray, method=method, scheme=scheme,
-                           **options)
+
+  @jax.jit
+  def run(key, gray):
+    x, _ = guidance.colorize(key, colour.score_fn(sde), sde, gray, method=method,
+                             scheme=scheme, **options)
+    return x, jnp.mean(x, -1, keepdims=True), jnp.std(x - gray)
+
+  x, x_gray, spread = run(KEY, gray)
   assert x.shape == images.shape
-  np.testing.assert_allclose(jnp.mean(x, -1, keepdims=True), gray, atol=1e-6)
-  assert float(jnp.std(x - gray)) > 0.05  # actually coloured
+  np.testing.assert_allclose(x_gray, gray, atol=1e-6)
+  assert float(spread) > 0.05  # actually coloured
 
 
 def test_gray_basis_is_orthonormal_with_the_gray_axis_first():
@@ -254,20 +302,28 @@ def test_reimposed_pc_returns_the_noise_free_mean_in_the_unknown_pixels():
                                    stds=(0.0,), event_shape=(4, 4, 1))
   known = jnp.broadcast_to(jnp.asarray(mu, jnp.float32), (8, 4, 4, 1))
   options = dict(method="pc", scheme="reimpose", predictor="ancestral_sampling", steps=20)
-  x, _ = guidance.inpaint(KEY, point.score_fn(sde), sde, known, PIXEL_MASK, **options)
+
+  @jax.jit  # both, one program
+  def run(key):
+    return [guidance.inpaint(key, point.score_fn(sde), sde, known, PIXEL_MASK,
+                             denoise=denoise, **options)[0] for denoise in (True, False)]
+
+  x, noisy = run(KEY)
   np.testing.assert_allclose(x, known, atol=1e-4)
-  noisy, _ = guidance.inpaint(KEY, point.score_fn(sde), sde, known, PIXEL_MASK, denoise=False,
-                              **options)
-  assert float(jnp.max(jnp.abs(noisy - known))) > 1e-3  # what the reference returned
+  assert float(np.max(np.abs(np.asarray(noisy) - np.asarray(known)))) > 1e-3  # the reference's
 
 
 def test_pc_step_hook_does_not_change_the_sampler_draws():
   """An identity hook leaves the samples bitwise unchanged (its draws use their own keys)."""
   sde = SDES["vp"]
   options = dict(predictor="reverse_diffusion", corrector="langevin", steps=5)
-  plain, _ = sampling.pc_sample(KEY, IMAGES.score_fn(sde), sde, (4, 4, 4, 1), **options)
-  hooked, _ = sampling.pc_sample(KEY, IMAGES.score_fn(sde), sde, (4, 4, 4, 1),
-                                 step_hook=lambda key, x, t: x, **options)
+
+  @jax.jit  # both, one program
+  def run(key):
+    return [sampling.pc_sample(key, IMAGES.score_fn(sde), sde, (4, 4, 4, 1), step_hook=hook,
+                               **options)[0] for hook in (None, lambda key, x, t: x)]
+
+  plain, hooked = run(KEY)
   np.testing.assert_array_equal(plain, hooked)
 
 
@@ -301,6 +357,7 @@ def test_inpainting_bias_against_the_exact_conditional(problem):
            in inpainting_bias.CASES}
   for label in ("pc reimpose, RD + Langevin", "ddim score", "ode score"):
     method, scheme, options = cases[label]
-    x, _ = p.run(jax.random.key(1), p.mix.score_fn(sde), sde, N, method, scheme, options)
+    x, _ = jax.jit(lambda key: p.run(key, p.mix.score_fn(sde), sde, N, method, scheme,
+                                     options))(jax.random.key(1))
     m = inpainting_bias.measure(p, x)
     assert -0.17 < m["weight_error"] < -0.04, (label, m)

@@ -34,10 +34,13 @@ def _expected_loss_at_optimum(sde, weighting, eps, sigma_data):
   """1/(T-eps) int w(t) E||sigma s* + z||^2 / D dt, where for Gaussian data the inner
   expectation is alpha^2 S^2 / (alpha^2 S^2 + sigma^2) per dimension (closed form), and
   w = 1 for sigma2, g^2 / sigma^2 for the likelihood weighting; `sigma_data` is edm's."""
+  # alpha, sigma and g at t as one compiled program: quad calls it hundreds of times (eager,
+  # every call ran a dozen operations one by one).
+  coefficients = jax.jit(lambda tt: (sde.alpha(tt)[0], sde.sigma(tt)[0],
+                                     sde.sde(jnp.zeros((1, 1), tt.dtype), tt)[1][0]))
+
   def integrand(t):
-    tt = jnp.asarray([t], jnp.float64)
-    a, s = float(sde.alpha(tt)[0]), float(sde.sigma(tt)[0])
-    g = float(sde.sde(jnp.zeros((1, 1)), tt)[1][0])
+    a, s, g = (float(v) for v in coefficients(jnp.asarray([t], jnp.float64)))
     w = {"sigma2": 1.0, "likelihood": g**2 / s**2, "x0": (s / a) ** 2, "v": 1 + (s / a) ** 2,
          "edm": 1 + (s / a) ** 2 / sigma_data**2}[weighting]
     return w * a**2 * S**2 / (a**2 * S**2 + s**2)
@@ -98,8 +101,11 @@ def test_importance_sampler_density():
   sde, eps = sde_lib.SubVPSDE(), 1e-3
   sampler = losses.ImportanceSampler(sde, eps)
   t = np.asarray(sampler.sample(jax.random.key(3), 200_000))
-  q = lambda u: float(sde.sde(jnp.zeros((1, 1)), jnp.array([u], jnp.float64))[1][0] ** 2
-                      / sde.sigma(jnp.array([u], jnp.float64))[0] ** 2)
+  # q(u) = g(u)^2 / sigma(u)^2 as one compiled program, called by quad hundreds of times
+  # (eager, every call ran a dozen operations one by one).
+  q_program = jax.jit(lambda u: sde.sde(jnp.zeros((1, 1), u.dtype), u[None])[1][0] ** 2
+                      / sde.sigma(u[None])[0] ** 2)
+  q = lambda u: float(q_program(jnp.asarray(u, jnp.float64)))
   with jax.enable_x64(True):
     z = integrate.quad(q, eps, 1.0, points=[0.01, 0.1], limit=200)[0]
     cdfs = [integrate.quad(q, eps, c, limit=200)[0] / z for c in (0.01, 0.1, 0.5)]

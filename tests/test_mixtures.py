@@ -4,6 +4,8 @@ the diffused data, and samples have the mixture's moments."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,16 +44,27 @@ def _moments(mixture):
                          ids=["plane", "image"])
 def test_score_is_gradient_of_log_prob(sde_name, mixture):
   sde = SDES[sde_name]
-  x = 1.5 * jax.random.normal(jax.random.key(0), (len(TIMES),) + mixture.event_shape,
-                              jnp.float64)
-  t = jnp.asarray(TIMES, jnp.float64)
-  grad = jax.grad(lambda x: jnp.sum(mixture.log_prob(x, t, sde)))(x)
-  score = mixture.score_fn(sde)(x, t)
+
+  @jax.jit  # one program (eager, every operation compiles its own)
+  def scores_and_gradients():
+    x = 1.5 * jax.random.normal(jax.random.key(0), (len(TIMES),) + mixture.event_shape,
+                                jnp.float64)
+    t = jnp.asarray(TIMES, jnp.float64)
+    grad = jax.grad(lambda x: jnp.sum(mixture.log_prob(x, t, sde)))(x)
+    grad0 = jax.grad(lambda x: jnp.sum(mixture.log_prob(x)))(x)
+    return mixture.score_fn(sde)(x, t), grad, mixture.score(x), grad0
+
+  score, grad, score0, grad0 = scores_and_gradients()
   assert score.dtype == jnp.float64
   np.testing.assert_allclose(score, grad, rtol=1e-10, atol=1e-10)
   # The data density (t = None) too.
-  grad0 = jax.grad(lambda x: jnp.sum(mixture.log_prob(x)))(x)
-  np.testing.assert_allclose(mixture.score(x), grad0, rtol=1e-10, atol=1e-10)
+  np.testing.assert_allclose(score0, grad0, rtol=1e-10, atol=1e-10)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _log_prob(mixture, sde, t, x):
+  """log p_t(x) as one compiled program per (mixture, SDE, t, shape)."""
+  return mixture.log_prob(x, t, sde)
 
 
 def _grid_integrals(mixture, sde, t, lim, n):
@@ -61,7 +74,7 @@ def _grid_integrals(mixture, sde, t, lim, n):
   cell = (axis[1] - axis[0]) ** mixture.dim
   points = np.stack(np.meshgrid(*[axis] * mixture.dim, indexing="ij"), -1)
   points = points.reshape(-1, mixture.dim)
-  p = np.exp(np.asarray(mixture.log_prob(jnp.asarray(points), t, sde))) * cell
+  p = np.exp(np.asarray(_log_prob(mixture, sde, t, jnp.asarray(points)))) * cell
   return p.sum(), p @ points, np.einsum("n,ni,nj->ij", p, points, points)
 
 
@@ -89,7 +102,7 @@ def test_diffused_density_normalizes_with_diffused_moments(sde_name, t, mixture,
 
 def test_samples_have_the_mixture_moments():
   n = 200_000
-  x, comp = PLANE.sample(jax.random.key(1), n)
+  x, comp = jax.jit(PLANE.sample, static_argnums=1)(jax.random.key(1), n)  # one program
   x, comp = np.asarray(x, np.float64), np.asarray(comp)
   assert x.shape == (n, 2)
   mean, cov = _moments(PLANE)

@@ -31,30 +31,35 @@ def _alpha_sigma(sde, t, x):
 def test_conversions_are_exact_inverses(sde_name):
   with jax.enable_x64(True):
     sde = SDES[sde_name]()
-    k1, k2 = jax.random.split(jax.random.key(0))
-    t = jnp.asarray([1e-3, 0.1, 0.5, 0.9, 1.0], jnp.float64)
-    x0 = jax.random.normal(k1, (5, 3), jnp.float64)
-    eps = jax.random.normal(k2, (5, 3), jnp.float64)
-    alpha, sigma = _alpha_sigma(sde, t, x0)
-    x = alpha * x0 + sigma * eps
-    close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10,
-                                                    atol=1e-10)
-    score = param_lib.eps_to_score(eps, sigma)  # grad log p_0t(x | x0)
-    close(param_lib.score_to_eps(score, sigma), eps)
-    close(param_lib.eps_to_x0(eps, x, alpha, sigma), x0)
-    close(param_lib.x0_to_eps(x0, x, alpha, sigma), eps)
-    close(param_lib.score_to_x0(score, x, alpha, sigma), x0)
-    close(param_lib.x0_to_score(x0, x, alpha, sigma), score)
-    v = param_lib.eps_x0_to_v(eps, x0, alpha, sigma)
-    close(param_lib.v_to_x0(v, x, alpha, sigma), x0)
-    close(param_lib.v_to_eps(v, x, alpha, sigma), eps)
-    if sde_name == "vp":  # Salimans & Ho's v = alpha eps - sigma x0 exactly
-      close(v, alpha * eps - sigma * x0)
-    # Every parameterization: its regression target turns back into x0 and the score.
-    for name in NAMES:
-      target = param_lib.target(name, x0, eps, alpha, sigma, 0.5)
-      close(param_lib.output_to_x0(name, target, x, alpha, sigma, 0.5), x0)
-      close(param_lib.output_to_score(name, target, x, alpha, sigma, 0.5), score)
+
+    @jax.jit  # every (converted, expected) pair from one program (eager: one per operation)
+    def pairs():
+      k1, k2 = jax.random.split(jax.random.key(0))
+      t = jnp.asarray([1e-3, 0.1, 0.5, 0.9, 1.0], jnp.float64)
+      x0 = jax.random.normal(k1, (5, 3), jnp.float64)
+      eps = jax.random.normal(k2, (5, 3), jnp.float64)
+      alpha, sigma = _alpha_sigma(sde, t, x0)
+      x = alpha * x0 + sigma * eps
+      score = param_lib.eps_to_score(eps, sigma)  # grad log p_0t(x | x0)
+      v = param_lib.eps_x0_to_v(eps, x0, alpha, sigma)
+      pairs = [(param_lib.score_to_eps(score, sigma), eps),
+               (param_lib.eps_to_x0(eps, x, alpha, sigma), x0),
+               (param_lib.x0_to_eps(x0, x, alpha, sigma), eps),
+               (param_lib.score_to_x0(score, x, alpha, sigma), x0),
+               (param_lib.x0_to_score(x0, x, alpha, sigma), score),
+               (param_lib.v_to_x0(v, x, alpha, sigma), x0),
+               (param_lib.v_to_eps(v, x, alpha, sigma), eps)]
+      if sde_name == "vp":  # Salimans & Ho's v = alpha eps - sigma x0 exactly
+        pairs.append((v, alpha * eps - sigma * x0))
+      # Every parameterization: its regression target turns back into x0 and the score.
+      for name in NAMES:
+        target = param_lib.target(name, x0, eps, alpha, sigma, 0.5)
+        pairs.append((param_lib.output_to_x0(name, target, x, alpha, sigma, 0.5), x0))
+        pairs.append((param_lib.output_to_score(name, target, x, alpha, sigma, 0.5), score))
+      return pairs
+
+    for a, b in pairs():
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-10)
 
 
 def test_edm_coefficients_are_karras_in_sigma_hat():
@@ -138,12 +143,17 @@ def test_optimal_network_gives_the_exact_score(sde_name, name):
   with jax.enable_x64(True):
     sm = score_model(sde_name, name)
     sde = sm.sde
-    x = jax.random.normal(jax.random.key(1), (6, 2), jnp.float64) * 2.0
-    t = jnp.asarray([1e-3, 0.05, 0.2, 0.5, 0.8, 1.0], jnp.float64)
-    params = {"m": jnp.asarray(MU), "log_v": jnp.asarray(math.log(S**2))}
-    score = param_score_fn(sm, name)(params, x, t)
-    alpha, sigma = _alpha_sigma(sde, t, x)
-    exact = -(x - alpha * MU) / (alpha**2 * S**2 + sigma**2)
+
+    @jax.jit  # one program (eager: one per operation)
+    def score_and_exact():
+      x = jax.random.normal(jax.random.key(1), (6, 2), jnp.float64) * 2.0
+      t = jnp.asarray([1e-3, 0.05, 0.2, 0.5, 0.8, 1.0], jnp.float64)
+      params = {"m": jnp.asarray(MU), "log_v": jnp.asarray(math.log(S**2))}
+      score = param_score_fn(sm, name)(params, x, t)
+      alpha, sigma = _alpha_sigma(sde, t, x)
+      return score, -(x - alpha * MU) / (alpha**2 * S**2 + sigma**2)
+
+    score, exact = score_and_exact()
     np.testing.assert_allclose(np.asarray(score), np.asarray(exact), rtol=1e-6)
 
 

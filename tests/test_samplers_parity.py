@@ -29,6 +29,8 @@ Deliberate differences, shown to be exactly that:
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -77,22 +79,30 @@ def _times_of_alpha_bars(alpha_bars) -> np.ndarray:
   return _times_of_sigma_hats(np.sqrt((1.0 - alpha_bars) / alpha_bars))
 
 
+@jax.jit  # one program for every step of every test, t traced (eager: one per operation)
+def _exact_epsilon(x, t):
+  tb = jnp.full((x.shape[0],), t, jnp.float64)
+  return -VP.sigma(tb)[:, None] * MIX.score(x, tb, VP)
+
+
 def _epsilon(x: torch.Tensor, t: float) -> torch.Tensor:
   """The exact epsilon prediction -sigma(t) score(x, t) of the mixture under VP."""
-  xj = jnp.asarray(x.numpy())
-  tb = jnp.full((xj.shape[0],), t, jnp.float64)
-  eps = -VP.sigma(tb)[:, None] * MIX.score(xj, tb, VP)
+  eps = _exact_epsilon(jnp.asarray(x.numpy()), jnp.asarray(t, jnp.float64))
   return torch.from_numpy(np.asarray(eps))
+
+
+@functools.partial(jax.jit, static_argnums=2)  # one program per shape, the index traced
+def _step_noise_flat(key, index, shape):
+  key, _ = jax.random.split(key)
+  return jax.random.normal(jax.random.fold_in(key, index),
+                           (shape[0], int(np.prod(shape[1:]))), jnp.float64)
 
 
 def _step_noise(key, index, shape):
   """The noise a sampler of score_sde.sampling draws for step `index` from its key: the key
   left after the split that draws x_T, folded with the index, a standard normal flattened
   to [B, prod(D)] (see `sampling._normal_like`)."""
-  key, _ = jax.random.split(key)
-  flat = jax.random.normal(jax.random.fold_in(key, index), (shape[0], int(np.prod(shape[1:]))),
-                           jnp.float64)
-  return np.asarray(flat).reshape(shape)
+  return np.asarray(_step_noise_flat(key, index, tuple(shape))).reshape(shape)
 
 
 def _relative_error(ours, theirs) -> float:
