@@ -1318,7 +1318,9 @@ def sde_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | N
       flow and TrigFlow).
     shape: `(B, *D)`.
     steps: number of steps (default `sde.N`).
-    w: the stochasticity, a finite float >= 0 (a static Python number).
+    w: the stochasticity, a finite float >= 0; or a traced scalar (an argument of the
+      enclosing `jax.jit`, so that one compiled program serves every w), which is not
+      checked and always draws the noise (at w = 0 it is multiplied by zero).
     solver: one of `SDE_SOLVERS`, 'euler' or 'heun'.
     eps: the end time (default `default_eps(sde)`), in (0, t_max).
     x_T: optional starting point `[B, *D]` at t_max (default: a prior draw).
@@ -1331,7 +1333,8 @@ def sde_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | N
     ValueError: w negative or not finite, an unknown solver, bad steps / eps / x_T / shape.
   """
   check_options(sde, "sde", dict(steps=steps, w=w, solver=solver, eps=eps, denoise=denoise))
-  w = float(w)
+  static_w = not _is_traced(w)
+  w = float(w) if static_w else w
   steps = _check_steps(steps, sde)
   eps = _check_eps(eps, sde)
   key, prior_key = jax.random.split(key)
@@ -1349,7 +1352,7 @@ def sde_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, steps: int | N
     index, t, s = step
     h = s - t
     drift, g = drift_and_g(x, t)
-    if w == 0.0:
+    if static_w and w == 0.0:
       noise = jnp.zeros_like(x)
     else:
       noise = w * jnp.sqrt(-h) * _normal_like(jax.random.fold_in(key, index), x)  # w dW
@@ -1458,6 +1461,17 @@ def _check_positive(name: str, v, *, allow_zero: bool = False) -> None:
 
 def _is_number(v) -> bool:
   return not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
+
+
+def _is_traced(v) -> bool:
+  """Whether `v` is a scalar JAX array without a concrete value (an argument of a jit)."""
+  if not isinstance(v, jax.Array) or v.shape != ():
+    return False
+  try:
+    float(v)
+  except jax.errors.ConcretizationTypeError:
+    return True
+  return False
 
 
 def check_options(sde: SDE, method: str, options: dict) -> None:
@@ -1584,7 +1598,9 @@ def check_options(sde: SDE, method: str, options: dict) -> None:
   if method == "sde":
     _check_name("sde solver", get("solver"), SDE_SOLVERS)
     w = get("w")
-    if not (_is_number(w) and math.isfinite(w) and w >= 0):
+    if _is_traced(w):
+      pass  # a traced w (one compiled program for every w) cannot be checked here
+    elif not (_is_number(w) and math.isfinite(w) and w >= 0):
       raise ValueError(f"w must be a finite number >= 0 (0: probability-flow ODE, 1: reverse "
                        f"SDE), got {w!r}")
   if method == "ode":
