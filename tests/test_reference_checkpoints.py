@@ -359,7 +359,7 @@ def test_import_into_workdir_then_load_checkpoint(tmp_path):
       np.testing.assert_array_equal(np.asarray(x), y)
   with np.load(fixture_path("ve_ncsnpp_continuous.outputs.npz")) as f:
     x, labels, reference = nhwc(f["x_nchw"]), f["labels"], nhwc(f["out_ema_nchw"])
-  out = model.apply(state.variables(ema=True), jnp.asarray(x), jnp.asarray(labels))
+  out = jax.jit(model.apply)(state.variables(ema=True), jnp.asarray(x), jnp.asarray(labels))
   assert relative_error(out, reference) < RTOL
   assert json.loads((workdir / "imported_from.json").read_text())["step"] == 7
 
