@@ -5,9 +5,9 @@ One module fixture, built without training: the reference autoencoder
 (`shared/fixtures/autoencoder_kl/vae_tiny_1ch`, 16x16x1 -> 8x8x4) saved as a phase-1 workdir
 whose arrays are replicated over the 2 simulated devices (as `--mode=train_autoencoder`
 writes them), and a class-conditional one-resolution tiny DDPM++ on its latents ('auto'
-scale, perturbed random weights) saved the same way. Both checkpoints' sharding records are then rewritten to
-name device ids this machine does not have (0 and 9): they read as checkpoints written on
-another machine.
+scale, perturbed random weights) saved the same way. Both checkpoints' sharding records are
+then rewritten to name device ids this machine does not have (0 and 9): they read as
+checkpoints written on another machine.
 """
 
 import json
