@@ -216,11 +216,11 @@ def test_two_devices_match_one_device():
   spec = experiment.run_spec(config)
   data = experiment.make_dataset(config, "train")
   batches = [{k: data.batch(i)[k][None] for k in ("image", "label")} for i in range(3)]
+  initial = jax.device_get(programs.init_state(jax.random.PRNGKey(0), spec))  # on the host
   results = []
   for devices in (jax.devices()[:1], jax.devices()[:2]):
     mesh = parallel.make_mesh(devices)
-    state = programs.init_state(jax.random.PRNGKey(0), spec)
-    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    state = jax.device_put(initial, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     step_fn = programs.make_train_step(spec, mesh=mesh)
     key = jax.device_put(jax.random.PRNGKey(1),
                          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -237,8 +237,7 @@ def test_two_devices_match_one_device():
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
   assert int(s2.step) == 3 and not np.allclose(m1["loss"][0], m1["loss"][2])
   # The warm-up (optim.warmup=2) starts at a zero learning rate; the later steps moved them.
-  initial = jax.device_get(programs.init_state(jax.random.PRNGKey(0), spec).params)
-  assert not all(np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(initial),
+  assert not all(np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(initial.params),
                                                    jax.tree_util.tree_leaves(s2.params)))
 
 
