@@ -5,7 +5,6 @@ The reference model is the fixture `shared/fixtures/autoencoder_kl/vae_tiny_1ch`
 folder with random weights and its float64 outputs; see its README).
 """
 
-import functools
 import json
 import os
 import pickle
@@ -18,11 +17,12 @@ import jax
 import numpy as np
 import pytest
 import safetensors.numpy
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import score_sde.run
 from configs import default as default_config
 from score_sde import main
-from score_sde.io import autoencoder_files, checkpoints, datasets, torch_zip
+from score_sde.io import autoencoder_files, checkpoints, datasets, parallel, torch_zip
 from score_sde.io import workdir as workdir_lib
 from score_sde.run import autoencoder_training, experiment, networks, programs, reference
 
@@ -181,23 +181,31 @@ def _leaves(tree):
 AE_SETTINGS = dict(disc_weight=0.5, disc_start=2, ema_rate=0.9)
 
 
-def test_autoencoder_step_against_a_direct_computation():
+def test_autoencoder_step_against_a_direct_computation(trained_ae):
   """One phase-1 step with the discriminator on: the logged terms equal a direct computation
   (per-example L1 sum and closed-form KL of the same posterior draw, the hinge terms, LDM's
   adaptive weight from the two last-layer gradients), and the EMA is rate * old + (1 - rate)
   * new."""
-  # The settings of `trained_ae`, so that both use one compiled step (`make_train_step`
-  # gives equal specs the same function); the step is taken at disc_start.
-  config = tiny_config(**AE_SETTINGS)
+  # The step is taken from the state of `trained_ae` at disc_start (its step-2 checkpoint),
+  # restored and placed as the run places its arguments (state and key replicated over the
+  # default mesh, a batch of config.autoencoder.batch_size sharded over it): the call reuses
+  # the program that run traced and compiled (`make_train_step` gives equal specs on equal
+  # meshes one function), and no initialization is compiled again.
+  workdir, config = trained_ae
   spec = autoencoder_training.ae_spec(config)
-  state = jax.jit(functools.partial(autoencoder_training.init_state, spec=spec))(
-      jax.random.PRNGKey(0))
+  mesh = parallel.make_mesh()
+  replicated = NamedSharding(mesh, P())
   start = AE_SETTINGS["disc_start"]
-  state = state.replace(step=jax.numpy.asarray(start, jax.numpy.int32))
-  x01 = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (8, 16, 16, 1)))
+  with checkpoints.get_manager(workdir / "autoencoder", read_only=True) as manager:
+    state, step = checkpoints.restore(manager, autoencoder_training.abstract_state(spec, mesh),
+                                      step=start)
+  assert step == start and int(state.step) == start
+  x01 = np.asarray(jax.random.uniform(jax.random.PRNGKey(1),
+                                      (int(config.autoencoder.batch_size), 16, 16, 1)))
   base_key = jax.random.PRNGKey(2)
   before = jax.tree_util.tree_map(np.array, state)
-  new, metrics = autoencoder_training.make_train_step(spec)(state, base_key, x01)
+  new, metrics = autoencoder_training.make_train_step(spec, mesh=mesh)(
+      state, jax.device_put(base_key, replicated), parallel.shard_batch(x01, mesh))
   m = {k: float(v) for k, v in metrics.items()}
 
   module, disc = spec.module, spec.discriminator

@@ -229,13 +229,17 @@ def test_fixture_outputs_through_apply_and_score_fn(case):
   np.testing.assert_allclose(np.asarray(score_model.noise_labels(jnp.asarray(t, jnp.float32))),
                              labels, rtol=1e-5)
 
+  # The network and its score as one compiled program for both weight sets (op by op, the
+  # full-size fixture networks dispatch thousands of small programs).
+  @jax.jit
+  def out_and_score(variables, x, labels, t):
+    return model.apply(variables, x, labels), score_model.score_fn(variables)(x, t)
+
   for which, params in (("model", weights.params), ("ema", weights.ema_params)):
     variables = {"params": params, **weights.constants}
     reference = nhwc(outputs[f"out_{which}_nchw"])
-    out = model.apply(variables, x, jnp.asarray(labels))
+    out, score = out_and_score(variables, x, jnp.asarray(labels), jnp.asarray(t, jnp.float32))
     assert relative_error(out, reference) < RTOL, (name, which)
-    score_fn = score_model.score_fn(variables)
-    score = score_fn(x, jnp.asarray(t, jnp.float32))
     assert relative_error(score, to_score(reference)) < RTOL, (name, which)
   # The two weight sets differ, so the EMA test is not the model test again.
   assert relative_error(nhwc(outputs["out_model_nchw"]), nhwc(outputs["out_ema_nchw"])) > 1e-3
@@ -355,7 +359,7 @@ def test_import_into_workdir_then_load_checkpoint(tmp_path):
       np.testing.assert_array_equal(np.asarray(x), y)
   with np.load(fixture_path("ve_ncsnpp_continuous.outputs.npz")) as f:
     x, labels, reference = nhwc(f["x_nchw"]), f["labels"], nhwc(f["out_ema_nchw"])
-  out = model.apply(state.variables(ema=True), jnp.asarray(x), jnp.asarray(labels))
+  out = jax.jit(model.apply)(state.variables(ema=True), jnp.asarray(x), jnp.asarray(labels))
   assert relative_error(out, reference) < RTOL
   assert json.loads((workdir / "imported_from.json").read_text())["step"] == 7
 
