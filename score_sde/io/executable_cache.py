@@ -107,7 +107,8 @@ def compile(lowered) -> tuple[Any, bool]:  # noqa: A001  (the verb of jax.stages
 
 
 def load(key: str) -> Any | None:
-  """The `jax.stages.Compiled` stored under `key`, loaded onto this process's devices, or None
+  """The `jax.stages.Compiled` stored under `key`, loaded onto the devices it was compiled
+  for (by id), or None
   when the cache is off, nothing is stored, or the entry cannot be read or loaded (logged)."""
   path = _path(key)
   if path is None or not os.path.isfile(path):
@@ -117,8 +118,11 @@ def load(key: str) -> Any | None:
       entry = pickle.loads(f.read())
     if entry["key"] != key:  # a hash collision or a foreign file: not ours
       return None
+    by_id = {d.id: d for d in jax.local_devices()}
+    devices = [by_id[i] for i in entry["device_ids"]]  # a KeyError: not these devices
     return serialize_executable.deserialize_and_load(
-        entry["executable"], entry["in_tree"], entry["out_tree"])
+        entry["executable"], entry["in_tree"], entry["out_tree"],
+        execution_devices=devices)
   except Exception as e:  # noqa: BLE001  a corrupt file fails in pickle, XLA or anywhere
     logging.warning("Ignoring the unreadable executable-cache entry %s (%s: %s); compiling "
                     "instead", path, type(e).__name__, e)
@@ -126,12 +130,15 @@ def load(key: str) -> Any | None:
 
 
 def save(key: str, compiled: Any) -> bool:
-  """Stores `compiled` (a `jax.stages.Compiled`) under `key`; nothing when the cache is off.
+  """Stores `compiled` (a `jax.stages.Compiled`) and the ids of the devices it runs on under
+  `key`; nothing when the cache is off or in a multi-process run.
   Returns whether it was written. A program that cannot be serialized (its output tree has
   other nodes than tuples, lists, dicts and None, or XLA refuses) or a failed write is a
   warning."""
   path = _path(key)
   if path is None:
+    return False
+  if jax.process_count() > 1:  # the executable's devices are this process's: one host only
     return False
   if not (_plain_tree(compiled.in_tree) and _plain_tree(compiled.out_tree)):
     logging.warning("Not storing the executable of key %.80s...: its inputs or outputs are "
@@ -139,8 +146,10 @@ def save(key: str, compiled: Any) -> bool:
     return False
   try:
     executable, in_tree, out_tree = serialize_executable.serialize(compiled)
+    device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
     data = pickle.dumps({"key": key, "executable": executable, "in_tree": in_tree,
-                         "out_tree": out_tree}, protocol=pickle.HIGHEST_PROTOCOL)
+                         "out_tree": out_tree, "device_ids": device_ids},
+                        protocol=pickle.HIGHEST_PROTOCOL)
   except (ValueError, NotImplementedError, TypeError, pickle.PicklingError) as e:
     logging.warning("Could not serialize the executable of key %.80s... (%s)", key, e)
     return False

@@ -212,15 +212,22 @@ def _keep_mesh(score_fn: Callable, sharding: NamedSharding) -> Callable:
   return constrained
 
 
+def _device_ids(sharding) -> tuple[int, ...]:
+  """The devices of `sharding` by id: in the mesh's order for a `NamedSharding`."""
+  if isinstance(sharding, NamedSharding):
+    return tuple(int(d.id) for d in sharding.mesh.devices.flat)
+  return tuple(sorted(int(d.id) for d in sharding.device_set))
+
+
 def _input_signature(args: tuple) -> str | None:
   """The types of `args` as a compiled program sees them: the tree, and per leaf its shape,
-  dtype, weak type and sharding (which names the mesh). None when a leaf is not a
+  dtype, weak type, sharding (which names the mesh) and devices. None when a leaf is not a
   `jax.Array` (a Python or NumPy value, whose type jit may treat otherwise)."""
   leaves, treedef = jax.tree_util.tree_flatten(args)
   if not all(isinstance(leaf, jax.Array) for leaf in leaves):
     return None
-  types = [(leaf.shape, str(leaf.dtype), jax.typeof(leaf).weak_type, repr(leaf.sharding))
-           for leaf in leaves]
+  types = [(leaf.shape, str(leaf.dtype), jax.typeof(leaf).weak_type, repr(leaf.sharding),
+            _device_ids(leaf.sharding)) for leaf in leaves]
   return f"{treedef} {types}"
 
 
