@@ -8,9 +8,8 @@ demo's ODE sampler on 2 CPU cores). This module stores the compiled executable i
 one file per key in `<compilation cache dir>/score_sde_executables/`:
 
     compiled = executable_cache.load(key)      # a jax.stages.Compiled, or None
-    compiled, storable = executable_cache.compile(jax.jit(f).lower(*args))
-    if storable:                               # compiled afresh, not read from JAX's cache
-      executable_cache.save(key, compiled)
+    compiled = executable_cache.compile(jax.jit(f).lower(*args))   # storable
+    executable_cache.save(key, compiled)
 
 It is on exactly when the compilation cache is (`compilation_cache.enable`). The key must
 name everything the program depends on besides its inputs' types; `environment()` gives
@@ -37,6 +36,7 @@ from typing import Any
 
 import jax
 from jax.experimental import serialize_executable
+from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 
 from score_sde.io import files, shape_cache
 
@@ -81,15 +81,17 @@ def _plain_tree(treedef) -> bool:
           and all(_plain_tree(child) for child in treedef.children()))
 
 
-def compile(lowered) -> tuple[Any, bool]:  # noqa: A001  (the verb of jax.stages.Lowered)
-  """`(lowered.compile(), storable)` for a `jax.stages.Lowered`: compiled as a plain call
-  would (through JAX's persistent compilation cache), and whether `save` may store it: only
-  an executable XLA compiled here and now. With this JAX (0.10) on the CPU, an executable
-  that JAX's cache answered serializes without its kernels: the copy read back fails when it
-  runs ("NOT_FOUND: Function sine_reduce_fusion not found"), and so did one compiled again
-  in the same process with that cache off. Such a program is stored by the next process
-  that compiles it afresh (e.g. after JAX's cache lost it); until then it is traced, as
-  without this cache."""
+def compile(lowered) -> Any:  # noqa: A001  (the verb of jax.stages.Lowered)
+  """`lowered.compile()` for a `jax.stages.Lowered`, as an executable that `save` can store.
+
+  Compiled as a plain call would (through JAX's persistent compilation cache). When XLA did
+  not compile it afresh (JAX's cache answered, or the lowering held an executable already),
+  it is compiled again with JAX's cache off and `xla_embed_ir_in_executable` (which changes
+  no code, only what the executable carries): with this JAX (0.10) on the CPU, an executable
+  that JAX's cache answered serializes without its kernels, and the copy read back fails
+  when it runs ("NOT_FOUND: Function sine_reduce_fusion not found"); so did one compiled
+  again in the same process with the same options. The second compile is paid once per
+  key, by the process that stores it."""
   events = []
 
   def on_event(name, *args, **kwargs):
@@ -103,7 +105,16 @@ def compile(lowered) -> tuple[Any, bool]:  # noqa: A001  (the verb of jax.stages
   finally:
     jax.monitoring.unregister_event_listener(on_event)
     jax.monitoring.unregister_event_duration_listener(on_event)
-  return compiled, events == ["/jax/core/compile/backend_compile_duration"]
+  if events == ["/jax/core/compile/backend_compile_duration"]:  # compiled here, no cache hit
+    return compiled
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  jax_compilation_cache.reset_cache()  # JAX decides once per process whether the cache is used
+  try:
+    return lowered.compile(compiler_options={"xla_embed_ir_in_executable": True})
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    jax_compilation_cache.reset_cache()
 
 
 def load(key: str) -> Any | None:

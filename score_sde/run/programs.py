@@ -241,8 +241,8 @@ def stored_program(jitted: Callable, description: str | None) -> Callable:
   The key of an entry is `description`, the inputs' tree, shapes, dtypes and shardings, and
   `executable_cache.environment()` (code, library versions, XLA flags, jax config, devices).
   A miss lowers and compiles `jitted` (through the persistent compilation cache, as a plain
-  call would) and stores the executable when XLA compiled it afresh (not when JAX's cache
-  answered: `executable_cache.compile`); the program's outputs must then be plain tuples,
+  call would, and again without it if that cache answered: `executable_cache.compile`) and
+  stores the executable; the program's outputs must then be plain tuples,
   dicts and arrays (else it is not stored, and runs as compiled)."""
   if description is None or " at 0x" in description:  # not plain data: never a hit
     return jitted
@@ -257,9 +257,8 @@ def stored_program(jitted: Callable, description: str | None) -> Callable:
       key = f"{description} inputs={signature} {executable_cache.environment()}"
       compiled = executable_cache.load(key)
       if compiled is None:
-        compiled, storable = executable_cache.compile(jitted.lower(*args))
-        if storable:  # compiled afresh here (executable_cache.compile says why)
-          executable_cache.save(key, compiled)
+        compiled = executable_cache.compile(jitted.lower(*args))  # one that serializes
+        executable_cache.save(key, compiled)
       loaded[signature] = compiled
     return compiled(*args)
 
@@ -282,9 +281,9 @@ def make_sample_fn(spec: RunSpec, shape: tuple[int, ...], method: str, options: 
   labels). A latent run's samples (`spec.latent`) are drawn in latent space and decoded by
   a second compiled program: the images are in pixel space (`decode=False`: the latents
   themselves). `stored_as`: a description of everything else the program depends on (the
-  caller's whole config, say, when `score_fn_of` and `variance_fn_of` are the defaults and
-  the run is not a latent one): its executable is then stored (`stored_program`), so a warm
-  start does not trace it; None: not stored.
+  caller's whole config, say): its executable is then stored (`stored_program`), so a warm
+  start does not trace it; None, or a `score_fn_of` / `variance_fn_of` given, or a latent
+  run: not stored.
 
   The compiled program has no host callback (the ODE sampler solves with diffrax's
   `throw=False`), so it is stored in the persistent compilation cache; a failed ODE solve
@@ -295,6 +294,8 @@ def make_sample_fn(spec: RunSpec, shape: tuple[int, ...], method: str, options: 
   batch_sharding = NamedSharding(mesh, P("batch"))
   sde = spec.sde
 
+  if score_fn_of is not None or variance_fn_of is not None or spec.latent is not None:
+    stored_as = None  # closes over more than the description names: never stored
   if score_fn_of is None:
     score_fn_of = spec.score_model_for("sample").score_fn
   learned = method == "ddpm" and options.get("variance") == "learned"
