@@ -10,12 +10,15 @@ equinox runtime error), and JAX does not store a program with host callbacks in 
 compilation cache. With `return_result=True` both functions solve with `throw=False` instead,
 so the compiled program has no callback, and return diffrax's result code (a
 `diffrax.RESULTS` item); `check_result` turns a failed one into a clear error on the host.
+A program that must return plain arrays (one stored by `io.executable_cache`) returns
+`result_code(result)` instead, and the host turns it back with `result_item`.
 """
 
 from __future__ import annotations
 
 import diffrax
 import jax
+import jax.numpy as jnp
 from score_sde.checks import check_choice
 
 SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
@@ -50,6 +53,19 @@ def check_result(result, what: str = "the ODE solve") -> None:
   """
   if not bool(result == diffrax.RESULTS.successful):
     raise RuntimeError(f"{what} failed: {diffrax.RESULTS[result]}")
+
+
+def result_code(result) -> jax.Array:
+  """The int32 scalar code of a `diffrax.RESULTS` item: a plain array, for a compiled
+  program whose outputs must be plain (tuples, dicts and arrays); `result_item` inverts it."""
+  (code,) = jax.tree_util.tree_leaves(result)
+  return jnp.asarray(code)
+
+
+def result_item(code) -> diffrax.RESULTS:
+  """The `diffrax.RESULTS` item of a `result_code`, e.g. for `check_result` on the host."""
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(diffrax.RESULTS.successful),
+                                      [code])
 
 
 def is_fsal(solver: diffrax.AbstractSolver) -> bool:

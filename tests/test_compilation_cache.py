@@ -216,4 +216,12 @@ def test_second_process_loads_every_program_of_train_eval_and_sample(tmp_path):
   assert {"jit_step_fn", "jit_eval_fn", "jit_pixel_bpd_fn", "jit_sample_fn"} <= compiled, compiled
   second = runs(tmp_path / "second")  # a fresh workdir: the same programs again
   assert second["miss"] == [] and second["not_stored"] == []
-  assert set(second["hit"]) == compiled
+  # The bits/dim program and the CLI's samplers come from their stored executables
+  # (io.executable_cache), not traced, so JAX's cache sees only the rest (unipc's sampler,
+  # made here without a description, among them), less the eager op that tracing the
+  # bits/dim solve runs (`jit_bitwise_or`, on diffrax's result codes).
+  missing = compiled - set(second["hit"])
+  assert set(second["hit"]) <= compiled and "jit_pixel_bpd_fn" in missing
+  assert missing <= {"jit_pixel_bpd_fn", "jit_bitwise_or"}, missing
+  stored = os.listdir(tmp_path / "cache" / "score_sde_executables")
+  assert len(stored) == 1 + len(sampling.SAMPLERS) - 1, stored  # bits/dim, every CLI sampler

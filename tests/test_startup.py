@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import os
 
+import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 
 from configs import fashion_mnist_vp
-from score_sde.io import checkpoints, parallel, shape_cache
+from score_sde.io import checkpoints, executable_cache, parallel, shape_cache
 from score_sde.run import experiment, programs
 
 
@@ -180,3 +182,156 @@ def test_partial_restore_reads_names_the_slow_way_from_another_metadata_layout(
     del target["ema_params"]["Dense_0"]
     with pytest.raises(checkpoints.CheckpointMismatchError, match="another network"):
       checkpoints.restore(manager, target, partial=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Compiled executables stored beside the compilation cache (`io.executable_cache`,
+# `programs.stored_program`): a warm sampler neither traces nor lowers.
+
+_ODE = dict(rtol=1e-2, atol=1e-2)
+
+
+@pytest.fixture
+def executables(tmp_path):
+  """A fresh, empty compilation cache (and so executable cache) for the test: a program is
+  compiled afresh, which `executable_cache.compile` requires to store it."""
+  before = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax"))
+  jax_compilation_cache.reset_cache()
+  try:
+    yield executable_cache.directory()
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
+    jax_compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+  config = fashion_mnist_vp.get_config("tiny")
+  spec = experiment.run_spec(config)
+  variables = programs.init_state(jax.random.PRNGKey(0), spec).variables()
+  return spec, (2, *spec.image_shape), variables
+
+
+class _Traces:
+  """Counts jaxpr traces (JAX's `/jax/core/compile/jaxpr_trace_duration` events)."""
+
+  def __init__(self):
+    self.count = 0
+    jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+  def _on_event(self, name, *args, **kwargs):
+    if name == "/jax/core/compile/jaxpr_trace_duration":
+      self.count += 1
+
+
+_TRACES = _Traces()
+
+
+def _sample(spec, shape, variables, stored_as, method="ode", options=_ODE):
+  """Samples of a fresh `make_sample_fn` (its in-process executables not yet loaded), and
+  the traces it took."""
+  before = _TRACES.count
+  sample_fn = programs.make_sample_fn(spec, shape, method, options, stored_as=stored_as)
+  x, nfe = sample_fn(variables, jax.random.PRNGKey(1))
+  return np.asarray(x), int(nfe), _TRACES.count - before
+
+
+def test_a_stored_sampler_gives_the_same_bytes_without_tracing(executables, tiny_run):
+  spec, shape, variables = tiny_run
+  first, first_nfe, traces = _sample(spec, shape, variables, "tiny")  # a miss: compiled, stored
+  assert traces > 0 and len(os.listdir(executables)) == 1
+  traced, nfe, traces = _sample(spec, shape, variables, None)  # no store: jit as before
+  assert traces > 0 and len(os.listdir(executables)) == 1
+  second, second_nfe, traces = _sample(spec, shape, variables, "tiny")  # loaded
+  assert traces == 0
+  assert traced.tobytes() == first.tobytes() == second.tobytes()
+  assert nfe == first_nfe == second_nfe > 0
+
+
+def test_another_description_or_shape_is_a_miss(executables, tiny_run):
+  spec, shape, variables = tiny_run
+  options = dict(steps=2)
+  _sample(spec, shape, variables, "tiny", "ddim", options)
+  assert _sample(spec, shape, variables, "tiny", "ddim", options)[2] == 0  # a hit
+  # Another description (a changed config): a miss, traced, and stored (the program is the
+  # same, so JAX's cache answers and it is compiled again: `executable_cache.compile`).
+  want, _, traces = _sample(spec, shape, variables, "tiny changed", "ddim", options)
+  assert traces > 0 and len(os.listdir(executables)) == 2
+  got, _, traces = _sample(spec, shape, variables, "tiny changed", "ddim", options)
+  assert traces == 0 and got.tobytes() == want.tobytes()
+  # Another shape, other options, other variables' dtypes: misses, each a new program.
+  _, _, traces = _sample(spec, (4, *shape[1:]), variables, "tiny", "ddim", options)
+  assert traces > 0 and len(os.listdir(executables)) == 3
+  _, _, traces = _sample(spec, shape, variables, "tiny", "ddim", dict(steps=3))
+  assert traces > 0 and len(os.listdir(executables)) == 4
+  half = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), variables)
+  _, _, traces = _sample(spec, shape, half, "tiny", "ddim", options)
+  assert traces > 0 and len(os.listdir(executables)) == 5
+  assert _sample(spec, shape, variables, "tiny", "ddim", options)[2] == 0  # the first, kept
+
+
+def test_a_corrupt_entry_is_ignored_and_compiled_again(executables, tiny_run, caplog):
+  spec, shape, variables = tiny_run
+  options = dict(steps=2)
+  want, _, _ = _sample(spec, shape, variables, "tiny", "ddim", options)
+  (entry,) = os.listdir(executables)
+  path = os.path.join(executables, entry)
+  for garbage in (b"\x80\x05 not a pickle", open(path, "rb").read()[:-100]):
+    with open(path, "wb") as f:
+      f.write(garbage)
+    with caplog.at_level("WARNING"):
+      got, _, traces = _sample(spec, shape, variables, "tiny", "ddim", options)
+    assert "unreadable executable-cache entry" in caplog.text and traces > 0
+    assert got.tobytes() == want.tobytes()
+    caplog.clear()
+  _, _, traces = _sample(spec, shape, variables, "tiny", "ddim", options)  # rewritten
+  assert traces == 0
+
+
+def test_the_environment_names_flags_config_and_devices(monkeypatch):
+  base = executable_cache.environment()
+  assert shape_cache.source_digest() in base and jax.devices()[0].device_kind in base
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_cpu_other=1")
+  assert executable_cache.environment() != base
+  monkeypatch.undo()
+  with jax.default_matmul_precision("highest"):
+    assert executable_cache.environment() != base
+  assert executable_cache.environment() == base
+
+
+def test_a_program_with_a_custom_output_node_is_not_stored(executables):
+  compiled = jax.jit(lambda x: (x, diffrax.RESULTS.successful)).lower(jnp.ones(2)).compile()
+  assert not executable_cache.save("custom node", compiled)
+  assert not os.path.exists(executables)
+  plain = executable_cache.compile(jax.jit(lambda x: {"y": (x + 1, None)}).lower(jnp.ones(2)))
+  assert executable_cache.save("plain", plain)
+  loaded = executable_cache.load("plain")
+  np.testing.assert_array_equal(loaded(jnp.ones(2))["y"][0], [2.0, 2.0])
+  assert executable_cache.load("another key") is None
+
+
+def test_an_executable_from_jaxs_cache_is_compiled_again_to_be_stored(executables):
+  def program():  # a new function each time: not JAX's in-memory caches, its persistent one
+    def f(x):
+      return jnp.exp(x[:3] * 2.0) * jnp.sin(x[1:4]).sum()
+    return jax.jit(f)
+
+  x = jnp.arange(5.0)
+  want = program()(x)  # compiled, and written to JAX's cache
+  # The same program again: JAX's cache answers, and such an executable would serialize
+  # without its kernels; `compile` compiles it again, so the stored one runs.
+  assert executable_cache.save("k", executable_cache.compile(program().lower(x)))
+  np.testing.assert_array_equal(executable_cache.load("k")(x), want)
+
+
+def test_off_with_the_compilation_cache(tiny_run):
+  before = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", None)
+  try:
+    assert executable_cache.directory() is None
+    spec, shape, variables = tiny_run
+    _, _, traces = _sample(spec, shape, variables, "tiny", "ddim", dict(steps=2))
+    assert traces > 0
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)

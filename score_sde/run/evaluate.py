@@ -7,6 +7,7 @@ k (the latest by default) and run on all devices, the batch sharded over `"batch
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -20,6 +21,16 @@ from score_sde import likelihood, solvers
 from score_sde.io import files, images, parallel
 from score_sde.io import workdir as workdir_lib
 from score_sde.run import experiment, guided, keys, programs, quality
+
+
+def _program_description(config: ml_collections.ConfigDict, spec: experiment.RunSpec
+                         ) -> str | None:
+  """What a compiled program of evaluation or sampling depends on besides its inputs, for
+  `programs.stored_program`: the whole config. None (not stored) for a latent run, whose
+  programs also depend on the autoencoder's files."""
+  if spec.latent is not None:
+    return None
+  return "config=" + json.dumps(experiment.config_to_plain(config), sort_keys=True)
 
 
 def _sample_batches(config, state, spec: experiment.RunSpec, num_samples: int, mesh: Mesh,
@@ -36,7 +47,8 @@ def _sample_batches(config, state, spec: experiment.RunSpec, num_samples: int, m
   shape = (batch, *spec.image_shape)
   if sample_fn is None:  # else a guided one (score_sde.run.guided)
     sample_fn = programs.make_sample_fn(spec, shape, method, options, mesh=mesh,
-                                        decode=latents is None)
+                                        decode=latents is None,
+                                        stored_as=_program_description(config, spec))
   decode = None if latents is None else spec.latent.make_decode_fn(mesh)
   _, _, sample_key, _ = experiment.run_keys(config)
   variables = state.variables(ema=True)
@@ -161,6 +173,12 @@ def _test_loss(config, state, spec: experiment.RunSpec, mesh: Mesh, progress: bo
   return total / count
 
 
+def _with_code(outputs: tuple) -> tuple:
+  """`(..., diffrax result)` with the result as its code (`solvers.result_code`): a stored
+  program's outputs must be plain arrays."""
+  return (*outputs[:-1], solvers.result_code(outputs[-1]))
+
+
 def _test_bpd(config, state, spec: experiment.RunSpec, mesh: Mesh, progress: bool) -> dict:
   """Bits/dim (probability-flow ODE, uniform dequantization) of the first
   `eval.bpd_num_examples` test images (None: all)."""
@@ -174,13 +192,16 @@ def _test_bpd(config, state, spec: experiment.RunSpec, mesh: Mesh, progress: boo
   sde, score_model = spec.sde, spec.score_model_for("eval")
   replicated = NamedSharding(mesh, P())
 
-  @jax.jit
   def pixel_bpd_fn(variables, key, x01):
     score_fn = score_model.score_fn(variables)
-    return likelihood.bits_per_dim_of_batch(
+    return _with_code(likelihood.bits_per_dim_of_batch(
         key, score_fn, sde, x01, centered=bool(config.data.centered),
         uniform_dequantization=True, rtol=float(e.get("bpd_rtol", 1e-5)),
-        atol=float(e.get("bpd_atol", 1e-5)), eps=1e-5, return_result=True)
+        atol=float(e.get("bpd_atol", 1e-5)), eps=1e-5, return_result=True))
+
+  description = _program_description(config, spec)  # stored: a warm start does not trace it
+  stored_pixel_bpd_fn = programs.stored_program(
+      jax.jit(pixel_bpd_fn), None if description is None else f"pixel_bpd_fn {description}")
 
   if spec.latent is not None:
     # A latent run: -log p(z) / dim of the scaled latents of the test images, in nats; not
@@ -193,12 +214,12 @@ def _test_bpd(config, state, spec: experiment.RunSpec, mesh: Mesh, progress: boo
       logp, _, nfe, result = likelihood.log_likelihood(
           key, score_model.score_fn(variables), sde, z, rtol=float(e.get("bpd_rtol", 1e-5)),
           atol=float(e.get("bpd_atol", 1e-5)), eps=1e-5, return_result=True)
-      return -logp / dims, nfe, result
+      return -logp / dims, nfe, solvers.result_code(result)
 
     def latent_bpd_fn(variables, key, x01):
       return latent_nats_fn(variables, key, encode(key, 0, x01))
 
-  bpd_fn = pixel_bpd_fn if spec.latent is None else latent_bpd_fn
+  bpd_fn = stored_pixel_bpd_fn if spec.latent is None else latent_bpd_fn
 
   _, _, _, eval_key = experiment.run_keys(config)
   values, nfes, seen, start = [], [], 0, time.perf_counter()
@@ -212,7 +233,8 @@ def _test_bpd(config, state, spec: experiment.RunSpec, mesh: Mesh, progress: boo
         jax.random.fold_in(eval_key, keys.BPD_BATCHES | i), replicated), x01)
     # No run-time check is compiled in (so the program is cached): a failed solve is an
     # error here, e.g. eval.bpd_rtol / bpd_atol too tight for the solver's step budget.
-    solvers.check_result(parallel.to_host(result), "the bits/dim probability-flow ODE solve")
+    solvers.check_result(solvers.result_item(parallel.to_host(result)),
+                         "the bits/dim probability-flow ODE solve")
     bpd, mask = parallel.to_host((bpd, mask))  # the global batch, on every host
     keep = mask & (np.arange(len(mask)) + seen < limit)
     values.append(np.asarray(bpd)[keep])

@@ -33,7 +33,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from score_sde import guidance, models, sampling, solvers
-from score_sde.io import checkpoints, parallel, shape_cache
+from score_sde.io import checkpoints, executable_cache, parallel, shape_cache
 from score_sde.io import workdir as workdir_lib
 from score_sde.run import experiment, keys
 from score_sde.run import latent as latent_lib
@@ -212,9 +212,63 @@ def _keep_mesh(score_fn: Callable, sharding: NamedSharding) -> Callable:
   return constrained
 
 
+def _device_ids(sharding) -> tuple[int, ...]:
+  """The devices of `sharding` by id: in the mesh's order for a `NamedSharding`."""
+  if isinstance(sharding, NamedSharding):
+    return tuple(int(d.id) for d in sharding.mesh.devices.flat)
+  return tuple(sorted(int(d.id) for d in sharding.device_set))
+
+
+def _input_signature(args: tuple) -> str | None:
+  """The types of `args` as a compiled program sees them: the tree, and per leaf its shape,
+  dtype, weak type, sharding (which names the mesh) and devices. None when a leaf is not a
+  `jax.Array` (a Python or NumPy value, whose type jit may treat otherwise)."""
+  leaves, treedef = jax.tree_util.tree_flatten(args)
+  if not all(isinstance(leaf, jax.Array) for leaf in leaves):
+    return None
+  types = [(leaf.shape, str(leaf.dtype), jax.typeof(leaf).weak_type, repr(leaf.sharding),
+            _device_ids(leaf.sharding)) for leaf in leaves]
+  return f"{treedef} {types}"
+
+
+def stored_program(jitted: Callable, description: str | None) -> Callable:
+  """`jitted` (a `jax.jit` function of arrays) called through a compiled executable stored
+  beside the compilation cache (`io.executable_cache`, on with it), so that a warm start
+  neither traces nor lowers it. `description` must name everything the program depends on
+  besides its inputs' types, e.g. the whole config and the program's settings; None (or
+  the cache off, or an input that is not a `jax.Array`): `jitted` itself.
+
+  The key of an entry is `description`, the inputs' tree, shapes, dtypes and shardings, and
+  `executable_cache.environment()` (code, library versions, XLA flags, jax config, devices).
+  A miss lowers and compiles `jitted` (through the persistent compilation cache, as a plain
+  call would, and again without it if that cache answered: `executable_cache.compile`) and
+  stores the executable; the program's outputs must then be plain tuples,
+  dicts and arrays (else it is not stored, and runs as compiled)."""
+  if description is None or " at 0x" in description:  # not plain data: never a hit
+    return jitted
+  loaded: dict[str, Any] = {}  # input signature -> jax.stages.Compiled, for this process
+
+  def call(*args):
+    signature = _input_signature(args)
+    if signature is None or executable_cache.directory() is None:
+      return jitted(*args)
+    compiled = loaded.get(signature)
+    if compiled is None:
+      key = f"{description} inputs={signature} {executable_cache.environment()}"
+      compiled = executable_cache.load(key)
+      if compiled is None:
+        compiled = executable_cache.compile(jitted.lower(*args))  # one that serializes
+        executable_cache.save(key, compiled)
+      loaded[signature] = compiled
+    return compiled(*args)
+
+  return call
+
+
 def make_sample_fn(spec: RunSpec, shape: tuple[int, ...], method: str, options: dict, *,
                    mesh: Mesh | None = None, score_fn_of: Callable | None = None,
-                   variance_fn_of: Callable | None = None, decode: bool = True) -> Callable:
+                   variance_fn_of: Callable | None = None, decode: bool = True,
+                   stored_as: str | None = None) -> Callable:
   """`sample_fn(variables, key) -> (images [B, H, W, C] in [0, 1], nfe)`, one compiled
   program with the batch `shape[0]` sharded over devices. `method` and `options` as for
   `sampling.sample` (e.g. from `experiment.sampler_settings`). The starting noise is
@@ -226,7 +280,10 @@ def make_sample_fn(spec: RunSpec, shape: tuple[int, ...], method: str, options: 
   variance half (default: `ScoreModel.variance_fn` of the network's variables, no class
   labels). A latent run's samples (`spec.latent`) are drawn in latent space and decoded by
   a second compiled program: the images are in pixel space (`decode=False`: the latents
-  themselves).
+  themselves). `stored_as`: a description of everything else the program depends on (the
+  caller's whole config, say): its executable is then stored (`stored_program`), so a warm
+  start does not trace it; None, or a `score_fn_of` / `variance_fn_of` given, or a latent
+  run: not stored.
 
   The compiled program has no host callback (the ODE sampler solves with diffrax's
   `throw=False`), so it is stored in the persistent compilation cache; a failed ODE solve
@@ -237,6 +294,8 @@ def make_sample_fn(spec: RunSpec, shape: tuple[int, ...], method: str, options: 
   batch_sharding = NamedSharding(mesh, P("batch"))
   sde = spec.sde
 
+  if score_fn_of is not None or variance_fn_of is not None or spec.latent is not None:
+    stored_as = None  # closes over more than the description names: never stored
   if score_fn_of is None:
     score_fn_of = spec.score_model_for("sample").score_fn
   learned = method == "ddpm" and options.get("variance") == "learned"
@@ -253,15 +312,18 @@ def make_sample_fn(spec: RunSpec, shape: tuple[int, ...], method: str, options: 
                                      **extra)
     if spec.latent is None:
       x = jnp.clip(spec.inverse_scaler(x), 0.0, 1.0)
-    return x, nfe, result  # a latent run's latents are decoded below
+    return x, nfe, solvers.result_code(result)  # a latent run's latents are decoded below
 
-  compiled = jax.jit(sample_fn)
+  compiled = stored_program(jax.jit(sample_fn), None if stored_as is None else (
+      f"sample_fn {stored_as} shape={tuple(shape)} method={method!r} "
+      f"options={sorted(options.items())!r} decode={decode}"))
   decode_fn = (spec.latent.make_decode_fn(mesh)  # a latent run's samples, decoded to pixels
                if spec.latent is not None and decode else None)
 
   def checked_sample_fn(variables, key):
     x, nfe, result = compiled(variables, key)
-    solvers.check_result(parallel.to_host(result), f"the {method!r} sampler's solve")
+    solvers.check_result(solvers.result_item(parallel.to_host(result)),
+                         f"the {method!r} sampler's solve")
     return (x if decode_fn is None else decode_fn(x)), nfe
 
   return checked_sample_fn
