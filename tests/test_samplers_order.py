@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 
-import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +26,7 @@ import pytest
 from score_sde import mixtures
 from score_sde import sampling
 from score_sde import sde as sde_lib
+from tests.pf_reference import pf_ode_reference
 
 SDES = {"vp": sde_lib.VPSDE(), "ve": sde_lib.VESDE()}
 # A smooth two-component mixture (as the order tests of test_sampling.py): its data
@@ -40,24 +40,7 @@ def _reference(sde_name):
   """(x_T [32, 2] float64, x at eps) from diffrax's Dopri8 in float64, one compiled program.
   Call under x64."""
   sde = SDES[sde_name]
-  eps = sampling.default_eps(sde)
-  score_fn = SMOOTH.score_fn(sde)
-
-  def vector_field(t, x, args):
-    del args
-    tb = jnp.full(x.shape[:1], t, x.dtype)
-    drift, diffusion = sde.sde(x, tb)
-    return drift - 0.5 * (diffusion**2)[:, None] * score_fn(x, tb)
-
-  @jax.jit
-  def solve():
-    x_T = sde.prior_sampling(jax.random.key(1), (32, 2)).astype(jnp.float64)
-    solution = diffrax.diffeqsolve(
-        diffrax.ODETerm(vector_field), diffrax.Dopri8(), sde.t_max, eps, -1e-3, x_T,
-        stepsize_controller=diffrax.PIDController(rtol=1e-12, atol=1e-12), max_steps=100_000)
-    return x_T, solution.ys[0]
-
-  return solve()
+  return pf_ode_reference(sde, SMOOTH.score_fn(sde), sde.t_max, sampling.default_eps(sde), 1e-12)
 
 
 # (method, options, expected order, step counts)

@@ -20,6 +20,7 @@ import pytest
 from score_sde import mixtures
 from score_sde import sampling
 from score_sde import sde as sde_lib
+from tests.pf_reference import pf_ode_reference
 from tests.compiled import compiled
 
 SDES = {"vp": sde_lib.VPSDE(), "subvp": sde_lib.SubVPSDE(), "ve": sde_lib.VESDE()}
@@ -289,25 +290,8 @@ def _reference(sde_name):
   """(x_T [32, 2] float64, x at eps): the probability-flow ODE solved independently with
   diffrax (Dopri8, rtol = atol = 1e-10) in float64, T -> eps, as one compiled program. Call
   under enable_x64."""
-  import diffrax  # pylint: disable=import-outside-toplevel
   sde = SDES[sde_name]
-  eps = sampling.default_eps(sde)
-  score_fn = SMOOTH.score_fn(sde)
-
-  def vector_field(t, x, args):
-    tb = jnp.full(x.shape[:1], t, x.dtype)
-    drift, diffusion = sde.sde(x, tb)
-    return drift - 0.5 * (diffusion**2)[:, None] * score_fn(x, tb)
-
-  @jax.jit
-  def solve():
-    x_T = sde.prior_sampling(jax.random.key(1), (32, 2)).astype(jnp.float64)
-    solution = diffrax.diffeqsolve(
-        diffrax.ODETerm(vector_field), diffrax.Dopri8(), sde.T, eps, -1e-3, x_T,
-        stepsize_controller=diffrax.PIDController(rtol=1e-10, atol=1e-10), max_steps=100_000)
-    return x_T, solution.ys[0]
-
-  return solve()
+  return pf_ode_reference(sde, SMOOTH.score_fn(sde), sde.T, sampling.default_eps(sde), 1e-10)
 
 
 CONVERGENCE = [
