@@ -297,7 +297,12 @@ def restore_intact(manager: ocp.CheckpointManager, abstract_state: Any, step: in
       lambda a: a if isinstance(a, jax.ShapeDtypeStruct)
       else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
       abstract_state)
-  failures = []
+  expected, failures = _leaves(target), []
+  wanted = {k.split("/")[0] for k in expected}
+
+  def part(names):  # the checkpoint's arrays in the entries the target names
+    return {k: names[k] for k in names if k.split("/")[0] in wanted} if partial else names
+
   for candidate in candidates:
     # Restore first: orbax refuses a target of other names or shapes (a structure or shape
     # mismatch is a ValueError), so the checkpoint's metadata, which takes as long to read as
@@ -305,12 +310,6 @@ def restore_intact(manager: ocp.CheckpointManager, abstract_state: Any, step: in
     # (CheckpointMismatchError) or an unreadable checkpoint (the next one is tried).
     # A partial restore reads only the arrays named, so the names it would not see (arrays
     # of the checkpoint's that the target lacks) are compared first, from the metadata file.
-    expected = _leaves(target)
-    wanted = {k.split("/")[0] for k in expected}
-
-    def part(names):  # the checkpoint's arrays in the entries the target names
-      return {k: names[k] for k in names if k.split("/")[0] in wanted} if partial else names
-
     try:
       if partial:
         names = _saved_names(directory, candidate)

@@ -28,7 +28,6 @@ directory can make this process run code. Keep it private.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
@@ -45,8 +44,7 @@ SUBDIR = "score_sde_executables"
 
 def directory() -> str | None:
   """Where the entries live, or None when the compilation cache is off."""
-  cache_dir = jax.config.jax_compilation_cache_dir
-  return os.path.join(cache_dir, SUBDIR) if cache_dir else None
+  return shape_cache.beside_cache(SUBDIR)
 
 
 def environment() -> str:
@@ -62,13 +60,6 @@ def environment() -> str:
           f"platform={backend.platform} platform_version={backend.platform_version!r} "
           f"devices={[d.device_kind for d in devices]} local={jax.local_device_count()} "
           f"processes={jax.process_count()} jax_config={settings}")
-
-
-def _path(key: str) -> str | None:
-  where = directory()
-  if where is None:
-    return None
-  return os.path.join(where, hashlib.sha256(key.encode()).hexdigest() + ".pkl")
 
 
 def _plain_tree(treedef) -> bool:
@@ -121,7 +112,7 @@ def load(key: str) -> Any | None:
   """The `jax.stages.Compiled` stored under `key`, loaded onto the devices it was compiled
   for (by id), or None
   when the cache is off, nothing is stored, or the entry cannot be read or loaded (logged)."""
-  path = _path(key)
+  path = shape_cache.entry_path(directory(), key, ".pkl")
   if path is None or not os.path.isfile(path):
     return None
   try:
@@ -146,7 +137,7 @@ def save(key: str, compiled: Any) -> bool:
   Returns whether it was written. A program that cannot be serialized (its output tree has
   other nodes than tuples, lists, dicts and None, or XLA refuses) or a failed write is a
   warning."""
-  path = _path(key)
+  path = shape_cache.entry_path(directory(), key, ".pkl")
   if path is None:
     return False
   if jax.process_count() > 1:  # the executable's devices are this process's: one host only

@@ -17,6 +17,7 @@ logged: the shapes are then traced, as without the cache.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -36,29 +37,38 @@ SUBDIR = "score_sde_shapes"
 _PACKAGE = pathlib.Path(__file__).resolve().parents[1]
 
 
+def beside_cache(subdir: str) -> str | None:
+  """`subdir` of the compilation cache's directory, or None when that cache is off: where
+  this module's and `io.executable_cache`'s entries live."""
+  cache_dir = jax.config.jax_compilation_cache_dir
+  return os.path.join(cache_dir, subdir) if cache_dir else None
+
+
+def entry_path(where: str | None, key: str, suffix: str) -> str | None:
+  """The file of `key` in the directory `where` (its SHA-256, then `suffix`), or None when
+  `where` is (the compilation cache off)."""
+  if where is None:
+    return None
+  return os.path.join(where, hashlib.sha256(key.encode()).hexdigest() + suffix)
+
+
 def directory() -> str | None:
   """Where the entries live, or None when the compilation cache is off."""
-  cache_dir = jax.config.jax_compilation_cache_dir
-  return os.path.join(cache_dir, SUBDIR) if cache_dir else None
+  return beside_cache(SUBDIR)
 
 
+@functools.lru_cache(maxsize=1)
 def source_digest() -> str:
   """A digest of this package's Python sources and the jax / jaxlib / flax versions: part of
   every key, so an edit of the code (a network's layers, say) or an upgrade never reads
-  shapes stored before it."""
+  shapes stored before it. Computed once per process (the code a process runs is the code
+  it imported)."""
   digest = hashlib.sha256(f"{jax.__version__} {jaxlib.__version__} {flax.__version__}"
                           .encode())
   for path in sorted(_PACKAGE.rglob("*.py")):
     digest.update(str(path.relative_to(_PACKAGE)).encode())
     digest.update(path.read_bytes())
   return digest.hexdigest()
-
-
-def _path(key: str) -> str | None:
-  where = directory()
-  if where is None:
-    return None
-  return os.path.join(where, hashlib.sha256(key.encode()).hexdigest() + ".json")
 
 
 def _to_plain(tree: Any) -> Any:
@@ -77,7 +87,7 @@ def _from_plain(plain: Any) -> Any:
 def load(key: str) -> Any | None:
   """The tree stored under `key` (nested dicts of `jax.ShapeDtypeStruct`), or None when the
   cache is off, nothing is stored, or the entry cannot be read."""
-  path = _path(key)
+  path = entry_path(directory(), key, ".json")
   if path is None or not os.path.isfile(path):
     return None
   try:
@@ -95,7 +105,7 @@ def save(key: str, tree: Any) -> None:
   """Stores `tree` (nested dicts with string keys of arrays or `jax.ShapeDtypeStruct`s:
   only shapes and dtypes are kept) under `key`; nothing when the cache is off. A failed
   write is a warning."""
-  path = _path(key)
+  path = entry_path(directory(), key, ".json")
   if path is None:
     return
   data = json.dumps({"key": key, "tree": _to_plain(tree)}, sort_keys=True).encode()
