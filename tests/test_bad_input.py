@@ -526,10 +526,37 @@ def test_metrics_jsonl_stays_json_with_non_finite_values(tmp_path):
                    {"step": 3, "eval_loss": 0.5}]
 
 
+_WRITER_CHILD = r"""
+import importlib.util, struct, sys, glob
+from score_sde.io import logs
+with logs.summary_writer(sys.argv[1]) as writer:
+  writer.add_scalar("train/loss", 0.25, 7)
+assert "torch" not in sys.modules, "tensorboardX imported torch"
+assert importlib.util.find_spec("torch") is not None  # hidden only while tensorboardX loads
+from tensorboardX.proto import event_pb2
+(path,) = glob.glob(sys.argv[1] + "/events.out.tfevents.*")
+data, values = open(path, "rb").read(), []
+while data:  # TFRecord framing: length (8 bytes), its CRC, the record, its CRC
+  (n,) = struct.unpack("<Q", data[:8])
+  event = event_pb2.Event.FromString(data[12:12 + n])
+  values += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+  data = data[16 + n:]
+print(values)
+"""
+
+
+def test_tensorboard_writer_logs_without_importing_torch(tmp_path):
+  out = subprocess.run([sys.executable, "-c", _WRITER_CHILD, str(tmp_path)], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "[(7, 'train/loss', 0.25)]"
+
+
 def test_metrics_jsonl_lines_are_whole_even_when_killed(tmp_path, monkeypatch, caplog):
   """Each line is one os.write on an O_APPEND descriptor; a process appending lines and
-  killed at a random moment leaves only whole lines; a torn last line (an older writer cut
-  short) is ended by the next writer and skipped by `read_metrics` with a warning."""
+  killed at a random moment leaves whole lines, except perhaps the last (a write cut between
+  pages by the kill), which is a prefix of its record; a torn last line is ended by the next
+  writer and skipped by `read_metrics` with a warning."""
   writes, real_write = [], os.write
   monkeypatch.setattr(logs.os, "write", lambda fd, data: writes.append(data) or
                       real_write(fd, data))
@@ -551,8 +578,13 @@ def test_metrics_jsonl_lines_are_whole_even_when_killed(tmp_path, monkeypatch, c
   child.kill()
   child.wait()
   lines = open(killed, "rb").read().split(b"\n")
-  assert lines[-1] == b"" and len(lines) > 2
+  assert len(lines) > 2
+  # Every line before the last is whole and in order; the last is empty (the file ends with
+  # a newline) or a torn prefix of the next record.
   assert [json.loads(line)["step"] for line in lines[:-1]] == list(range(len(lines) - 1))
+  i = len(lines) - 1
+  whole = json.dumps({"step": i, "pad": "x" * (i % 5000)}).encode() + b"\n"
+  assert whole.startswith(lines[-1]) and len(lines[-1]) < len(whole) - 1
 
   with open(path, "ab") as f:
     f.write(b'{"step": 2, "lo')  # torn

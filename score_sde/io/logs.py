@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 
 import numpy as np
 
@@ -61,6 +62,23 @@ def setup_logging() -> None:
   python_handler.stream = _TqdmStream(python_handler.stream)
 
 
+def summary_writer(logdir: str):
+  """tensorboardX's `SummaryWriter(logdir)`, imported without PyTorch. tensorboardX imports
+  torch, when it is installed, only to accept torch tensors; the writers here log NumPy
+  values and Python floats, and that import cost 1.6 s of every run's start-up (2-core CPU,
+  torch 2.13). So while tensorboardX loads, `import torch` fails as if torch were absent
+  (its own fallback), unless torch is already imported."""
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if hide:
+      del sys.modules["torch"]
+  return SummaryWriter(logdir)
+
+
 class MetricsWriter:
   """The run's scalar and image log: TensorBoard events and `metrics.jsonl` lines, written
   by the chief process only (on the others every call does nothing).
@@ -75,8 +93,7 @@ class MetricsWriter:
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     self._tensorboard = None
     if enabled:
-      from tensorboardX import SummaryWriter
-      self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tensorboard = summary_writer(os.path.join(workdir, "tensorboard"))
       _end_torn_line(self.jsonl_path)
 
   def scalars(self, step: int, section: str, record: dict[str, float]) -> None:
@@ -106,9 +123,11 @@ def _json_number(value: float) -> float | None:
 
 def append_line(path: str, text: str) -> None:
   """Appends `text` and a newline to `path` (created if missing) in one `os.write` on an
-  `O_APPEND` descriptor: the line lands whole at the end of the file, even beside another
-  writer, and a kill leaves it either absent or complete (short writes, which a regular file
-  only gives on a full disk, are finished by further writes)."""
+  `O_APPEND` descriptor: the line lands at the end of the file in one piece, even beside
+  another writer. A kill can still cut the write that is under way (Linux may stop a write
+  to a regular file between pages on a fatal signal), so only the last line of a killed
+  writer's file can be torn: `read_metrics` skips it, and a new `MetricsWriter` ends it
+  before it appends. Short writes (a full disk) are finished by further writes."""
   data = (text.rstrip("\n") + "\n").encode()
   fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
   try:

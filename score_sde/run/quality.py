@@ -29,7 +29,7 @@ import numpy as np
 from score_sde import metrics
 from score_sde.checks import check_choice
 from score_sde.models import features as features_lib
-from score_sde.io import inception_files
+from score_sde.io import inception_files, logs
 from score_sde.run import experiment
 
 STATS_CACHE_DIR = os.path.join("~", ".cache", "score_sde", "stats")
@@ -257,8 +257,6 @@ def log_metrics(result: dict, step: int, workdir: str) -> None:
   scalars = {k: float(v) for k, v in result.items()
              if isinstance(v, (int, float)) and any(k.endswith(n) for n in names)}
   logging.info("step %d: %s", step, ", ".join(f"{k} {v:.5g}" for k, v in scalars.items()))
-  from tensorboardX import SummaryWriter
-
-  with SummaryWriter(os.path.join(workdir, "tensorboard")) as writer:
+  with logs.summary_writer(os.path.join(workdir, "tensorboard")) as writer:
     for k, v in scalars.items():
       writer.add_scalar(f"eval/{k}", v, step)
