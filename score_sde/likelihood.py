@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 
-import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,6 +75,8 @@ def log_likelihood(key: jax.Array, score_fn: ScoreFn, sde: SDE, x: jax.Array, *,
   Raises:
     ValueError: on an unknown `divergence` or `solver` name, or eps outside (0, t_max).
   """
+  import diffrax  # here, not with the module: see `score_sde.solvers`
+
   if divergence not in DIVERGENCES:
     raise ValueError(f"Unknown divergence {divergence!r}; valid: {list(DIVERGENCES)}")
   solvers.check_solver(solver, adaptive=True)
@@ -121,7 +122,7 @@ def log_likelihood(key: jax.Array, score_fn: ScoreFn, sde: SDE, x: jax.Array, *,
     dy, div = drift_and_div(y, t)
     return dy, div
 
-  erk = solvers.SOLVERS[solver]()
+  erk = solvers.make_solver(solver)
   sol = diffrax.diffeqsolve(
       diffrax.ODETerm(vector_field), erk, t0=eps, t1=sde.t_max, dt0=0.01 * (sde.t_max - eps),
       y0=(x, jnp.zeros((batch,), x.dtype)),

@@ -27,7 +27,6 @@ import warnings
 
 import jax
 import numpy as np
-import scipy.linalg
 
 # Pairwise-distance blocks are at most this many float64 entries (256 MiB).
 _MAX_BLOCK_ENTRIES = 1 << 25
@@ -134,6 +133,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     if not np.isfinite(a).all():
       raise ValueError(f"frechet_distance: {name} holds {int((~np.isfinite(a)).sum())} NaN or "
                        f"infinite entries")
+  import scipy.linalg  # here: 0.1 s that a command computing no distance does not pay
+
   diff = mu1 - mu2
   covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
   if not np.isfinite(covmean).all():

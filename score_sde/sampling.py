@@ -68,15 +68,17 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
-import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from score_sde import solvers
 from score_sde.sde import SDE, ScoreFn, batch_scalar
+
+if TYPE_CHECKING:
+  import diffrax
 
 Array = jax.Array
 
@@ -1237,6 +1239,8 @@ def ode_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, solver: str = 
     Euler), plus one evaluation at x_T for first-same-as-last solvers, plus `denoise`.
     With `return_result`: `(x, nfe, result)`, result a `diffrax.RESULTS` item.
   """
+  import diffrax  # here, not with the module: see `score_sde.solvers`
+
   check_options(sde, "ode", dict(solver=solver, rtol=rtol, atol=atol, steps=steps,
                                  max_steps=max_steps, denoise=denoise, eps=eps))
   eps = _check_eps(eps, sde)
@@ -1253,7 +1257,7 @@ def ode_sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, *, solver: str = 
     return -rsde.sde(y, _full_t(-s, y))[0]
 
   term = diffrax.ODETerm(vector_field)
-  ode_solver = solvers.SOLVERS[solver]()
+  ode_solver = solvers.make_solver(solver)
   fsal = solvers.is_fsal(ode_solver)
   # Python floats, not arrays: diffrax's solve is an `equinox.filter_jit`, which traces array
   # arguments, and its check of the direction of dt0 is then decided at trace time instead
@@ -1420,7 +1424,7 @@ def sample(key: Array, score_fn: ScoreFn, sde: SDE, shape, method: str = "pc", *
   if method == "ode":
     return ode_sample(key, score_fn, sde, shape, return_result=return_result, **options)
   x, nfe = SAMPLERS[method](key, score_fn, sde, shape, **options)
-  return (x, nfe, diffrax.RESULTS.successful) if return_result else (x, nfe)
+  return (x, nfe, solvers.successful()) if return_result else (x, nfe)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,24 +11,37 @@ compilation cache. With `return_result=True` both functions solve with `throw=Fa
 so the compiled program has no callback, and return diffrax's result code (a
 `diffrax.RESULTS` item); `check_result` turns a failed one into a clear error on the host.
 A program that must return plain arrays (one stored by `io.executable_cache`) returns
-`result_code(result)` instead, and the host turns it back with `result_item`.
+`result_code(result)` instead, which `check_result` takes as well.
+
+diffrax is imported where a solve is built (`make_solver`, and the functions of `sampling`
+and `likelihood` that solve), not with this module: a warm start that loads a compiled
+sampler from `io.executable_cache` never builds one, and the import is 0.3 s of its start-up
+(2-core CPU). A successful result is recognised by its code, `SUCCESSFUL`, without diffrax.
 """
 
 from __future__ import annotations
 
-import diffrax
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from score_sde.checks import check_choice
 
-SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
-    "tsit5": diffrax.Tsit5,
-    "dopri5": diffrax.Dopri5,
-    "dopri8": diffrax.Dopri8,
-    "bosh3": diffrax.Bosh3,
-    "heun": diffrax.Heun,
-    "euler": diffrax.Euler,
+if TYPE_CHECKING:
+  import diffrax
+
+# Solver name -> its diffrax class (`make_solver` builds one).
+SOLVERS: dict[str, str] = {
+    "tsit5": "Tsit5",
+    "dopri5": "Dopri5",
+    "dopri8": "Dopri8",
+    "bosh3": "Bosh3",
+    "heun": "Heun",
+    "euler": "Euler",
 }
+# `diffrax.RESULTS.successful`'s code (tests/test_compilation_cache.py checks it).
+SUCCESSFUL = 0
 # The solvers with an embedded error estimate, which an adaptive step-size controller needs.
 ADAPTIVE_SOLVERS = ("tsit5", "dopri5", "dopri8", "bosh3", "heun")
 
@@ -39,20 +52,40 @@ def check_solver(name: str, adaptive: bool = False) -> None:
   check_choice("solver", name, valid)
 
 
+def make_solver(name: str) -> diffrax.AbstractSolver:
+  """The diffrax solver `name` of `SOLVERS` (ValueError naming the valid ones otherwise)."""
+  import diffrax
+  check_solver(name)
+  return getattr(diffrax, SOLVERS[name])()
+
+
 def check_result(result, what: str = "the ODE solve") -> None:
   """Raises RuntimeError with diffrax's message if `result` is not `RESULTS.successful`.
 
   Args:
-    result: the `diffrax.RESULTS` item a `return_result=True` solve returned, as a concrete
-      (host or fully addressable) value, i.e. after the compiled call.
+    result: the `diffrax.RESULTS` item a `return_result=True` solve returned, or its
+      `result_code`, as a concrete (host or fully addressable) value, i.e. after the
+      compiled call.
     what: what was solved, for the message (e.g. "the probability-flow ODE sample").
 
   Raises:
     RuntimeError: naming `what` and diffrax's reason (e.g. the maximum number of solver steps
       was reached: raise `max_steps` or loosen rtol/atol).
   """
-  if not bool(result == diffrax.RESULTS.successful):
-    raise RuntimeError(f"{what} failed: {diffrax.RESULTS[result]}")
+  (code,) = jax.tree_util.tree_leaves(result)
+  if int(np.asarray(code)) != SUCCESSFUL:
+    raise RuntimeError(f"{what} failed: {_message(code)}")
+
+
+def _message(code) -> str:
+  import diffrax
+  return diffrax.RESULTS[result_item(code)]
+
+
+def successful() -> diffrax.RESULTS:
+  """`diffrax.RESULTS.successful`: the result of a solve that cannot fail (fixed steps)."""
+  import diffrax
+  return diffrax.RESULTS.successful
 
 
 def result_code(result) -> jax.Array:
@@ -63,7 +96,8 @@ def result_code(result) -> jax.Array:
 
 
 def result_item(code) -> diffrax.RESULTS:
-  """The `diffrax.RESULTS` item of a `result_code`, e.g. for `check_result` on the host."""
+  """The `diffrax.RESULTS` item of a `result_code`."""
+  import diffrax
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(diffrax.RESULTS.successful),
                                       [code])
 

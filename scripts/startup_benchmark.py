@@ -12,7 +12,10 @@ Each round runs, each as a fresh process (`python -m score_sde.main`) in a fresh
     rtol = atol = `--tol`; the test loss off, so that the time is start-up, not the split);
   * sample: one batch of `--num_samples` with `--sample_method` (default the ODE sampler,
     at the same tolerances for the adaptive one).
-The first round compiles into an empty cache directory, the later ones load from it. Prints
+The processes inherit this one's environment: for the demo's CPU settings (one simulated
+device per core, TCMalloc), run it after `source scripts/cpu_env.sh; one_device_per_core;
+use_tcmalloc`, as scripts/demo.sh does. The first round compiles into an empty cache
+directory, the later ones load from it. Prints
 one JSON line per process and, per mode, a summary line with warm / cold (best warm round).
 """
 

@@ -73,7 +73,7 @@ def test_frechet_distance_retries_a_singular_product_with_eps_offset(monkeypatch
     calls.append(m)
     return np.full_like(m, np.nan) if len(calls) == 1 else real_sqrtm(m)
 
-  monkeypatch.setattr(metrics.scipy.linalg, "sqrtm", flaky_sqrtm)
+  monkeypatch.setattr(scipy.linalg, "sqrtm", flaky_sqrtm)  # the module metrics imports
   fd = metrics.frechet_distance(np.zeros(d), s1, np.zeros(d), s2, eps=eps)
   assert len(calls) == 2
   # Traces of the unshifted covariances, the root of the shifted product.

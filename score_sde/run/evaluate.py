@@ -233,7 +233,7 @@ def _test_bpd(config, state, spec: experiment.RunSpec, mesh: Mesh, progress: boo
         jax.random.fold_in(eval_key, keys.BPD_BATCHES | i), replicated), x01)
     # No run-time check is compiled in (so the program is cached): a failed solve is an
     # error here, e.g. eval.bpd_rtol / bpd_atol too tight for the solver's step budget.
-    solvers.check_result(solvers.result_item(parallel.to_host(result)),
+    solvers.check_result(parallel.to_host(result),
                          "the bits/dim probability-flow ODE solve")
     bpd, mask = parallel.to_host((bpd, mask))  # the global batch, on every host
     keep = mask & (np.arange(len(mask)) + seen < limit)

@@ -322,7 +322,7 @@ def make_sample_fn(spec: RunSpec, shape: tuple[int, ...], method: str, options: 
 
   def checked_sample_fn(variables, key):
     x, nfe, result = compiled(variables, key)
-    solvers.check_result(solvers.result_item(parallel.to_host(result)),
+    solvers.check_result(parallel.to_host(result),
                          f"the {method!r} sampler's solve")
     return (x if decode_fn is None else decode_fn(x)), nfe
 
