@@ -90,7 +90,7 @@ def test_round_trip_keeps_shapes_and_dtypes(cache_dir):
   assert shape_cache.load("another key") is None
 
 
-def test_off_with_the_compilation_cache():
+def test_shape_cache_off_with_the_compilation_cache():
   before = jax.config.jax_compilation_cache_dir
   jax.config.update("jax_compilation_cache_dir", None)
   try:
@@ -152,8 +152,18 @@ def test_partial_restore_refuses_another_network(tmp_path, change):
       checkpoints.restore(manager, target, partial=True)
 
 
-def test_ema_only_run_has_the_full_runs_ema_variables(tmp_path):
+def _small_config():
+  """The demo's config with its network shrunk to one resolution of 8x8 without attention:
+  the tests on it compile programs of the network, and what they check does not depend on
+  its size."""
   config = fashion_mnist_vp.get_config("tiny")
+  config.data.image_size = 8
+  config.model.update(nf=4, ch_mult=(1,), attn_resolutions=())
+  return config
+
+
+def test_ema_only_run_has_the_full_runs_ema_variables(tmp_path):
+  config = _small_config()
   spec, mesh = experiment.run_spec(config), parallel.make_mesh()
   state = programs.init_state(jax.random.PRNGKey(0), spec)
   state = state.replace(ema_params=jax.tree_util.tree_map(lambda a: a + 1, state.params))
@@ -207,7 +217,7 @@ def executables(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_run():
-  config = fashion_mnist_vp.get_config("tiny")
+  config = _small_config()
   spec = experiment.run_spec(config)
   variables = programs.init_state(jax.random.PRNGKey(0), spec).variables()
   return spec, (2, *spec.image_shape), variables
@@ -325,7 +335,7 @@ def test_an_executable_from_jaxs_cache_is_compiled_again_to_be_stored(executable
   np.testing.assert_array_equal(executable_cache.load("k")(x), want)
 
 
-def test_off_with_the_compilation_cache(tiny_run):
+def test_executable_cache_off_with_the_compilation_cache(tiny_run):
   before = jax.config.jax_compilation_cache_dir
   jax.config.update("jax_compilation_cache_dir", None)
   try:
