@@ -42,25 +42,29 @@ import pytest  # noqa: E402
 # parametrizations; a module fixture counts with its first user), else SLOW_SECONDS for a
 # `slow` test and FAST_SECONDS for any other.
 EXPECTED_SECONDS = {
-    "tests/test_compilation_cache.py::test_second_process_loads_every_program": 60.0,
+    "tests/test_compilation_cache.py::test_second_process_loads_every_program": 36.0,
     # test_latent.py: trained_ae (built by its first user, the one-step check), the runs on it
-    "tests/test_latent.py::test_autoencoder_step_against_a_direct_computation": 30.0,
-    "tests/test_latent.py::test_latent_run_end_to_end": 30.0,
+    "tests/test_latent.py::test_autoencoder_step_against_a_direct_computation": 23.0,
+    "tests/test_latent.py::test_latent_run_end_to_end": 26.0,
     "tests/test_latent.py::test_train_autoencoder_writes_and_resumes_bitwise": 8.0,
     "tests/test_latent.py::test_dit_and_autoencoder_pipeline": 8.0,
-    "tests/test_distributed.py::test_two_processes_train_like_one_process": 25.0,
+    "tests/test_distributed.py::test_two_processes_train_like_one_process": 22.0,
     # test_latent_runs.py: the fixture (with its first user), then the samplers on it
-    "tests/test_latent_runs.py::test_latent_run_restores_on_other_devices": 12.0,
+    "tests/test_latent_runs.py::test_latent_run_restores_on_other_devices": 16.0,
     "tests/test_latent_runs.py::test_cfg_on_a_latent_run": 8.0,
     "tests/test_latent_runs.py::test_sampler_panel_of_a_latent_run": 5.0,
     # test_train.py: the tiny run `trained` (with its first user) and the runs on it
     "tests/test_train.py::test_train_writes_checkpoints_samples_and_logs": 12.0,
     "tests/test_train.py::test_resume_after_sigkill_matches_uninterrupted_run": 12.0,
-    "tests/test_train.py::test_eval_and_sample_modes": 20.0,
-    "tests/test_train.py::test_two_devices_match_one_device": 8.0,
+    "tests/test_train.py::test_eval_and_sample_modes": 9.0,
+    "tests/test_train.py::test_two_devices_match_one_device": 13.0,
     "tests/test_train.py::test_cli_bad_input_is_a_clear_error": 4.0,
-    "tests/test_precision.py::test_bfloat16_trains_like_float32": 15.0,
-    "tests/test_reference_checkpoints.py::test_import_script_with_config_overrides": 12.0,
+    "tests/test_precision.py::test_bfloat16_trains_like_float32": 17.0,
+    "tests/test_reference_checkpoints.py::test_import_script_with_config_overrides": 11.0,
+    "tests/test_notebooks.py::test_compare_samplers_notebook_runs": 17.0,
+    "tests/test_controllable.py::test_classifier_mode_writes_checkpoint_and_meta": 11.0,
+    "tests/test_features.py::test_eval_mode_writes_sample_quality": 9.0,
+    "tests/test_pretrained.py::test_registered_models_load_and_denoise": 5.0,
 }
 SLOW_SECONDS, FAST_SECONDS = 10.0, 0.5
 
