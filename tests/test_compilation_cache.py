@@ -220,15 +220,18 @@ def test_second_process_loads_every_program_of_train_eval_and_sample(tmp_path):
   assert first["not_stored"] == [] and first["hit"] == [] and first["diffrax"]
   # The ODE sampler and the likelihood, the train and eval steps among them.
   compiled = set(first["miss"])
-  assert {"jit_step_fn", "jit_eval_fn", "jit_pixel_bpd_fn", "jit_sample_fn"} <= compiled, compiled
+  assert {"jit_flat_step", "jit_eval_fn", "jit_pixel_bpd_fn", "jit_sample_fn"} <= compiled, \
+      compiled
   second = runs(tmp_path / "second")  # a fresh workdir: the same programs again
   assert second["miss"] == [] and second["not_stored"] == [] and not second["diffrax"]
-  # The bits/dim program and the CLI's samplers come from their stored executables
-  # (io.executable_cache), not traced, so JAX's cache sees only the rest (unipc's sampler,
-  # made here without a description, among them), less the eager op that tracing the
-  # bits/dim solve runs (`jit_bitwise_or`, on diffrax's result codes).
+  # The train step, the bits/dim program and the CLI's samplers come from their stored
+  # executables (io.executable_cache), not traced, so JAX's cache sees only the rest
+  # (unipc's sampler, made here without a description, among them), less the eager op that
+  # tracing the bits/dim solve runs (`jit_bitwise_or`, on diffrax's result codes).
   missing = compiled - set(second["hit"])
-  assert set(second["hit"]) <= compiled and "jit_pixel_bpd_fn" in missing
-  assert missing <= {"jit_pixel_bpd_fn", "jit_bitwise_or"}, missing
+  assert set(second["hit"]) <= compiled
+  assert {"jit_flat_step", "jit_pixel_bpd_fn"} <= missing
+  assert missing <= {"jit_flat_step", "jit_pixel_bpd_fn", "jit_bitwise_or"}, missing
   stored = os.listdir(tmp_path / "cache" / "score_sde_executables")
-  assert len(stored) == 1 + len(sampling.SAMPLERS) - 1, stored  # bits/dim, every CLI sampler
+  # The train step, bits/dim and every CLI sampler.
+  assert len(stored) == 2 + len(sampling.SAMPLERS) - 1, stored

@@ -259,6 +259,36 @@ def test_a_stored_sampler_gives_the_same_bytes_without_tracing(executables, tiny
   assert nfe == first_nfe == second_nfe > 0
 
 
+def test_a_stored_train_step_gives_the_same_state_without_tracing(executables, tiny_run):
+  """`make_train_step(stored_as=...)`: the state bit for bit as the plain `jax.jit` step's,
+  and a fresh step function of the same description loads the executable instead of
+  tracing; the donated input state is consumed as by the jitted step."""
+  spec = tiny_run[0]
+  mesh = parallel.make_mesh()
+  images = jax.random.uniform(jax.random.PRNGKey(2), (1, 4, *spec.image_shape))
+  batch = parallel.shard_batch({"image": images, "label": jnp.zeros((1, 4), jnp.int32)}, mesh,
+                               axis=1)
+  key = parallel.replicate(jax.random.PRNGKey(3), mesh)
+
+  def steps(stored_as):
+    state = parallel.replicate(programs.init_state(jax.random.PRNGKey(0), spec), mesh)
+    step_fn, before = programs.make_train_step(spec, mesh=mesh, stored_as=stored_as), _TRACES.count
+    state, metrics = step_fn(state, key, batch)
+    return jax.device_get((state, metrics)), _TRACES.count - before
+
+  want, traces = steps(None)
+  assert traces > 0 and not os.path.isdir(executables)  # nothing stored
+  first, traces = steps("tiny")  # a miss: traced, compiled, stored
+  assert traces > 0 and len(os.listdir(executables)) == 1
+  second, traces = steps("tiny")  # loaded
+  assert traces == 0 and len(os.listdir(executables)) == 1
+  assert isinstance(second[0], programs.TrainState) and int(second[0].step) == 1
+  for got in (first, second):
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+      assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
 def test_another_description_or_shape_is_a_miss(executables, tiny_run):
   spec, shape, variables = tiny_run
   options = dict(steps=2)

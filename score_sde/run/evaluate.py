@@ -7,7 +7,6 @@ k (the latest by default) and run on all devices, the batch sharded over `"batch
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -21,16 +20,6 @@ from score_sde import likelihood, solvers
 from score_sde.io import files, images, parallel
 from score_sde.io import workdir as workdir_lib
 from score_sde.run import experiment, guided, keys, programs, quality
-
-
-def _program_description(config: ml_collections.ConfigDict, spec: experiment.RunSpec
-                         ) -> str | None:
-  """What a compiled program of evaluation or sampling depends on besides its inputs, for
-  `programs.stored_program`: the whole config. None (not stored) for a latent run, whose
-  programs also depend on the autoencoder's files."""
-  if spec.latent is not None:
-    return None
-  return "config=" + json.dumps(experiment.config_to_plain(config), sort_keys=True)
 
 
 def _sample_batches(config, state, spec: experiment.RunSpec, num_samples: int, mesh: Mesh,
@@ -48,7 +37,7 @@ def _sample_batches(config, state, spec: experiment.RunSpec, num_samples: int, m
   if sample_fn is None:  # else a guided one (score_sde.run.guided)
     sample_fn = programs.make_sample_fn(spec, shape, method, options, mesh=mesh,
                                         decode=latents is None,
-                                        stored_as=_program_description(config, spec))
+                                        stored_as=experiment.program_description(config, spec))
   decode = None if latents is None else spec.latent.make_decode_fn(mesh)
   _, _, sample_key, _ = experiment.run_keys(config)
   variables = state.variables(ema=True)
@@ -199,7 +188,7 @@ def _test_bpd(config, state, spec: experiment.RunSpec, mesh: Mesh, progress: boo
         uniform_dequantization=True, rtol=float(e.get("bpd_rtol", 1e-5)),
         atol=float(e.get("bpd_atol", 1e-5)), eps=1e-5, return_result=True))
 
-  description = _program_description(config, spec)  # stored: a warm start does not trace it
+  description = experiment.program_description(config, spec)  # stored: a warm start does not trace it
   stored_pixel_bpd_fn = programs.stored_program(
       jax.jit(pixel_bpd_fn), None if description is None else f"pixel_bpd_fn {description}")
 

@@ -698,6 +698,15 @@ def config_differences(config: ml_collections.ConfigDict, saved: dict,
           if select(path) and given.get(path) != run.get(path)]
 
 
+def program_description(config: ml_collections.ConfigDict, spec: RunSpec) -> str | None:
+  """What a compiled program of the run (train step, evaluation, sampling) depends on
+  besides its inputs, for `programs.stored_program`: the whole config. None (not stored) for
+  a latent run, whose programs also depend on the autoencoder's files."""
+  if spec.latent is not None:
+    return None
+  return "config=" + json.dumps(config_to_plain(config), sort_keys=True)
+
+
 def config_to_plain(config: ml_collections.ConfigDict) -> dict:
   """The config as plain JSON data (tuples -> lists), as `config.json` holds it."""
   return json.loads(config.to_json_best_effort(sort_keys=True))

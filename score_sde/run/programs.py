@@ -80,7 +80,8 @@ def init_state(key: Array, spec: RunSpec) -> TrainState:
                     constants=variables)
 
 
-def make_train_step(spec: RunSpec, *, mesh: Mesh | None = None) -> Callable:
+def make_train_step(spec: RunSpec, *, mesh: Mesh | None = None,
+                    stored_as: str | None = None) -> Callable:
   """Builds the compiled multi-step train function.
 
   Args:
@@ -96,6 +97,10 @@ def make_train_step(spec: RunSpec, *, mesh: Mesh | None = None) -> Callable:
     [n, B, H, W, C]` in [0, 1] and `label [n, B]` (n steps, global batch B, sharded over
     `"batch"` on axis 1); `metrics` holds `[n]` arrays `loss`, `grad_norm`, `lr`. The input
     state is donated.
+    With `stored_as` (a description of everything else the step depends on: the caller's
+    whole config, say; `experiment.program_description`), `step_fn` is not a `jax.jit`
+    function but calls its executable stored by `stored_program`, one per state tree, so a
+    warm start does not trace it; None, or a latent run: the `jax.jit` function itself.
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
   optimizer, scaler = spec.optimizer, spec.scaler
@@ -153,7 +158,8 @@ def make_train_step(spec: RunSpec, *, mesh: Mesh | None = None) -> Callable:
   compiled = jax.jit(step_fn, in_shardings=(replicated, replicated, batch_sharding),
                      out_shardings=(replicated, replicated), donate_argnums=0)
   if spec.latent is None:
-    return compiled
+    return compiled if stored_as is None else _stored_train_step(
+        step_fn, replicated, batch_sharding, f"train_step {stored_as}")
   # A latent run: the pixel batch of each call is encoded first (one more compiled program,
   # the autoencoder's weights its argument), keyed by the steps it serves.
   encode = spec.latent.make_encode_fn(mesh, steps_axis=True)
@@ -163,6 +169,31 @@ def make_train_step(spec: RunSpec, *, mesh: Mesh | None = None) -> Callable:
     return compiled(state, base_key, {**batch, "image": latents})
 
   return latent_step_fn
+
+
+def _stored_train_step(step_fn: Callable, replicated, batch_sharding,
+                       description: str) -> Callable:
+  """`step_fn(state, base_key, batch)` through `stored_program`: the stored executable
+  takes and returns the state's leaves as a plain tuple (a `TrainState` tree does not
+  survive the executable's pickle), one program per state tree (named in its key)."""
+  programs: dict[Any, Callable] = {}
+
+  def call(state, base_key, batch):
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    program = programs.get(treedef)
+    if program is None:
+      def flat_step(leaves, base_key, batch):
+        new, metrics = step_fn(jax.tree_util.tree_unflatten(treedef, leaves), base_key, batch)
+        return tuple(jax.tree_util.tree_leaves(new)), metrics
+
+      program = programs[treedef] = stored_program(jax.jit(
+          flat_step, in_shardings=(replicated, replicated, batch_sharding),
+          out_shardings=(replicated, replicated), donate_argnums=0),
+          f"{description} state={treedef}")
+    new_leaves, metrics = program(tuple(leaves), base_key, batch)
+    return jax.tree_util.tree_unflatten(treedef, new_leaves), metrics
+
+  return call
 
 
 def make_eval_loss_fn(spec: RunSpec, *, mesh: Mesh | None = None) -> Callable:

@@ -174,7 +174,8 @@ def _train_locked(config, workdir: str, step: int | None, mesh: Mesh, progress: 
       logging.warning("The config differs from the run's earlier one, kept as %s", previous)
   _, base_key, sample_key, eval_key = experiment.run_keys(config)
   base_key, start = parallel.replicate(base_key, mesh), int(state.step)
-  step_fn = programs.make_train_step(spec, mesh=mesh)
+  step_fn = programs.make_train_step(spec, mesh=mesh, stored_as=experiment.program_description(
+      config, spec))
   eval_fn = programs.make_eval_loss_fn(spec, mesh=mesh)
   sample_fn = None
   if training.snapshot_sampling:
