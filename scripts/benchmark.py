@@ -124,11 +124,11 @@ def main(argv) -> None:
   del argv
   cli.setup()
   name = config_flags.get_config_filename(FLAGS["config"])
+  config = FLAGS.config
   if FLAGS.dit_size:
-    FLAGS.config.model.name = "dit"
-    FLAGS.config.model.dit_size = FLAGS.dit_size
+    config = networks.as_dit(config, FLAGS.dit_size)
     name = f"{name} (DiT-{FLAGS.dit_size})"
-  sys.exit(cli.execute(lambda: benchmark(FLAGS.config, name, FLAGS.batch_size, FLAGS.devices,
+  sys.exit(cli.execute(lambda: benchmark(config, name, FLAGS.batch_size, FLAGS.devices,
                                          FLAGS.runs, FLAGS.mode, FLAGS.precision)))
 
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default, fashion_mnist_dit, imagenet256_dit
+from configs import cifar10_vp_cond, default, fashion_mnist_dit, imagenet256_dit
 from score_sde import main, models
 from score_sde.io import dit_files, torch_zip
 from score_sde.run import experiment, networks, programs, reference
@@ -426,6 +426,30 @@ def dit_config(**model_fields):
   for name, value in model_fields.items():
     config.model[name] = value
   return config
+
+
+def test_as_dit_turns_a_unet_config_into_that_dit():
+  """`networks.as_dit`: the class-conditional DDPM++ CIFAR-10 config (its U-Net fields changed from the
+  defaults, which a DiT config refuses) as DiT-S/2 on the same 32x32x3 data, with the
+  reference's parameter count; the config itself unchanged."""
+  config = cifar10_vp_cond.get_config()
+  with pytest.raises(ValueError, match="does not read the U-Net-only field"):
+    config.model.name = "dit"
+    config.model.dit_size = "S/2"
+    networks.get_model(config)
+  config = cifar10_vp_cond.get_config()
+  dit = networks.as_dit(config, "S/2")
+  assert config.model.name == "ncsnpp" and config.model.dit_size is None
+  assert dit.data.to_dict() == config.data.to_dict()
+  assert dit.training.to_dict() == config.training.to_dict()
+  net = networks.get_model(dit)
+  assert (net.depth, net.hidden_size, net.patch_size, net.num_heads) == (12, 384, 2, 6)
+  abstract = jax.eval_shape(lambda k: networks.init_model(k, dit), jax.random.key(0))
+  assert models.count_params(abstract) == reference_param_count(
+      12, 384, 2, in_channels=3, input_size=32, num_classes=10,
+      learn_sigma=bool(dit.model.learn_sigma))
+  with pytest.raises(ValueError, match="Unknown DiT size 'XXL/2'"):
+    networks.as_dit(config, "XXL/2")
 
 
 def test_builder_in_models_table():

@@ -101,6 +101,23 @@ def check_family_fields(config: ml_collections.ConfigDict) -> None:
                      f"{', '.join(f'{k}={defaults[k]!r}' for k in names)})")
 
 
+def as_dit(config: ml_collections.ConfigDict, size: str) -> ml_collections.ConfigDict:
+  """A copy of `config` whose network is the DiT of `size` (a `DIT_SIZES` name such as
+  'S/2'): the same data, process and training, its U-Net-only fields back at their defaults
+  (a DiT reads none of them; `check_family_fields`) and the DiT's shape fields unset.
+
+  Raises:
+    ValueError: an unknown `size`.
+  """
+  dit_size(size)  # an unknown size: the error names the valid ones
+  out = ml_collections.ConfigDict(config.to_dict())
+  for name, default in {**UNET_ONLY_DEFAULTS, **DIT_SHAPE_DEFAULTS}.items():
+    if name in out.model:
+      out.model[name] = default
+  out.model.name, out.model.dit_size = "dit", size
+  return out
+
+
 def _dit_fields(config: ml_collections.ConfigDict) -> dict:
   """DiT from `config.model`: `dit_size` (a `DIT_SIZES` name such as 'XL/2') if set, else
   `patch_size`, `hidden_size`, `depth`, `num_heads`; and `mlp_ratio` (4.0),
