@@ -429,9 +429,9 @@ def dit_config(**model_fields):
 
 
 def test_as_dit_turns_a_unet_config_into_that_dit():
-  """`networks.as_dit`: the class-conditional DDPM++ CIFAR-10 config (its U-Net fields changed from the
-  defaults, which a DiT config refuses) as DiT-S/2 on the same 32x32x3 data, with the
-  reference's parameter count; the config itself unchanged."""
+  """`networks.as_dit`: the class-conditional DDPM++ CIFAR-10 config (its U-Net fields
+  changed from the defaults, which a DiT config refuses) as DiT-S/2 on the same 32x32x3
+  data, with the reference's parameter count; the config itself unchanged."""
   config = cifar10_vp_cond.get_config()
   with pytest.raises(ValueError, match="does not read the U-Net-only field"):
     config.model.name = "dit"

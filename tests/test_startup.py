@@ -272,8 +272,11 @@ def test_a_stored_train_step_gives_the_same_state_without_tracing(executables, t
 
   def steps(stored_as):
     state = parallel.replicate(programs.init_state(jax.random.PRNGKey(0), spec), mesh)
-    step_fn, before = programs.make_train_step(spec, mesh=mesh, stored_as=stored_as), _TRACES.count
+    given = jax.tree_util.tree_leaves(state)
+    step_fn = programs.make_train_step(spec, mesh=mesh, stored_as=stored_as)
+    before = _TRACES.count
     state, metrics = step_fn(state, key, batch)
+    assert all(leaf.is_deleted() for leaf in given)  # donated
     return jax.device_get((state, metrics)), _TRACES.count - before
 
   want, traces = steps(None)

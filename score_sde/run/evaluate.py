@@ -188,7 +188,8 @@ def _test_bpd(config, state, spec: experiment.RunSpec, mesh: Mesh, progress: boo
         uniform_dequantization=True, rtol=float(e.get("bpd_rtol", 1e-5)),
         atol=float(e.get("bpd_atol", 1e-5)), eps=1e-5, return_result=True))
 
-  description = experiment.program_description(config, spec)  # stored: a warm start does not trace it
+  # Stored: a warm start does not trace it.
+  description = experiment.program_description(config, spec)
   stored_pixel_bpd_fn = programs.stored_program(
       jax.jit(pixel_bpd_fn), None if description is None else f"pixel_bpd_fn {description}")
 

@@ -100,7 +100,7 @@ def make_train_step(spec: RunSpec, *, mesh: Mesh | None = None,
     With `stored_as` (a description of everything else the step depends on: the caller's
     whole config, say; `experiment.program_description`), `step_fn` is not a `jax.jit`
     function but calls its executable stored by `stored_program`, one per state tree, so a
-    warm start does not trace it; None, or a latent run: the `jax.jit` function itself.
+    warm start does not trace it; None, or a latent run: not stored.
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
   optimizer, scaler = spec.optimizer, spec.scaler
@@ -154,12 +154,13 @@ def make_train_step(spec: RunSpec, *, mesh: Mesh | None = None,
     return state, jax.tree_util.tree_map(lambda *m: jnp.stack(m), *per_step)
 
   replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P(None, "batch"))
-  compiled = jax.jit(step_fn, in_shardings=(replicated, replicated, batch_sharding),
-                     out_shardings=(replicated, replicated), donate_argnums=0)
+  jit = functools.partial(jax.jit, in_shardings=(replicated, replicated, NamedSharding(
+      mesh, P(None, "batch"))), out_shardings=(replicated, replicated), donate_argnums=0)
+  if spec.latent is None and stored_as is not None:
+    return _stored_train_step(step_fn, jit, f"train_step {stored_as}")
+  compiled = jit(step_fn)
   if spec.latent is None:
-    return compiled if stored_as is None else _stored_train_step(
-        step_fn, replicated, batch_sharding, f"train_step {stored_as}")
+    return compiled
   # A latent run: the pixel batch of each call is encoded first (one more compiled program,
   # the autoencoder's weights its argument), keyed by the steps it serves.
   encode = spec.latent.make_encode_fn(mesh, steps_axis=True)
@@ -171,11 +172,11 @@ def make_train_step(spec: RunSpec, *, mesh: Mesh | None = None,
   return latent_step_fn
 
 
-def _stored_train_step(step_fn: Callable, replicated, batch_sharding,
-                       description: str) -> Callable:
-  """`step_fn(state, base_key, batch)` through `stored_program`: the stored executable
-  takes and returns the state's leaves as a plain tuple (a `TrainState` tree does not
-  survive the executable's pickle), one program per state tree (named in its key)."""
+def _stored_train_step(step_fn: Callable, jit: Callable, description: str) -> Callable:
+  """`step_fn(state, base_key, batch)` through `stored_program`, compiled by `jit` (the
+  plain step's `jax.jit` with its shardings and donation): the stored executable takes and
+  returns the state's leaves as a plain tuple (a `TrainState` tree does not survive the
+  executable's pickle), one program per state tree (named in its key)."""
   programs: dict[Any, Callable] = {}
 
   def call(state, base_key, batch):
@@ -186,10 +187,8 @@ def _stored_train_step(step_fn: Callable, replicated, batch_sharding,
         new, metrics = step_fn(jax.tree_util.tree_unflatten(treedef, leaves), base_key, batch)
         return tuple(jax.tree_util.tree_leaves(new)), metrics
 
-      program = programs[treedef] = stored_program(jax.jit(
-          flat_step, in_shardings=(replicated, replicated, batch_sharding),
-          out_shardings=(replicated, replicated), donate_argnums=0),
-          f"{description} state={treedef}")
+      program = programs[treedef] = stored_program(jit(flat_step),
+                                                   f"{description} state={treedef}")
     new_leaves, metrics = program(tuple(leaves), base_key, batch)
     return jax.tree_util.tree_unflatten(treedef, new_leaves), metrics
 
